@@ -113,6 +113,21 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Shaping:
+    """Edits applied to a response on its way back (set by friction; default: none)."""
+
+    strip_reasoning: bool = False
+    strip_logprobs: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.strip_reasoning or self.strip_logprobs
+
+
+NO_SHAPING = Shaping()
+
+
 @dataclass(slots=True)
 class Decision:
     """A short-circuit answer produced by a stage instead of forwarding upstream."""
@@ -145,8 +160,11 @@ class RequestContext:
     tags: set[str] = field(default_factory=set)
     # Extra response headers added by stages (rate-limit fields, friction notices).
     response_headers: dict[str, str] = field(default_factory=dict)
-    # Request-body edits applied by friction/degrade before forwarding.
+    # Request-body edits applied by friction/degrade before forwarding (view.body was edited).
     body_modified: bool = False
+    shaping: Shaping = NO_SHAPING
+    first_byte_delay: float = 0.0  # tarpit: seconds to hold the response before its first byte
+    pace_tokens_per_s: float | None = None  # tarpit: relay streamed output at most this fast
     decision: Decision | None = None
     status: int = 0
     upstream_status: int | None = None

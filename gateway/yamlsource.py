@@ -211,7 +211,8 @@ class Node:
             return False
         return True
 
-    def check_keys(self, allowed: set[str] | list[str] | frozenset[str], required: set[str] | list[str] | tuple[str, ...] = ()) -> None:
+    def check_keys(self, allowed: set[str] | list[str] | frozenset[str],
+                   required: set[str] | list[str] | tuple[str, ...] = ()) -> None:
         """Report unknown keys (with the closest valid one) and missing required keys."""
         if not self.is_mapping:
             return

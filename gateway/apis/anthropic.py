@@ -1,0 +1,150 @@
+"""Anthropic-style API: messages (stream and not) and count_tokens."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.apis.base import (
+    RequestFieldError,
+    RouteSpec,
+    Shaping,
+    StreamHandler,
+    as_int,
+    bool_field,
+    int_field,
+    str_field,
+)
+from gateway.apis.sse import SseEvent
+from gateway.context import ApiFamily, RequestView, Usage
+
+_A = ApiFamily.ANTHROPIC
+ROUTES = (
+    RouteSpec("messages", "/v1/messages", "POST", _A),
+    RouteSpec("messages.count_tokens", "/v1/messages/count_tokens", "POST", _A, generates=False),
+)
+
+_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_usage(raw: dict[str, Any], usage: Usage, final: bool) -> None:
+    if "input_tokens" in raw:
+        usage.input_tokens = as_int(raw.get("input_tokens"))
+    if "output_tokens" in raw:
+        # message_delta carries the cumulative count: keep the largest seen.
+        usage.output_tokens = max(usage.output_tokens, as_int(raw.get("output_tokens")))
+    if "cache_read_input_tokens" in raw:
+        usage.cache_read_tokens = as_int(raw.get("cache_read_input_tokens"))
+    if "cache_creation_input_tokens" in raw:
+        usage.cache_write_tokens = as_int(raw.get("cache_creation_input_tokens"))
+    if final:
+        usage.complete = True
+
+
+class AnthropicAdapter:
+    """Request fields, usage and shaping for the Anthropic family."""
+
+    family: ApiFamily = ApiFamily.ANTHROPIC
+    routes: tuple[RouteSpec, ...] = ROUTES
+
+    def read_request(self, route: RouteSpec, body: dict[str, Any], view: RequestView) -> None:
+        view.model = str_field(body, "model")
+        view.stream = bool_field(body, "stream")
+        if route.name != "messages":
+            return
+        view.max_tokens = int_field(body, "max_tokens", 1)
+        thinking = body.get("thinking")
+        if thinking is not None:
+            if not isinstance(thinking, dict):
+                raise RequestFieldError("'thinking' must be an object")
+            if thinking.get("type") in ("enabled", "adaptive"):
+                view.reasoning = True
+                view.reasoning_budget = int_field(thinking, "budget_tokens", 0)
+
+    def upstream_body(self, view: RequestView, shaping: Shaping) -> dict[str, Any] | None:
+        # Anthropic has no logprobs; thinking is stripped from the response side because a
+        # request without thinking would change the model's behaviour, not just its output.
+        return None
+
+    def usage_from_body(self, route: RouteSpec, body: dict[str, Any], usage: Usage) -> None:
+        raw = body.get("usage")
+        if isinstance(raw, dict):
+            _read_usage(raw, usage, final=True)
+
+    def shape_body(self, route: RouteSpec, body: dict[str, Any], shaping: Shaping) -> bool:
+        content = body.get("content")
+        if not shaping.strip_reasoning or not isinstance(content, list):
+            return False
+        kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in _THINKING_BLOCKS)]
+        body["content"] = kept
+        return len(kept) != len(content)
+
+    def stream_handler(self, route: RouteSpec, view: RequestView, usage: Usage,
+                       shaping: Shaping) -> StreamHandler:
+        return MessagesStream(usage, shaping)
+
+
+class MessagesStream:
+    """``event:``/``data:`` pairs; thinking blocks dropped with indices renumbered when shaping."""
+
+    __slots__ = ("_usage", "_shaping", "_deltas", "_dropped", "_index_map")
+
+    def __init__(self, usage: Usage, shaping: Shaping) -> None:
+        self._usage = usage
+        self._shaping = shaping
+        self._deltas = 0
+        self._dropped: set[int] = set()
+        self._index_map: dict[int, int] = {}
+
+    def on_event(self, event: SseEvent) -> bytes | None:
+        name = event.event
+        if name == "content_block_delta":
+            self._deltas += 1
+        elif name == "message_start":
+            payload = _loads(event.data)
+            message = payload.get("message") if payload else None
+            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                _read_usage(message["usage"], self._usage, final=False)
+        elif name == "message_delta":
+            payload = _loads(event.data)
+            if payload and isinstance(payload.get("usage"), dict):
+                _read_usage(payload["usage"], self._usage, final=True)
+        if self._shaping.strip_reasoning and name and name.startswith("content_block"):
+            return self._renumber(event)
+        return event.raw
+
+    def _renumber(self, event: SseEvent) -> bytes | None:
+        payload = _loads(event.data)
+        if payload is None or not isinstance(payload.get("index"), int):
+            return event.raw
+        index: int = payload["index"]
+        if event.event == "content_block_start":
+            block = payload.get("content_block")
+            if isinstance(block, dict) and block.get("type") in _THINKING_BLOCKS:
+                self._dropped.add(index)
+                return None
+            self._index_map[index] = index - sum(1 for d in self._dropped if d < index)
+        if index in self._dropped:
+            return None
+        new_index = self._index_map.get(index, index)
+        if new_index == index:
+            return event.raw
+        payload["index"] = new_index
+        return SseEvent.encode(_dumps(payload), event.event)
+
+    def finish(self) -> None:
+        if not self._usage.complete:
+            # Cut short: the last cumulative count, or one token per delta seen, whichever is larger.
+            self._usage.output_tokens = max(self._usage.output_tokens, self._deltas)

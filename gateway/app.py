@@ -1,0 +1,207 @@
+"""Wiring: settings → runtime components → the proxy and admin aiohttp applications."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.accesslog import AccessLog
+from gateway.apis import adapters
+from gateway.context import ApiFamily, Decision
+from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline, RoutePlan, Stage, request_id_for
+from gateway.settings import Settings, UpstreamSettings
+from gateway.stages.forward import Forwarder
+from gateway.upstream.client import AiohttpUpstream
+from gateway.wiring import Features, build_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything one gateway process holds; built at start-up, torn down at shutdown."""
+
+    settings: Settings
+    metrics: Metrics
+    access_log: AccessLog
+    features: Features
+    upstreams: dict[str, AiohttpUpstream] = field(default_factory=dict)
+    pipeline: Pipeline | None = None
+    ready: bool = False
+    mock_runner: web.AppRunner | None = None
+
+    def readiness(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {
+            "config_loaded": True,
+            "upstreams": {name: u.ready for name, u in self.upstreams.items()},
+        }
+        detail.update(self.features.readiness())
+        return detail
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def _start_mock(settings: Settings) -> tuple[Settings, web.AppRunner | None]:
+    """Start the built-in mock model upstream in this process when the config asks for it."""
+    mock = settings.mock_upstream
+    if not mock.enabled:
+        return settings, None
+    from gateway.upstream.mock_server import MockOptions, create_mock_app
+
+    runner = web.AppRunner(create_mock_app(MockOptions(chunks=mock.chunks, chunk_delay=mock.chunk_delay)),
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, mock.host, mock.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else mock.port
+    url = f"http://{mock.host}:{port}"
+    if settings.upstreams:
+        return settings, runner
+    return replace(settings, upstreams=(UpstreamSettings(name="mock", base_url=url),)), runner
+
+
+def _route_plans(runtime: Runtime) -> list[RoutePlan]:
+    settings = runtime.settings
+    enabled = set(settings.routes)
+    plans: list[RoutePlan] = []
+    for family, adapter in adapters().items():
+        upstream_cfg = settings.upstream_for(family.value)
+        if upstream_cfg is None:
+            continue
+        upstream = runtime.upstreams.get(upstream_cfg.name)
+        if upstream is None:
+            upstream = runtime.upstreams[upstream_cfg.name] = AiohttpUpstream(upstream_cfg)
+        forwarder = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
+                              upstream_cfg.max_response_bytes)
+        for route in adapter.routes:
+            if not enabled or route.name in enabled:
+                plans.append(RoutePlan(route, adapter, forwarder))
+    return plans
+
+
+def _guess_family(request: web.Request) -> ApiFamily:
+    if "anthropic-version" in request.headers or "x-api-key" in request.headers:
+        return ApiFamily.ANTHROPIC
+    return ApiFamily.OPENAI
+
+
+async def _unknown_route(request: web.Request) -> web.Response:
+    rid = request_id_for(request.headers.get("x-request-id"))
+    return errors.error_response(_guess_family(request),
+                                 errors.not_found(f"Unknown route {request.method} {request.path}."), rid)
+
+
+def _method_not_allowed(family: ApiFamily) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        rid = request_id_for(request.headers.get("x-request-id"))
+        decision = errors.invalid_request(f"Method {request.method} is not allowed on {request.path}.")
+        decision = replace(decision, status=405)
+        return errors.error_response(family, decision, rid)
+
+    return handler
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    detail = runtime.readiness()
+    ok = runtime.ready and all(detail["upstreams"].values())
+    return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+
+@web.middleware
+async def _shape_aiohttp_errors(request: web.Request,
+                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                                ) -> web.StreamResponse:
+    """aiohttp's own HTTP errors (bad request line, body too large...) in the API's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        decision = Decision(status=exc.status, error_type="invalid_request" if exc.status < 500
+                                   else "api_error", message=exc.reason)
+        return errors.error_response(_guess_family(request), decision,
+                                     request_id_for(request.headers.get("x-request-id")))
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The proxy application. Components start in its cleanup context and stop in reverse."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_shape_aiohttp_errors])
+    metrics = Metrics()
+    runtime = Runtime(settings=settings, metrics=metrics, access_log=AccessLog(settings.logging.access_log),
+                      features=build_features(settings, metrics))
+    app[RUNTIME] = runtime
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        runtime.settings, runtime.mock_runner = await _start_mock(runtime.settings)
+        runtime.access_log.start()
+        await runtime.features.start()
+        plans = _route_plans(runtime)
+        stages: list[Stage] = list(runtime.features.stages)
+        runtime.pipeline = Pipeline(stages, metrics, runtime.access_log, runtime.settings.max_body_bytes,
+                                    audit=runtime.features.audit_sink,
+                                    audit_builder=runtime.features.audit_builder)
+        served_paths: dict[str, RoutePlan] = {}
+        for plan in plans:
+            served_paths[plan.route.path] = plan
+        router.freeze_plans(served_paths, runtime.pipeline)
+        runtime.ready = True
+        try:
+            yield
+        finally:
+            runtime.ready = False
+            for upstream in runtime.upstreams.values():
+                await upstream.close()
+            await runtime.features.stop()
+            await runtime.access_log.close()
+            if runtime.mock_runner is not None:
+                await runtime.mock_runner.cleanup()
+
+    router = _DeferredRouter()
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    for plan_path, family, method in _all_paths():
+        app.router.add_route("*", plan_path, router.dispatcher(plan_path, family, method))
+    app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _all_paths() -> list[tuple[str, ApiFamily, str]]:
+    return [(r.path, r.api, r.method) for a in adapters().values() for r in a.routes]
+
+
+class _DeferredRouter:
+    """aiohttp freezes its router before start-up runs, but plans need started components
+    (upstream sessions, stores); so routes are registered early and bound at start-up."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
+
+    def freeze_plans(self, plans: dict[str, RoutePlan], pipeline: Pipeline) -> None:
+        self._handlers = {path: pipeline.handler(plan) for path, plan in plans.items()}
+
+    def dispatcher(self, path: str, family: ApiFamily,
+                   method: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        refuse_method = _method_not_allowed(family)
+
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            handler = self._handlers.get(path)
+            if handler is None:  # route disabled in config, or no upstream serves its family
+                return await _unknown_route(request)
+            if request.method != method:
+                return await refuse_method(request)
+            return await handler(request)
+
+        return dispatch

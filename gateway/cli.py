@@ -1,0 +1,134 @@
+"""``gateway`` command line: run, mock-upstream, version, and the feature subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+import uvloop
+
+from gateway.settings import Settings, load_settings, with_overrides
+from gateway.yamlsource import ConfigError
+
+EXIT_INVALID = 2
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tollgate")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def _feature_commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    """Subcommands owned by features (policy, keys, simulate...): each module adds its own."""
+    from gateway.commands import feature_commands
+
+    return feature_commands()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Tollgate: a policy gateway for model APIs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True, help="gateway config file (YAML)")
+    run.add_argument("--host", help="listen address (overrides listen.host)")
+    run.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    run.add_argument("--upstream", help="base URL of the default upstream (overrides the config)")
+    run.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.set_defaults(func=_cmd_run)
+
+    mock = sub.add_parser("mock-upstream", help="run the built-in mock model upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
+    mock.add_argument("--chunks", type=int, default=8, help="content deltas per streamed choice")
+    mock.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay before each delta")
+    mock.set_defaults(func=_cmd_mock)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda args: print(_version()) or 0)
+
+    for add in _feature_commands():
+        add(sub)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    return with_overrides(settings, host=args.host, port=args.port, upstream=args.upstream,
+                          workers=args.workers)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args)
+        from gateway.wiring import check_deployment
+
+        check_deployment(settings)
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
+                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    if settings.workers == 1:
+        return _serve_worker(args, 0)
+    return _supervise(args, settings.workers)
+
+
+def _serve_worker(args: argparse.Namespace, index: int) -> int:
+    from gateway.server import serve
+
+    settings = _load(args)
+    return uvloop.run(serve(settings, worker_index=index))
+
+
+def _worker_main(args: argparse.Namespace, index: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    sys.exit(_serve_worker(args, index))
+
+
+def _supervise(args: argparse.Namespace, workers: int) -> int:
+    """Start N workers on one port (SO_REUSEPORT); forward signals; exit when they all have."""
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_worker_main, args=(args, i), name=f"gateway-worker-{i}")
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = []
+    for proc in procs:
+        proc.join()
+        codes.append(proc.exitcode or 0)
+    return max(codes)
+
+
+def _cmd_mock(args: argparse.Namespace) -> int:
+    from gateway.upstream.mock_server import MockOptions, run_mock
+
+    options = MockOptions(chunks=args.chunks, chunk_delay=args.chunk_delay_ms / 1000)
+    uvloop.run(run_mock(args.host, args.port, options))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)

@@ -1,0 +1,64 @@
+"""Header hygiene between client, gateway and upstream (RFC 9110 §7.6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.context import ApiFamily
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "proxy-authenticate", "proxy-authorization",
+})
+# The client's gateway credentials and what the gateway itself sets: never forwarded.
+CLIENT_ONLY = frozenset({
+    "authorization", "x-api-key", "api-key", "cookie", "host", "content-length", "accept-encoding",
+    "x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host", "x-forwarded-proto",
+    "x-tollgate-challenge", "x-tollgate-solution",
+})
+UPSTREAM_ONLY = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
+
+
+def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+    """Header names listed in ``Connection``: hop-by-hop by declaration."""
+    tokens: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    values: Iterable[str] = getall("Connection", ()) if getall else [headers.get("Connection", "")]
+    for value in values:
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_request_headers(client: CIMultiDictProxy[str], api: ApiFamily, credential: str | None,
+                             request_id: str) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and gateway credentials, plus the provider credential."""
+    drop = connection_tokens(client) if "Connection" in client else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in client.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in CLIENT_ONLY or lower in drop:
+            continue
+        out.add(name, value)
+    out["Content-Type"] = "application/json"
+    out["Accept-Encoding"] = "identity"
+    out["X-Request-Id"] = request_id
+    if credential:
+        if api is ApiFamily.ANTHROPIC:
+            out["x-api-key"] = credential
+        else:
+            out["Authorization"] = f"Bearer {credential}"
+    return out
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers a client may see."""
+    drop = connection_tokens(upstream) if "Connection" in upstream else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in UPSTREAM_ONLY or lower in drop:
+            continue
+        out.add(name, value)
+    return out

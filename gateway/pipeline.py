@@ -1,0 +1,160 @@
+"""The request path: intake → stages (a Decision short-circuits) → forward → settle → audit.
+
+A pipeline is a fold over small stages sharing one :class:`RequestContext`. Stages that hold
+resources for the length of a request (quota reservations, concurrency leases) also implement
+``settle(ctx)``, which runs after the response ended whatever happened to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.accesslog import AccessLog
+from gateway.apis.base import ApiAdapter, RouteSpec
+from gateway.context import ClientInfo, Decision, RequestContext, RequestView
+from gateway.intake import intake
+from gateway.metrics import Metrics
+from gateway.stages.forward import Forwarder, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+Stage = Callable[[RequestContext], Awaitable[Decision | None]]
+
+
+@runtime_checkable
+class Settling(Protocol):
+    """A stage that must be told when the response is over (to reconcile or release)."""
+
+    async def settle(self, ctx: RequestContext) -> None: ...
+
+
+class AuditSink(Protocol):
+    def emit(self, record: dict[str, Any]) -> None: ...
+
+
+AuditBuilder = Callable[[RequestContext], dict[str, Any]]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_for(incoming: str | None) -> str:
+    """Propagate a well-formed incoming id; otherwise make one (unpredictable, 24 hex chars)."""
+    if incoming and _REQUEST_ID.match(incoming):
+        return incoming
+    return os.urandom(12).hex()
+
+
+def peer_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer:
+        return None
+    try:
+        return ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    """What serves one route: its adapter and forwarder."""
+
+    route: RouteSpec
+    adapter: ApiAdapter
+    forwarder: Forwarder
+
+
+class Pipeline:
+    """Runs every proxied request through the stages, then upstream."""
+
+    def __init__(self, stages: Sequence[Stage], metrics: Metrics, access_log: AccessLog,
+                 max_body_bytes: int, audit: AuditSink | None = None,
+                 audit_builder: AuditBuilder | None = None) -> None:
+        self._stages = tuple(stages)
+        self._settlers: tuple[Settling, ...] = tuple(s for s in stages if isinstance(s, Settling))  # type: ignore[misc]
+        self._metrics = metrics
+        self._access_log = access_log
+        self._max_body = max_body_bytes
+        self._audit = audit
+        self._audit_builder = audit_builder
+
+    def handler(self, plan: RoutePlan) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handle(request, plan)
+
+        return handle
+
+    async def handle(self, request: web.Request, plan: RoutePlan) -> web.StreamResponse:
+        route = plan.route
+        ctx = RequestContext(
+            request_id=request_id_for(request.headers.get("x-request-id")),
+            request=RequestView(api=route.api, route=route.name, path=request.path,
+                                method=request.method, headers=request.headers),
+            client=ClientInfo(peer_ip=peer_address(request)),
+        )
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._run(request, ctx, plan)
+            return response
+        except asyncio.CancelledError:
+            ctx.client_disconnected = True
+            raise
+        except Exception:  # never a stack trace to the client: an error in the API's shape
+            log.exception("unhandled error in request %s", ctx.request_id)
+            response = self._refuse(ctx, errors.internal_error())
+            return response
+        finally:
+            ctx.finished = time.perf_counter()
+            if response is not None:
+                ctx.status = response.status
+            elif ctx.client_disconnected:
+                ctx.status = 499  # nginx's convention for "client closed request"
+            # Settling must complete even when the client's disconnect cancelled this task.
+            await asyncio.shield(self._finish(ctx))
+
+    async def _run(self, request: web.Request, ctx: RequestContext, plan: RoutePlan) -> web.StreamResponse:
+        raw = await intake(request, ctx, plan.route, plan.adapter, self._max_body)
+        if isinstance(raw, Decision):
+            return self._refuse(ctx, raw)
+        for stage in self._stages:
+            decision = await stage(ctx)
+            if decision is not None:
+                return self._refuse(ctx, decision)
+        try:
+            return await plan.forwarder(request, ctx, plan.route, raw)
+        except UpstreamFailure as failure:
+            return self._refuse(ctx, failure.decision)
+
+    def _refuse(self, ctx: RequestContext, decision: Decision) -> web.Response:
+        ctx.decision = decision
+        return errors.error_response(ctx.request.api, decision, ctx.request_id, ctx.response_headers)
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        for stage in self._settlers:
+            try:
+                await stage.settle(ctx)
+            except Exception:  # settling must not stop the others; the failure is logged
+                log.exception("settle failed in %s", type(stage).__name__)
+        usage = ctx.usage
+        self._metrics.observe_request(ctx.request.route, ctx.status,
+                                      (ctx.finished or ctx.started) - ctx.started,
+                                      usage.input_tokens, usage.output_tokens)
+        if ctx.client_disconnected:
+            self._metrics.client_disconnects.inc()
+        self._access_log.log(ctx)
+        if self._audit is not None and self._audit_builder is not None:
+            try:
+                self._audit.emit(self._audit_builder(ctx))
+            except Exception:  # the audit trail must never break the request path
+                log.exception("audit record failed")

@@ -1,0 +1,174 @@
+"""Forward a request upstream and relay the response: whole bodies, or SSE event by event.
+
+Streams are relayed as events complete (time to first byte preserved), with backpressure from
+``StreamResponse.write``. When the client goes away aiohttp cancels the handler; leaving the
+upstream context then closes the upstream connection, which is how the model stops generating.
+There is no retry once a byte reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import errors
+from gateway.apis.base import ApiAdapter, RouteSpec
+from gateway.apis.sse import SseOverflow, SseSplitter
+from gateway.context import Decision, RequestContext
+from gateway.headers import client_response_headers, upstream_request_headers
+from gateway.metrics import Metrics
+from gateway.upstream.base import Upstream
+
+
+class UpstreamFailure(Exception):
+    """The upstream could not be used; carries the Decision to answer with."""
+
+    def __init__(self, decision: Decision, kind: str) -> None:
+        super().__init__(decision.message)
+        self.decision = decision
+        self.kind = kind
+
+
+def _failure(exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure(errors.gateway_timeout(), "timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(errors.bad_gateway(), "connect")
+    return UpstreamFailure(errors.bad_gateway("The upstream model service failed."), "reset")
+
+
+class Forwarder:
+    """Sends ``ctx`` upstream and writes the client's response."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        adapter: ApiAdapter,
+        credential: str | None,
+        metrics: Metrics,
+        max_response_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._adapter = adapter
+        self._credential = credential
+        self._metrics = metrics
+        self._max_response = max_response_bytes
+        self._ttfb = metrics.upstream_ttfb.labels(upstream.name)
+
+    def _body(self, ctx: RequestContext, raw: bytes) -> bytes | None:
+        view = ctx.request
+        if view.body is None:
+            return raw or None
+        changed = self._adapter.upstream_body(view, ctx.shaping)
+        if changed is not None:
+            return json.dumps(changed, separators=(",", ":"), ensure_ascii=False).encode()
+        if ctx.body_modified:
+            return json.dumps(view.body, separators=(",", ":"), ensure_ascii=False).encode()
+        return raw
+
+    async def __call__(
+        self, request: web.Request, ctx: RequestContext, route: RouteSpec, raw: bytes
+    ) -> web.StreamResponse:
+        headers = upstream_request_headers(request.headers, route.api, self._credential, ctx.request_id)
+        body = self._body(ctx, raw)
+        ctx.upstream_started = time.perf_counter()
+        try:
+            async with self._upstream.request(request.method, request.path_qs, headers, body) as up:
+                ctx.upstream_ttfb = time.perf_counter()
+                self._ttfb.observe(ctx.upstream_ttfb - ctx.upstream_started)
+                ctx.upstream_status = up.status
+                if ctx.first_byte_delay > 0:
+                    await asyncio.sleep(ctx.first_byte_delay)
+                if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
+                    return await self._relay_stream(request, ctx, route, up)
+                return await self._relay_body(ctx, route, up)
+        except UpstreamFailure:
+            raise
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = _failure(exc)
+            self._metrics.upstream_errors.labels(failure.kind).inc()
+            raise failure from exc
+
+    def _response_headers(self, ctx: RequestContext, up: aiohttp.ClientResponse) -> dict[str, str]:
+        headers = dict(client_response_headers(up.headers))
+        headers["x-request-id"] = ctx.request_id
+        headers["request-id"] = ctx.request_id
+        headers.update(ctx.response_headers)
+        return headers
+
+    async def _relay_body(
+        self, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
+    ) -> web.Response:
+        if up.content_length is not None and up.content_length > self._max_response:
+            raise UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
+        data = await up.content.read(self._max_response + 1)
+        if len(data) > self._max_response:
+            raise UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
+        if up.status == 200 and up.content_type == "application/json" and data:
+            data = self._account_body(ctx, route, data)
+        headers = self._response_headers(ctx, up)
+        return web.Response(status=up.status, body=data, headers=headers)
+
+    def _account_body(self, ctx: RequestContext, route: RouteSpec, data: bytes) -> bytes:
+        try:
+            parsed: Any = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(parsed, dict):
+            return data
+        self._adapter.usage_from_body(route, parsed, ctx.usage)
+        if ctx.shaping.active and self._adapter.shape_body(route, parsed, ctx.shaping):
+            return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+        return data
+
+    async def _relay_stream(
+        self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers=self._response_headers(ctx, up))
+        handler = self._adapter.stream_handler(route, ctx.request, ctx.usage, ctx.shaping)
+        splitter = SseSplitter()
+        pace = ctx.pace_tokens_per_s
+        active = self._metrics.active_streams
+        active.inc()
+        try:
+            await response.prepare(request)
+            try:
+                async for chunk in up.content.iter_any():
+                    out = [b for e in splitter.feed(chunk) if (b := handler.on_event(e)) is not None]
+                    if out:
+                        await response.write(b"".join(out))
+                        if pace:
+                            await asyncio.sleep(len(out) / pace)
+                tail = splitter.tail()
+                if tail.strip():
+                    await response.write(tail)
+            except (
+                TimeoutError,
+                aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError,
+                aiohttp.ServerDisconnectedError,
+                SseOverflow,
+            ) as exc:
+                # The upstream failed after the first byte: end the stream in the API's grammar.
+                failure = _failure(exc)
+                self._metrics.upstream_errors.labels(failure.kind).inc()
+                ctx.audit["stream_error"] = failure.kind
+                await response.write(errors.sse_error_event(route.api, failure.decision))
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            ctx.client_disconnected = True
+        except asyncio.CancelledError:
+            ctx.client_disconnected = True
+            raise
+        finally:
+            handler.finish()
+            if not ctx.usage.complete and not ctx.usage.input_tokens:
+                # Cut short before the upstream reported usage: the prompt was still consumed.
+                ctx.usage.input_tokens = ctx.request.input_tokens_estimate
+            active.dec()
+        return response
