@@ -56,7 +56,7 @@ async def _start_mock(settings: Settings) -> tuple[Settings, web.AppRunner | Non
     from gateway.upstream.mock_server import MockOptions, create_mock_app
 
     runner = web.AppRunner(create_mock_app(MockOptions(chunks=mock.chunks, chunk_delay=mock.chunk_delay)),
-                           access_log=None)
+                           access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, mock.host, mock.port)
     await site.start()

@@ -133,6 +133,16 @@ def _size(node: Node, key: str, default: int) -> int:
     return default
 
 
+def _nullable(node: Node, key: str, default: str | None) -> str | None:
+    """A string that may be switched off with an explicit null."""
+    child = node.child(key)
+    if child is None:
+        return default
+    if child.value is None:
+        return None
+    return child.as_type(str, default)
+
+
 def _port(node: Node, key: str, default: int) -> int:
     value = node.get(key, int, default)
     if value is None or not 0 <= value <= 65535:
@@ -240,8 +250,8 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             log.error(f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}", "level")
         settings = replace(settings, logging=LogSettings(
-            access_log=log.get("access_log", str, "-") if log.has("access_log") else "-",
-            audit_log=log.get("audit_log", str), level=level,
+            access_log=_nullable(log, "access_log", "-"),
+            audit_log=_nullable(log, "audit_log", None), level=level,
             log_prompts=bool(log.get("log_prompts", bool, False))))
     if root.has("workers"):
         workers = root.get("workers", int, 1) or 1

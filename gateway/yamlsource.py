@@ -237,6 +237,8 @@ class Node:
             if required:
                 self.issues.error(self.mark, self.path or "<root>", f"missing required key '{key}'")
             return default
+        if node.value is None and not required:
+            return default  # an explicit null means "not set"
         return node.as_type(kind, default, what)
 
     def as_type(self, kind: type[T] | tuple[type, ...], default: T | None = None,

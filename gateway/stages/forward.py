@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.apis.base import ApiAdapter, RouteSpec
@@ -94,8 +95,12 @@ class Forwarder:
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
 
-    def _response_headers(self, ctx: RequestContext, up: aiohttp.ClientResponse) -> dict[str, str]:
-        headers = dict(client_response_headers(up.headers))
+    def _response_headers(self, ctx: RequestContext, up: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        headers = client_response_headers(up.headers)
+        upstream_id = headers.get("request-id") or headers.get("x-request-id")
+        if upstream_id:
+            # Kept for support tickets with the provider; the client's id is the gateway's.
+            headers["x-upstream-request-id"] = upstream_id
         headers["x-request-id"] = ctx.request_id
         headers["request-id"] = ctx.request_id
         headers.update(ctx.response_headers)

@@ -1,0 +1,1 @@
+"""Pipeline stages: each is ``async def __call__(ctx) -> Decision | None``."""

@@ -1,0 +1,155 @@
+"""Bad input, header hygiene and disconnects, driven with a raw HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from gateway.upstream.mock_server import MockOptions, MockServer, serve_mock
+from tests.support.gateway import RunningGateway
+
+CHAT = "/v1/chat/completions"
+BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+
+
+async def post(gw: RunningGateway, path: str, data: bytes, headers: dict[str, str] | None = None
+               ) -> tuple[int, dict[str, object], aiohttp.typedefs.LooseHeaders]:
+    async with aiohttp.ClientSession() as s, s.post(gw.url + path, data=data, headers=headers or {}) as r:
+        return r.status, await r.json(), r.headers
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "status", "text"),
+    [
+        (b"{not json", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        (b"\xff\xfe\x00{}", {"Content-Type": "application/json"}, 400, "not valid UTF-8"),
+        (BODY, {"Content-Type": "text/plain"}, 400, "Content-Type must be application/json"),
+        (b"[1, 2]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
+        (b"", {"Content-Type": "application/json"}, 400, "body is empty"),
+        (b'{"model": "m", "stream": "yes"}', {"Content-Type": "application/json"}, 400, "'stream' must be a boolean"),
+        (b'{"model": "m", "n": true}', {"Content-Type": "application/json"}, 400, "'n' must be an integer"),
+        (b"[" * 100_000, {"Content-Type": "application/json"}, 400, "nested too deeply"),
+    ],
+)
+async def test_bad_bodies_get_openai_shaped_errors(gateway: RunningGateway, data: bytes,
+                                                   headers: dict[str, str], status: int, text: str) -> None:
+    got, body, resp_headers = await post(gateway, CHAT, data, headers)
+    assert got == status
+    error = body["error"]
+    assert isinstance(error, dict) and text in error["message"]
+    assert resp_headers["x-should-retry"] == "false"
+
+
+async def test_anthropic_route_errors_use_anthropic_shape(gateway: RunningGateway) -> None:
+    got, body, _ = await post(gateway, "/v1/messages", b"{oops", {"Content-Type": "application/json"})
+    assert got == 400 and body["type"] == "error"
+
+
+async def test_oversized_chunked_body_is_refused(mock_upstream: MockServer, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(100):
+            yield b" " * 1024
+
+    async with start_gateway(mock_upstream.url, "max_body_bytes: 8KiB\n") as gw:
+        async with aiohttp.ClientSession() as s, s.post(gw.url + CHAT, data=chunks(),
+                                                        headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
+
+
+async def test_wrong_method_and_unknown_route(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + CHAT) as r:
+            assert r.status == 405 and "not allowed" in (await r.json())["error"]["message"]
+        async with s.post(gateway.url + "/v2/whatever", data=b"{}") as r:
+            assert r.status == 404
+
+
+async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(
+        start_gateway, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
+    async with serve_mock(MockOptions(api_key="sk-provider-secret")) as upstream, start_gateway(
+            upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw:
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": "Bearer tg_client_secret",
+            "x-api-key": "tg_client_secret",
+            "Connection": "keep-alive, x-private-hop",
+            "x-private-hop": "must-not-pass",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "Cookie": "session=1",
+            "X-Forwarded-For": "203.0.113.9",
+            "x-custom-ok": "passes",
+        }
+        status, _, _ = await post(gw, CHAT, BODY, headers)
+        assert status == 200
+        seen = {k.lower(): v for k, v in upstream.state.requests[-1].headers.items()}
+    assert seen["authorization"] == "Bearer sk-provider-secret"
+    assert "tg_client_secret" not in " ".join(seen.values())
+    for name in ("x-api-key", "x-private-hop", "keep-alive", "te", "proxy-authorization", "cookie",
+                 "x-forwarded-for"):
+        assert name not in seen, name
+    assert seen["x-custom-ok"] == "passes"
+    assert seen["x-request-id"]
+
+
+async def test_anthropic_credential_goes_in_x_api_key(start_gateway, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", "sk-ant-provider")
+    async with serve_mock(MockOptions(api_key="sk-ant-provider")) as upstream, start_gateway(
+            upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw:
+        status, _, _ = await post(gw, "/v1/messages", b'{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}',
+                                  {"Content-Type": "application/json", "x-api-key": "tg_client"})
+        assert status == 200
+        seen = {k.lower(): v for k, v in upstream.state.requests[-1].headers.items()}
+    assert seen["x-api-key"] == "sk-ant-provider" and "authorization" not in seen
+
+
+async def test_client_disconnect_cancels_the_upstream_stream_promptly(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    async with serve_mock(MockOptions(chunks=200, chunk_delay=0.05)) as upstream, \
+            start_gateway(upstream.url) as gw:
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+        session = aiohttp.ClientSession()
+        resp = await session.post(gw.url + CHAT, data=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 200
+        await resp.content.readline()  # the stream is flowing
+        resp.close()  # the client goes away mid-stream
+        closed_at = time.monotonic()
+        await session.close()
+        deadline = closed_at + 2.0
+        while upstream.state.streams_cancelled == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert upstream.state.streams_cancelled == 1
+        assert upstream.state.cancel_times[-1] - closed_at < 0.1
+        await asyncio.sleep(0.05)
+        record = gw.access_records()[-1]
+    assert record["status"] == 499 and record["client_disconnected"] is True
+    assert gw.runtime.metrics.active_streams._value.get() == 0
+
+
+async def test_first_byte_is_not_delayed_by_a_slow_stream(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    async with serve_mock(MockOptions(chunks=5, chunk_delay=0.2)) as upstream, start_gateway(upstream.url) as gw:
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.post(gw.url + CHAT, data=body, headers={"Content-Type": "application/json"}) as r:
+                first = await r.content.readline()
+                first_at = time.monotonic() - started
+                rest = await r.read()
+                total = time.monotonic() - started
+    assert first.startswith(b"data: ")
+    assert first_at < 0.15 < total  # relayed as it arrives, not after the whole response
+    assert rest.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_healthz_and_readyz(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(gateway.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["ready"] is True and body["upstreams"] == {"mock": True}

@@ -1,0 +1,66 @@
+"""Start a real gateway (its aiohttp app on a real port) in front of a real mock upstream."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import RUNTIME, Runtime, create_app
+from gateway.settings import parse_settings
+
+
+@dataclass(slots=True)
+class RunningGateway:
+    url: str
+    app: web.Application
+    access_log: Path
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
+
+    def access_records(self) -> list[dict[str, object]]:
+        import json
+
+        self.runtime.access_log.flush()
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
+
+
+def gateway_yaml(upstream_url: str, tmp: Path, extra: str = "", upstream_extra: str = "") -> str:
+    upstream_lines = textwrap.indent(textwrap.dedent(upstream_extra).strip(), " " * 4)
+    return (
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        "admin: {enabled: false}\n"
+        "upstreams:\n"
+        "  - name: mock\n"
+        f"    base_url: {upstream_url}\n"
+        + (upstream_lines + "\n" if upstream_lines else "")
+        + "logging:\n"
+        f"  access_log: {tmp / 'access.jsonl'}\n"
+        "  audit_log: null\n"
+        + textwrap.dedent(extra)
+    )
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(config_text: str, tmp: Path, filename: str = "gateway.yaml") -> AsyncIterator[RunningGateway]:
+    config_path = tmp / filename
+    config_path.write_text(config_text)
+    settings = parse_settings(config_text, str(config_path), base_dir=tmp)
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield RunningGateway(url=f"http://127.0.0.1:{port}", app=app, access_log=tmp / "access.jsonl")
+    finally:
+        await runner.cleanup()
