@@ -83,10 +83,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _serve_worker(args: argparse.Namespace, index: int) -> int:
+    from gateway.policy.reload import PolicyTestsFailed
     from gateway.server import serve
 
-    settings = _load(args)
-    return uvloop.run(serve(settings, worker_index=index))
+    try:
+        settings = _load(args)
+        return uvloop.run(serve(settings, worker_index=index))
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
+    except PolicyTestsFailed as exc:
+        print(f"gateway: the policy tests fail, refusing to start:\n{exc}", file=sys.stderr)
+    except OSError as exc:  # the port is taken, a file is unreadable...
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+    return EXIT_INVALID
 
 
 def _worker_main(args: argparse.Namespace, index: int) -> None:

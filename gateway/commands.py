@@ -10,4 +10,7 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def feature_commands() -> list[Callable[[SubParsers], None]]:
-    return []
+    from gateway.identity.keys_cli import add_keys_commands
+    from gateway.policy.cli import add_policy_commands
+
+    return [add_policy_commands, add_keys_commands]

@@ -42,6 +42,8 @@ class Settling(Protocol):
 class AuditSink(Protocol):
     def emit(self, record: dict[str, Any]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 AuditBuilder = Callable[[RequestContext], dict[str, Any]]
 

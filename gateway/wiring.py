@@ -5,6 +5,7 @@ identity → client_ip → geo → match → quota → risk/friction (then forwa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Features:
     # (method, path, handler, mutating) served on the admin listener.
     admin_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]], bool]] = field(default_factory=list)
     reloaders: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    policy: Any = None  # the PolicyHolder, when policies are configured
 
     async def start(self) -> None:
         for start in self.starters:
@@ -56,5 +58,82 @@ def check_deployment(settings: Settings) -> None:
     """Refuse configurations that would silently misbehave (raises ConfigError)."""
 
 
+def _audit_sink(target: str | None) -> AuditSink | None:
+    from gateway.audit import JsonlFileSink, StdoutSink
+
+    if target is None:
+        return None
+    if target == "-":
+        return StdoutSink()
+    return JsonlFileSink(target)
+
+
+def _add_identity(features: Features, settings: Settings) -> None:
+    from gateway.geo.config import GeoIpConfig
+    from gateway.geo.maxmind import MaxMindGeoProvider
+    from gateway.identity.config import IdentityConfig
+    from gateway.identity.service import IdentityService
+    from gateway.stages.client_ip import ClientIpConfig, ClientIpStage
+    from gateway.stages.geo import GeoStage
+
+    identity_cfg = settings.sections.get("identity") or IdentityConfig()
+    identity = IdentityService(identity_cfg)
+    features.stages.append(identity.stage)
+    features.starters.append(identity.start)
+    features.stoppers.append(identity.close)
+    features.reloaders.append(identity.reload)
+    features.status["identity"] = identity.status
+
+    client_ip_cfg = settings.sections.get("client_ip") or ClientIpConfig()
+    features.stages.append(ClientIpStage.from_config(client_ip_cfg))
+
+    geo_cfg = settings.sections.get("geoip") or GeoIpConfig()
+    if geo_cfg.enabled:
+        geo = MaxMindGeoProvider(geo_cfg)
+        features.stages.append(GeoStage(geo))
+        features.starters.append(geo.start)
+        features.stoppers.append(geo.close)
+        features.reloaders.append(geo.reload)
+        features.status["geoip"] = lambda: [dataclasses.asdict(i) for i in geo.databases()]
+
+
+def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> None:
+    from gateway.policy.builtin_actions import default_registry
+    from gateway.policy.reload import PolicyHolder
+    from gateway.stages.match import MatchStage
+
+    directory = settings.policies.dir
+    if directory is None:
+        return
+    holder = PolicyHolder.load(directory, registry=default_registry(), settings=settings,
+                               run_policy_tests=settings.policies.run_tests_on_reload,
+                               watch_interval=settings.policies.watch_interval)
+    features.stages.append(MatchStage(holder))
+    features.policy = holder
+
+    async def start() -> None:
+        if settings.policies.watch:
+            holder.start_watching()
+
+    async def reload() -> None:
+        ok = await holder.reload()
+        metrics.reloads.labels("policy", "ok" if ok else "unchanged_or_failed").inc()
+
+    features.starters.append(start)
+    features.stoppers.append(holder.stop)
+    features.reloaders.append(reload)
+    features.status["policy"] = holder.status
+
+
 def build_features(settings: Settings, metrics: Metrics) -> Features:
-    return Features()
+    """Raises ConfigError (or PolicyTestsFailed) when a feature's inputs are invalid."""
+    from gateway.audit import build_audit_record
+
+    features = Features()
+    _add_identity(features, settings)
+    _add_policy(features, settings, metrics)
+    features.audit_sink = _audit_sink(settings.logging.audit_log)
+    if features.audit_sink is not None:
+        features.audit_builder = build_audit_record
+        features.stoppers.insert(0, features.audit_sink.close)
+    return features

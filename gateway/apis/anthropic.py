@@ -15,7 +15,7 @@ from gateway.apis.base import (
     int_field,
     str_field,
 )
-from gateway.apis.sse import SseEvent
+from gateway.apis.sse import encode_event, event_data, event_name
 from gateway.context import ApiFamily, RequestView, Usage
 
 _A = ApiFamily.ANTHROPIC
@@ -96,6 +96,9 @@ class AnthropicAdapter:
         return MessagesStream(usage, shaping)
 
 
+_DELTA = b"event: content_block_delta"
+
+
 class MessagesStream:
     """``event:``/``data:`` pairs; thinking blocks dropped with indices renumbered when shaping."""
 
@@ -108,29 +111,31 @@ class MessagesStream:
         self._dropped: set[int] = set()
         self._index_map: dict[int, int] = {}
 
-    def on_event(self, event: SseEvent) -> bytes | None:
-        name = event.event
-        if name == "content_block_delta":
-            self._deltas += 1
-        elif name == "message_start":
-            payload = _loads(event.data)
-            message = payload.get("message") if payload else None
-            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-                _read_usage(message["usage"], self._usage, final=False)
-        elif name == "message_delta":
-            payload = _loads(event.data)
-            if payload and isinstance(payload.get("usage"), dict):
-                _read_usage(payload["usage"], self._usage, final=True)
-        if self._shaping.strip_reasoning and name and name.startswith("content_block"):
-            return self._renumber(event)
-        return event.raw
+    def on_event(self, raw: bytes) -> bytes | None:
+        if raw.startswith(_DELTA):
+            self._deltas += 1  # the hot case: no parsing unless shaping
+        else:
+            name = event_name(raw)
+            if name == b"message_start":
+                payload = _loads(event_data(raw))
+                message = payload.get("message") if payload else None
+                if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                    _read_usage(message["usage"], self._usage, final=False)
+            elif name == b"message_delta":
+                payload = _loads(event_data(raw))
+                if payload and isinstance(payload.get("usage"), dict):
+                    _read_usage(payload["usage"], self._usage, final=True)
+        if self._shaping.strip_reasoning and raw.startswith(b"event: content_block"):
+            return self._renumber(raw)
+        return raw
 
-    def _renumber(self, event: SseEvent) -> bytes | None:
-        payload = _loads(event.data)
+    def _renumber(self, raw: bytes) -> bytes | None:
+        payload = _loads(event_data(raw))
         if payload is None or not isinstance(payload.get("index"), int):
-            return event.raw
+            return raw
         index: int = payload["index"]
-        if event.event == "content_block_start":
+        name = event_name(raw)
+        if name == b"content_block_start":
             block = payload.get("content_block")
             if isinstance(block, dict) and block.get("type") in _THINKING_BLOCKS:
                 self._dropped.add(index)
@@ -140,9 +145,9 @@ class MessagesStream:
             return None
         new_index = self._index_map.get(index, index)
         if new_index == index:
-            return event.raw
+            return raw
         payload["index"] = new_index
-        return SseEvent.encode(_dumps(payload), event.event)
+        return encode_event(_dumps(payload), name)
 
     def finish(self) -> None:
         if not self._usage.complete:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.apis.sse import SseEvent
 from gateway.context import NO_SHAPING, ApiFamily, RequestView, Shaping, Usage
 
 __all__ = ["NO_SHAPING", "Shaping"]
@@ -32,8 +31,9 @@ class RouteSpec:
 class StreamHandler(Protocol):
     """Per-stream state: accounts usage from events and returns the bytes to relay."""
 
-    def on_event(self, event: SseEvent) -> bytes | None:
-        """Bytes to send for this event (usually ``event.raw``), or None to drop it."""
+    def on_event(self, raw: bytes) -> bytes | None:
+        """The event to send (usually ``raw`` itself, without its blank-line terminator), or None
+        to drop it. Returning ``raw`` unchanged lets the relay forward the upstream's bytes as-is."""
         ...
 
     def finish(self) -> None:

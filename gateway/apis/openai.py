@@ -15,7 +15,7 @@ from gateway.apis.base import (
     int_field,
     str_field,
 )
-from gateway.apis.sse import SseEvent
+from gateway.apis.sse import encode_event, event_data, event_name
 from gateway.context import ApiFamily, RequestView, Usage
 
 _O = ApiFamily.OPENAI
@@ -157,32 +157,28 @@ class ChatStream:
         self._hide_usage = hide_usage
         self._deltas = 0
 
-    def on_event(self, event: SseEvent) -> bytes | None:
-        data = event.data
-        if not data or data == b"[DONE]":
-            return event.raw
-        if b'"usage"' in data:
-            if self._hide_usage and b'"usage":null' in data:
-                data = data.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
-                event = SseEvent(SseEvent.encode(data), None, data)
-            if b'"usage"' in data:
-                chunk = _loads(data)
-                raw = chunk.get("usage") if chunk else None
-                if chunk is not None and isinstance(raw, dict):
-                    _read_chat_usage(raw, self._usage)
+    def on_event(self, raw: bytes) -> bytes | None:
+        if b'"usage"' in raw:
+            if self._hide_usage and b'"usage":null' in raw:
+                raw = raw.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+            if b'"usage"' in raw:
+                chunk = _loads(event_data(raw))
+                usage = chunk.get("usage") if chunk else None
+                if chunk is not None and isinstance(usage, dict):
+                    _read_chat_usage(usage, self._usage)
                     if not chunk.get("choices"):
                         # The usage chunk: hidden from a client that did not ask for it.
-                        return None if self._hide_usage else event.raw
-        if b'"error"' not in data:
+                        return None if self._hide_usage else raw
+        if raw.startswith(b"data: {"):
             self._deltas += 1
-        if self._shaping.active and (b'"logprobs"' in data or b"reasoning" in data):
-            return self._shape(event)
-        return event.raw
+        if self._shaping.active and (b'"logprobs"' in raw or b"reasoning" in raw):
+            return self._shape(raw)
+        return raw
 
-    def _shape(self, event: SseEvent) -> bytes | None:
-        chunk = _loads(event.data)
+    def _shape(self, raw: bytes) -> bytes | None:
+        chunk = _loads(event_data(raw))
         if chunk is None:
-            return event.raw
+            return raw
         emptied = True
         for choice in chunk.get("choices") or ():
             if self._shaping.strip_logprobs and choice.get("logprobs") is not None:
@@ -197,7 +193,7 @@ class ChatStream:
                 emptied = False
         if emptied and chunk.get("choices") and not chunk.get("usage"):
             return None  # a reasoning-only delta: nothing left to send
-        return SseEvent.encode(_dumps(chunk))
+        return encode_event(_dumps(chunk))
 
     def finish(self) -> None:
         if not self._usage.complete:
@@ -205,7 +201,7 @@ class ChatStream:
             self._usage.output_tokens = max(self._usage.output_tokens, self._deltas)
 
 
-_USAGE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_USAGE_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 
 
 class ResponsesStream:
@@ -218,26 +214,26 @@ class ResponsesStream:
         self._shaping = shaping
         self._deltas = 0
 
-    def on_event(self, event: SseEvent) -> bytes | None:
-        name = event.event or ""
-        if name == "response.output_text.delta":
+    def on_event(self, raw: bytes) -> bytes | None:
+        name = event_name(raw) or b""
+        if name == b"response.output_text.delta":
             self._deltas += 1
         elif name in _USAGE_EVENTS:
-            payload = _loads(event.data)
+            payload = _loads(event_data(raw))
             response = payload.get("response") if payload else None
             if isinstance(response, dict) and isinstance(response.get("usage"), dict):
                 _read_chat_usage(response["usage"], self._usage)
         if self._shaping.strip_reasoning and (
-            name.startswith("response.reasoning") or (b'"type":"reasoning"' in event.data
-                                                     and name.startswith("response.output_item"))
+            name.startswith(b"response.reasoning")
+            or (name.startswith(b"response.output_item") and b'"type":"reasoning"' in raw)
         ):
             return None
-        if self._shaping.strip_logprobs and b'"logprobs":[{' in event.data:
-            payload = _loads(event.data)
+        if self._shaping.strip_logprobs and b'"logprobs":[{' in raw:
+            payload = _loads(event_data(raw))
             if payload is not None:
                 payload["logprobs"] = []
-                return SseEvent.encode(_dumps(payload), event.event)
-        return event.raw
+                return encode_event(_dumps(payload), name)
+        return raw
 
     def finish(self) -> None:
         if not self._usage.complete:

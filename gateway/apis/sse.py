@@ -1,46 +1,55 @@
 """Incremental Server-Sent Events framing.
 
-The relay forwards whole events as soon as they are complete, so the parser only splits bytes on
+The relay forwards whole events as soon as they are complete, so the splitter only cuts bytes on
 event boundaries and never holds more than one partial event (bounded by ``max_event_bytes``).
+Events stay raw bytes: most are relayed untouched, and a handler parses the few it needs
+(usage-bearing ones, or all of them when shaping), which keeps the per-event cost to a few
+byte searches.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 
 class SseOverflow(Exception):
     """An upstream event grew beyond the configured bound without ending."""
 
 
-@dataclass(slots=True)
-class SseEvent:
-    """One event: its raw bytes (as received, boundary included), name and data payload."""
+def event_name(raw: bytes) -> bytes | None:
+    """The ``event:`` field of a raw event (None when it has none)."""
+    if not raw.startswith(b"event:"):
+        start = raw.find(b"\nevent:")
+        if start < 0:
+            return None
+        start += 1
+    else:
+        start = 0
+    end = raw.find(b"\n", start)
+    return raw[start + 6:end if end >= 0 else None].strip()
 
-    raw: bytes
-    event: str | None
-    data: bytes
 
-    @classmethod
-    def parse(cls, raw: bytes) -> SseEvent:
-        event: str | None = None
-        data_lines: list[bytes] = []
-        for line in raw.split(b"\n"):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                data_lines.append(value[1:] if value.startswith(b" ") else value)
-            elif line.startswith(b"event:"):
-                event = line[6:].strip().decode("utf-8", "replace")
-        return cls(raw, event, b"\n".join(data_lines))
+def event_data(raw: bytes) -> bytes:
+    """The joined ``data:`` lines of a raw event."""
+    if raw.startswith(b"data: ") and b"\n" not in raw:
+        return raw[6:]  # the common single-line case
+    lines = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
 
-    @staticmethod
-    def encode(data: bytes, event: str | None = None) -> bytes:
-        head = f"event: {event}\n".encode() if event else b""
-        return head + b"data: " + data + b"\n\n"
+
+def encode_event(data: bytes, event: bytes | str | None = None) -> bytes:
+    """An event without its blank-line terminator (the relay adds it)."""
+    if event is None:
+        return b"data: " + data
+    name = event.encode() if isinstance(event, str) else event
+    return b"event: " + name + b"\ndata: " + data
 
 
 class SseSplitter:
-    """Feeds arbitrary chunks, yields complete events (normalised to ``\\n`` line ends)."""
+    """Feeds arbitrary chunks, returns complete raw events without their blank-line terminator
+    (line ends normalised to ``\\n``)."""
 
     __slots__ = ("_buffer", "_max")
 
@@ -48,22 +57,25 @@ class SseSplitter:
         self._buffer = b""
         self._max = max_event_bytes
 
-    def feed(self, chunk: bytes) -> list[SseEvent]:
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    def feed(self, chunk: bytes) -> list[bytes]:
         buffer = self._buffer + chunk if self._buffer else chunk
-        events: list[SseEvent] = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            events.append(SseEvent.parse(buffer[start:end + 2]))
-            start = end + 2
-        self._buffer = buffer[start:]
-        if len(self._buffer) > self._max:
+        carry = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                # A CR at the end may be the first half of a CRLF: decide with the next chunk.
+                buffer, carry = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = buffer.split(b"\n\n")
+        rest = events.pop()
+        if len(rest) > self._max:
             raise SseOverflow(f"SSE event larger than {self._max} bytes")
+        self._buffer = rest + carry
         return events
+
+    @property
+    def pending(self) -> bool:
+        """True while part of an event is held back waiting for its end."""
+        return bool(self._buffer)
 
     def tail(self) -> bytes:
         """Whatever partial event is left when the stream ends."""

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import errors
-from gateway.apis.base import ApiAdapter, RouteSpec
+from gateway.apis.base import ApiAdapter, RouteSpec, StreamHandler
 from gateway.apis.sse import SseOverflow, SseSplitter
 from gateway.context import Decision, RequestContext
 from gateway.headers import client_response_headers, upstream_request_headers
@@ -131,6 +131,30 @@ class Forwarder:
             return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
         return data
 
+    @staticmethod
+    async def _relay_chunk(response: web.StreamResponse, splitter: SseSplitter, handler: StreamHandler,
+                           chunk: bytes, pace: float | None) -> None:
+        whole = not splitter.pending and b"\r" not in chunk  # chunk holds exactly these events
+        events = splitter.feed(chunk)
+        if not events:
+            return
+        out: list[bytes] = []
+        unchanged = True
+        for raw in events:
+            if not raw:
+                continue
+            sent = handler.on_event(raw)
+            if sent is not raw:
+                unchanged = False
+            if sent is not None:
+                out.append(sent)
+        if unchanged and whole and chunk.endswith(b"\n\n") and len(out) == len(events):
+            await response.write(chunk)  # the common case: the upstream's bytes, untouched
+        elif out:
+            await response.write(b"\n\n".join(out) + b"\n\n")
+        if pace and out:
+            await asyncio.sleep(len(out) / pace)
+
     async def _relay_stream(
         self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
     ) -> web.StreamResponse:
@@ -144,11 +168,7 @@ class Forwarder:
             await response.prepare(request)
             try:
                 async for chunk in up.content.iter_any():
-                    out = [b for e in splitter.feed(chunk) if (b := handler.on_event(e)) is not None]
-                    if out:
-                        await response.write(b"".join(out))
-                        if pace:
-                            await asyncio.sleep(len(out) / pace)
+                    await self._relay_chunk(response, splitter, handler, chunk, pace)
                 tail = splitter.tail()
                 if tail.strip():
                     await response.write(tail)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 
 def client(gw: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.url, api_key="tg_client_key", max_retries=0)
+    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0)
 
 
 async def test_message_content_and_usage(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
-        message = await c.messages.create(model="claude-test", max_tokens=100,
-                                          messages=[{"role": "user", "content": "hello"}])
+        message = await c.messages.create(
+            model="claude-test", max_tokens=100, messages=[{"role": "user", "content": "hello"}]
+        )
     assert message.content[0].type == "text" and message.content[0].text
     assert message.usage.output_tokens == 6
     record = gateway.access_records()[-1]
@@ -25,8 +26,9 @@ async def test_message_content_and_usage(gateway: RunningGateway) -> None:
 
 async def test_stream_events_and_usage(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
-        async with c.messages.stream(model="claude-test", max_tokens=100,
-                                     messages=[{"role": "user", "content": "hello"}]) as stream:
+        async with c.messages.stream(
+            model="claude-test", max_tokens=100, messages=[{"role": "user", "content": "hello"}]
+        ) as stream:
             text = "".join([t async for t in stream.text_stream])
             final = await stream.get_final_message()
     assert len(text.split()) == 6
@@ -37,9 +39,12 @@ async def test_stream_events_and_usage(gateway: RunningGateway) -> None:
 
 async def test_thinking_blocks_pass_through(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
-        async with c.messages.stream(model="claude-test", max_tokens=2000,
-                                     thinking={"type": "enabled", "budget_tokens": 1024},
-                                     messages=[{"role": "user", "content": "think"}]) as stream:
+        async with c.messages.stream(
+            model="claude-test",
+            max_tokens=2000,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            messages=[{"role": "user", "content": "think"}],
+        ) as stream:
             final = await stream.get_final_message()
     kinds = [block.type for block in final.content]
     assert kinds[0] == "thinking" and "text" in kinds
@@ -48,16 +53,20 @@ async def test_thinking_blocks_pass_through(gateway: RunningGateway) -> None:
 
 async def test_count_tokens(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
-        counted = await c.messages.count_tokens(model="claude-test",
-                                                messages=[{"role": "user", "content": "one two three"}])
+        counted = await c.messages.count_tokens(
+            model="claude-test", messages=[{"role": "user", "content": "one two three"}]
+        )
     assert counted.input_tokens > 0
 
 
 async def test_errors_use_the_anthropic_shape(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         with pytest.raises(anthropic.BadRequestError) as info:
-            await c.messages.create(model="claude-test", max_tokens=0,  # below the minimum of 1
-                                    messages=[{"role": "user", "content": "x"}])
+            await c.messages.create(
+                model="claude-test",
+                max_tokens=0,  # below the minimum of 1
+                messages=[{"role": "user", "content": "x"}],
+            )
     body = info.value.body
     assert isinstance(body, dict) and body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
@@ -67,8 +76,9 @@ async def test_errors_use_the_anthropic_shape(gateway: RunningGateway) -> None:
 async def test_oversized_body_is_request_too_large(mock_upstream, start_gateway) -> None:  # type: ignore[no-untyped-def]
     async with start_gateway(mock_upstream.url, "max_body_bytes: 2048\n") as gw, client(gw) as c:
         with pytest.raises(anthropic.APIStatusError) as info:
-            await c.messages.create(model="claude-test", max_tokens=10,
-                                    messages=[{"role": "user", "content": "x" * 5000}])
+            await c.messages.create(
+                model="claude-test", max_tokens=10, messages=[{"role": "user", "content": "x" * 5000}]
+            )
     assert info.value.status_code == 413
     assert info.value.body["error"]["type"] == "request_too_large"  # type: ignore[index]
 
@@ -76,8 +86,11 @@ async def test_oversized_body_is_request_too_large(mock_upstream, start_gateway)
 async def test_upstream_failure_mid_stream_raises_in_the_sdk(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         with pytest.raises(anthropic.APIStatusError):
-            async with c.messages.stream(model="claude-test", max_tokens=100,
-                                         messages=[{"role": "user", "content": "x"}],
-                                         extra_headers={"x-mock-fault": "reset-mid-stream"}) as stream:
+            async with c.messages.stream(
+                model="claude-test",
+                max_tokens=100,
+                messages=[{"role": "user", "content": "x"}],
+                extra_headers={"x-mock-fault": "reset-mid-stream"},
+            ) as stream:
                 async for _ in stream:
                     pass

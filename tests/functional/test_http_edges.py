@@ -9,15 +9,17 @@ import aiohttp
 import pytest
 
 from gateway.upstream.mock_server import MockOptions, MockServer, serve_mock
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 CHAT = "/v1/chat/completions"
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 
 
-async def post(gw: RunningGateway, path: str, data: bytes, headers: dict[str, str] | None = None
-               ) -> tuple[int, dict[str, object], aiohttp.typedefs.LooseHeaders]:
-    async with aiohttp.ClientSession() as s, s.post(gw.url + path, data=data, headers=headers or {}) as r:
+async def post(
+    gw: RunningGateway, path: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object], aiohttp.typedefs.LooseHeaders]:
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", **(headers or {})}
+    async with aiohttp.ClientSession() as s, s.post(gw.url + path, data=data, headers=headers) as r:
         return r.status, await r.json(), r.headers
 
 
@@ -29,13 +31,19 @@ async def post(gw: RunningGateway, path: str, data: bytes, headers: dict[str, st
         (BODY, {"Content-Type": "text/plain"}, 400, "Content-Type must be application/json"),
         (b"[1, 2]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
         (b"", {"Content-Type": "application/json"}, 400, "body is empty"),
-        (b'{"model": "m", "stream": "yes"}', {"Content-Type": "application/json"}, 400, "'stream' must be a boolean"),
+        (
+            b'{"model": "m", "stream": "yes"}',
+            {"Content-Type": "application/json"},
+            400,
+            "'stream' must be a boolean",
+        ),
         (b'{"model": "m", "n": true}', {"Content-Type": "application/json"}, 400, "'n' must be an integer"),
         (b"[" * 100_000, {"Content-Type": "application/json"}, 400, "nested too deeply"),
     ],
 )
-async def test_bad_bodies_get_openai_shaped_errors(gateway: RunningGateway, data: bytes,
-                                                   headers: dict[str, str], status: int, text: str) -> None:
+async def test_bad_bodies_get_openai_shaped_errors(
+    gateway: RunningGateway, data: bytes, headers: dict[str, str], status: int, text: str
+) -> None:
     got, body, resp_headers = await post(gateway, CHAT, data, headers)
     assert got == status
     error = body["error"]
@@ -54,8 +62,14 @@ async def test_oversized_chunked_body_is_refused(mock_upstream: MockServer, star
             yield b" " * 1024
 
     async with start_gateway(mock_upstream.url, "max_body_bytes: 8KiB\n") as gw:
-        async with aiohttp.ClientSession() as s, s.post(gw.url + CHAT, data=chunks(),
-                                                        headers={"Content-Type": "application/json"}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + CHAT,
+                data=chunks(),
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"},
+            ) as r,
+        ):
             assert r.status == 413
             assert (await r.json())["error"]["code"] == "request_too_large"
 
@@ -69,14 +83,17 @@ async def test_wrong_method_and_unknown_route(gateway: RunningGateway) -> None:
 
 
 async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(
-        start_gateway, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    start_gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
-    async with serve_mock(MockOptions(api_key="sk-provider-secret")) as upstream, start_gateway(
-            upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw:
+    async with (
+        serve_mock(MockOptions(api_key="sk-provider-secret")) as upstream,
+        start_gateway(upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw,
+    ):
         headers = {
             "Content-Type": "application/json",
-            "Authorization": "Bearer tg_client_secret",
-            "x-api-key": "tg_client_secret",
+            "Authorization": f"Bearer {CLIENT_KEY}",
+            "x-api-key": CLIENT_KEY,
             "Connection": "keep-alive, x-private-hop",
             "x-private-hop": "must-not-pass",
             "Keep-Alive": "timeout=5",
@@ -90,9 +107,16 @@ async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(
         assert status == 200
         seen = {k.lower(): v for k, v in upstream.state.requests[-1].headers.items()}
     assert seen["authorization"] == "Bearer sk-provider-secret"
-    assert "tg_client_secret" not in " ".join(seen.values())
-    for name in ("x-api-key", "x-private-hop", "keep-alive", "te", "proxy-authorization", "cookie",
-                 "x-forwarded-for"):
+    assert CLIENT_KEY not in " ".join(seen.values())
+    for name in (
+        "x-api-key",
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "cookie",
+        "x-forwarded-for",
+    ):
         assert name not in seen, name
     assert seen["x-custom-ok"] == "passes"
     assert seen["x-request-id"]
@@ -100,21 +124,33 @@ async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(
 
 async def test_anthropic_credential_goes_in_x_api_key(start_gateway, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", "sk-ant-provider")
-    async with serve_mock(MockOptions(api_key="sk-ant-provider")) as upstream, start_gateway(
-            upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw:
-        status, _, _ = await post(gw, "/v1/messages", b'{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}',
-                                  {"Content-Type": "application/json", "x-api-key": "tg_client"})
+    async with (
+        serve_mock(MockOptions(api_key="sk-ant-provider")) as upstream,
+        start_gateway(upstream.url, upstream_extra="api_key_env: TOLLGATE_TEST_PROVIDER_KEY") as gw,
+    ):
+        status, _, _ = await post(
+            gw,
+            "/v1/messages",
+            b'{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}',
+            {"Content-Type": "application/json", "x-api-key": CLIENT_KEY},
+        )
         assert status == 200
         seen = {k.lower(): v for k, v in upstream.state.requests[-1].headers.items()}
     assert seen["x-api-key"] == "sk-ant-provider" and "authorization" not in seen
 
 
 async def test_client_disconnect_cancels_the_upstream_stream_promptly(start_gateway) -> None:  # type: ignore[no-untyped-def]
-    async with serve_mock(MockOptions(chunks=200, chunk_delay=0.05)) as upstream, \
-            start_gateway(upstream.url) as gw:
+    async with (
+        serve_mock(MockOptions(chunks=200, chunk_delay=0.05)) as upstream,
+        start_gateway(upstream.url) as gw,
+    ):
         body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
         session = aiohttp.ClientSession()
-        resp = await session.post(gw.url + CHAT, data=body, headers={"Content-Type": "application/json"})
+        resp = await session.post(
+            gw.url + CHAT,
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"},
+        )
         assert resp.status == 200
         await resp.content.readline()  # the stream is flowing
         resp.close()  # the client goes away mid-stream
@@ -132,11 +168,18 @@ async def test_client_disconnect_cancels_the_upstream_stream_promptly(start_gate
 
 
 async def test_first_byte_is_not_delayed_by_a_slow_stream(start_gateway) -> None:  # type: ignore[no-untyped-def]
-    async with serve_mock(MockOptions(chunks=5, chunk_delay=0.2)) as upstream, start_gateway(upstream.url) as gw:
+    async with (
+        serve_mock(MockOptions(chunks=5, chunk_delay=0.2)) as upstream,
+        start_gateway(upstream.url) as gw,
+    ):
         body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
         async with aiohttp.ClientSession() as s:
             started = time.monotonic()
-            async with s.post(gw.url + CHAT, data=body, headers={"Content-Type": "application/json"}) as r:
+            async with s.post(
+                gw.url + CHAT,
+                data=body,
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"},
+            ) as r:
                 first = await r.content.readline()
                 first_at = time.monotonic() - started
                 rest = await r.read()

@@ -6,16 +6,18 @@ import openai
 import pytest
 
 from gateway.upstream.mock_server import MockServer
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 
 def client(gw: RunningGateway, **kw: object) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="tg_client_key", max_retries=0, **kw)  # type: ignore[arg-type]
+    return openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=CLIENT_KEY, max_retries=0, **kw)  # type: ignore[arg-type]
 
 
 async def test_chat_completion_content_and_usage(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
-        result = await c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+        result = await c.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
     assert result.choices[0].message.content
     assert result.usage is not None and result.usage.completion_tokens == 6
     record = gateway.access_records()[-1]
@@ -23,11 +25,13 @@ async def test_chat_completion_content_and_usage(gateway: RunningGateway) -> Non
     assert record["output_tokens"] == 6 and record["input_tokens"] == result.usage.prompt_tokens
 
 
-async def test_stream_hides_usage_chunk_the_client_did_not_ask_for(gateway: RunningGateway,
-                                                                   mock_upstream: MockServer) -> None:
+async def test_stream_hides_usage_chunk_the_client_did_not_ask_for(
+    gateway: RunningGateway, mock_upstream: MockServer
+) -> None:
     async with client(gateway) as c:
         stream = await c.chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": "count to three"}], stream=True)
+            model="gpt-test", messages=[{"role": "user", "content": "count to three"}], stream=True
+        )
         chunks = [chunk async for chunk in stream]
     assert chunks, "no chunks relayed"
     assert all(chunk.choices for chunk in chunks), "the injected usage chunk reached the client"
@@ -44,8 +48,11 @@ async def test_stream_hides_usage_chunk_the_client_did_not_ask_for(gateway: Runn
 async def test_stream_keeps_usage_chunk_when_asked(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         stream = await c.chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True,
-            stream_options={"include_usage": True})
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [chunk async for chunk in stream]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 6
@@ -54,7 +61,8 @@ async def test_stream_keeps_usage_chunk_when_asked(gateway: RunningGateway) -> N
 async def test_logprobs_and_n_pass_through(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         result = await c.chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2, n=2)
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2, n=2
+        )
     assert len(result.choices) == 2
     assert result.choices[0].logprobs is not None and result.choices[0].logprobs.content
 
@@ -84,24 +92,31 @@ async def test_embeddings_and_models(gateway: RunningGateway) -> None:
 async def test_request_id_is_propagated(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         raw = await c.chat.completions.with_raw_response.create(
-            model="gpt-test", messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-request-id": "req-abc.123"})
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": "req-abc.123"},
+        )
     assert raw.headers["x-request-id"] == "req-abc.123"
 
 
 async def test_malformed_json_is_a_bad_request(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         with pytest.raises(openai.BadRequestError) as info:
-            await c.post("/chat/completions", cast_to=object, content=b'{"model": "x", "messages": [',
-                         options={"headers": {"Content-Type": "application/json"}})
+            await c.post(
+                "/chat/completions",
+                cast_to=object,
+                content=b'{"model": "x", "messages": [',
+                options={"headers": {"Content-Type": "application/json"}},
+            )
     assert "not valid JSON" in info.value.message
 
 
 async def test_wrong_field_type_is_refused_not_coerced(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         with pytest.raises(openai.BadRequestError) as info:
-            await c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
-                                            max_tokens="100000")  # type: ignore[arg-type]
+            await c.chat.completions.create(
+                model="gpt-test", messages=[{"role": "user", "content": "x"}], max_tokens="100000"
+            )  # type: ignore[arg-type]
     assert "'max_tokens' must be an integer" in info.value.message
 
 
@@ -121,16 +136,20 @@ async def test_upstream_down_is_502(start_gateway) -> None:  # type: ignore[no-u
 async def test_upstream_slow_is_504(mock_upstream: MockServer, start_gateway) -> None:  # type: ignore[no-untyped-def]
     async with start_gateway(mock_upstream.url, upstream_extra="read_timeout: 200ms") as gw, client(gw) as c:
         with pytest.raises(openai.InternalServerError) as info:
-            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                            extra_headers={"x-mock-fault": "hang"})
+            await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"x-mock-fault": "hang"}
+            )
     assert info.value.status_code == 504
 
 
 async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         stream = await c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "x"}], stream=True,
-            extra_headers={"x-mock-fault": "reset-mid-stream"})
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            extra_headers={"x-mock-fault": "reset-mid-stream"},
+        )
         seen = 0
         with pytest.raises(openai.APIError):
             async for _ in stream:

@@ -33,24 +33,43 @@ class RunningGateway:
         return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
 
 
+CLIENT_KEY = "tg_test_client_key_0001"
+CLIENT_ACCOUNT = "acct-1"
+
+
+def write_keys_file(tmp: Path, keys: dict[str, dict[str, object]] | None = None) -> Path:
+    """A keys file holding hashes of the given plaintext keys (default: CLIENT_KEY)."""
+    import yaml
+
+    from gateway.identity.keys import hash_key
+
+    keys = keys or {CLIENT_KEY: {"account": CLIENT_ACCOUNT, "org": "org-1", "tier": "pro"}}
+    records = [
+        {"id": f"key_{i}", "hash": hash_key(k), **fields} for i, (k, fields) in enumerate(keys.items())
+    ]
+    path = tmp / "keys.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "keys": records}))
+    return path
+
+
 def gateway_yaml(upstream_url: str, tmp: Path, extra: str = "", upstream_extra: str = "") -> str:
+    identity = f"identity: {{keys_file: {write_keys_file(tmp)}}}\n"
     upstream_lines = textwrap.indent(textwrap.dedent(upstream_extra).strip(), " " * 4)
     return (
         "listen: {host: 127.0.0.1, port: 0}\n"
         "admin: {enabled: false}\n"
         "upstreams:\n"
         "  - name: mock\n"
-        f"    base_url: {upstream_url}\n"
-        + (upstream_lines + "\n" if upstream_lines else "")
-        + "logging:\n"
+        f"    base_url: {upstream_url}\n" + (upstream_lines + "\n" if upstream_lines else "") + "logging:\n"
         f"  access_log: {tmp / 'access.jsonl'}\n"
-        "  audit_log: null\n"
-        + textwrap.dedent(extra)
+        "  audit_log: null\n" + (identity if "identity:" not in extra else "") + textwrap.dedent(extra)
     )
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(config_text: str, tmp: Path, filename: str = "gateway.yaml") -> AsyncIterator[RunningGateway]:
+async def run_gateway(
+    config_text: str, tmp: Path, filename: str = "gateway.yaml"
+) -> AsyncIterator[RunningGateway]:
     config_path = tmp / filename
     config_path.write_text(config_text)
     settings = parse_settings(config_text, str(config_path), base_dir=tmp)

@@ -1,0 +1,188 @@
+"""Decision audit: one JSON record per request, written off the request path.
+
+Sinks buffer records in memory and a background task writes them in a worker thread, so the
+event loop never waits on disk. ``close()`` writes whatever is buffered: the app calls it on
+shutdown (aiohttp runs cleanup contexts on SIGTERM), so no record is lost on a graceful stop.
+Records never contain prompt or completion text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import threading
+from typing import Any, Protocol, TextIO
+
+from gateway.context import RequestContext
+
+log = logging.getLogger(__name__)
+
+# Defence in depth: stage notes must not carry content, but if one does it is dropped here.
+_CONTENT_KEYS = frozenset({"body", "prompt", "messages", "input", "content", "completion", "text",
+                           "system", "output"})
+
+
+class AuditSink(Protocol):
+    """Receives one decision record per request.
+
+    ``emit`` is called on the request path: it must be fast and must never raise. ``close``
+    flushes everything emitted so far.
+    """
+
+    def emit(self, record: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _BufferedLineSink:
+    """Shared buffering: JSON-encode on emit, write batches from a worker thread."""
+
+    def __init__(self, flush_interval: float = 1.0, max_buffer: int = 10_000) -> None:
+        self._lines: list[str] = []
+        self._interval = flush_interval
+        self._max_buffer = max_buffer
+        self._write_lock = threading.Lock()  # periodic flush and close may overlap in threads
+        self._task: asyncio.Task[None] | None = None
+        self.emitted = 0
+        self.dropped = 0
+        self.write_errors = 0
+
+    def emit(self, record: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(record, separators=(",", ":"), default=str)
+        except (TypeError, ValueError):
+            self.dropped += 1
+            return
+        if len(self._lines) >= self._max_buffer:
+            # The writer cannot keep up (disk full or stalled): shed load rather than grow memory.
+            self.dropped += 1
+            return
+        self._lines.append(line)
+        self.emitted += 1
+        if self._task is None:
+            self._start()
+
+    def _start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (CLI, tests): records wait for flush()/close()
+        self._task = loop.create_task(self._run(), name=f"audit-{type(self).__name__}")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write buffered records now (in a worker thread)."""
+        if self._lines:
+            await asyncio.to_thread(self.flush_sync)
+
+    def flush_sync(self) -> None:
+        """Blocking flush, for shutdown paths without an event loop."""
+        with self._write_lock:
+            lines, self._lines = self._lines, []
+            if not lines:
+                return
+            try:
+                self._write("".join(f"{line}\n" for line in lines))
+            except OSError:
+                self.write_errors += 1
+                log.exception("audit write failed; %d records lost", len(lines))
+
+    def _write(self, data: str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await asyncio.to_thread(self.flush_sync)
+        self._close()
+
+    def _close(self) -> None:
+        pass
+
+
+class JsonlFileSink(_BufferedLineSink):
+    """Appends JSON lines to ``path`` (opened in append mode; log rotation by rename is safe)."""
+
+    def __init__(self, path: str | os.PathLike[str], flush_interval: float = 1.0,
+                 max_buffer: int = 10_000, fsync: bool = False) -> None:
+        super().__init__(flush_interval, max_buffer)
+        self.path = os.fspath(path)
+        self._fsync = fsync
+        self._file: TextIO | None = None
+
+    def _write(self, data: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # kept open between batches
+        self._file.write(data)
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def _close(self) -> None:
+        with self._write_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class StdoutSink(_BufferedLineSink):
+    """JSON lines on standard output (containers ship stdout to the log pipeline)."""
+
+    def __init__(self, stream: TextIO | None = None, flush_interval: float = 1.0) -> None:
+        super().__init__(flush_interval)
+        self._stream = stream
+
+    def _write(self, data: str) -> None:
+        stream = self._stream or sys.stdout
+        stream.write(data)
+        stream.flush()
+
+
+def build_audit_record(ctx: RequestContext) -> dict[str, Any]:
+    """The audit record of one finished request. Never includes prompt or completion text."""
+    outcome = ctx.outcome
+    principal, client, usage = ctx.principal, ctx.client, ctx.usage
+    decision = ctx.decision
+    record: dict[str, Any] = {
+        "ts": dt.datetime.fromtimestamp(ctx.wall_time, dt.UTC).isoformat(timespec="milliseconds"),
+        "request_id": ctx.request_id,
+        "principal": {"authenticated": principal.authenticated, "account": principal.account,
+                      "org": principal.org, "tier": principal.tier, "key_id": principal.key_id},
+        "client": {"ip": str(client.ip) if client.ip else None, "country": client.country,
+                   "asn": client.asn},
+        "api": str(ctx.request.api), "route": ctx.request.route, "model": ctx.request.model,
+        "stream": ctx.request.stream,
+        "decision": "deny" if decision is not None else "allow",
+        "status": ctx.status or (decision.status if decision else None),
+        "error_type": decision.error_type if decision else None,
+        "rule_id": decision.rule_id if decision else None,
+        "policy_decision": getattr(outcome, "decision", None),
+        "matched_rules": list(getattr(outcome, "matched", [])),
+        "shadow": [{"rule": h.rule_id, "would": h.would} for h in getattr(outcome, "shadow", [])],
+        "would_decide": getattr(outcome, "would_decide", None),
+        "policy_revision": ctx.policy_revision,
+        "tokens": {"input": usage.input_tokens, "output": usage.output_tokens,
+                   "reasoning": usage.reasoning_tokens, "cache_read": usage.cache_read_tokens,
+                   "cache_write": usage.cache_write_tokens, "complete": usage.complete},
+        "tags": sorted(ctx.tags),
+        "upstream_status": ctx.upstream_status,
+        "duration_ms": round((ctx.finished - ctx.started) * 1000, 3) if ctx.finished else None,
+        "client_disconnected": ctx.client_disconnected,
+    }
+    extra = {k: v for k, v in ctx.audit.items() if k.lower() not in _CONTENT_KEYS}
+    if extra:
+        record["extra"] = extra
+    return record

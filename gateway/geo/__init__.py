@@ -1,0 +1,1 @@
+"""IP → country, ASN and anonymiser flags behind the :class:`gateway.geo.base.GeoProvider` seam."""

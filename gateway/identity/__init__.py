@@ -1,0 +1,1 @@
+"""Who is calling: gateway-issued API keys and JWTs from external identity providers."""

@@ -1,0 +1,186 @@
+"""JWT authentication (pyjwt) against configured issuers, with a verified-token cache.
+
+Order of checks, cheapest first, so junk never reaches a signature check or a key fetch:
+size cap → cache → header (alg pinned per issuer; ``none`` and HS* are never accepted) →
+issuer chosen by *exact* ``iss`` (a dict lookup, no substring or prefix matching) → key by
+``kid`` from that issuer's set, bound to its own algorithms → full pyjwt verification with
+required claims, audience, issuer, leeway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+import jwt
+
+from gateway.context import Principal
+from gateway.identity.config import ClaimMapping, JwtConfig, JwtIssuerConfig
+from gateway.identity.jwks import JwksFile, JwksUrl, KeySource
+
+
+class InvalidToken(Exception):
+    """The token is not acceptable. The reason is for logs and audit, never for the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """The identity part of a verified token, shared by every request carrying that token."""
+
+    account: str
+    org: str | None
+    tier: str | None
+    issued_at: float | None
+    claims: Mapping[str, Any]
+    attributes: Mapping[str, Any]
+    expires: float  # wall time after which the cache entry is void
+
+    def principal(self) -> Principal:
+        return Principal(authenticated=True, source="jwt", account=self.account, org=self.org,
+                         tier=self.tier, created_at=self.issued_at, claims=self.claims,
+                         attributes=self.attributes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    config: JwtIssuerConfig
+    source: KeySource
+    algorithms: frozenset[str]
+
+
+class JwtVerifier:
+    """Turns a bearer JWT into a Principal, or raises InvalidToken.
+
+    ``sources`` overrides the key source per issuer (tests); by default each issuer gets a
+    :class:`JwksFile` or :class:`JwksUrl`. ``clock`` is wall time (token times are wall times).
+    """
+
+    def __init__(self, config: JwtConfig, *, sources: Mapping[str, KeySource] | None = None,
+                 session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._issuers: dict[str, _Issuer] = {}
+        for issuer in config.issuers:
+            source = (sources or {}).get(issuer.issuer) or _source_for(issuer, session)
+            self._issuers[issuer.issuer] = _Issuer(issuer, source, frozenset(issuer.algorithms))
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
+
+    def source(self, issuer: str) -> KeySource:
+        return self._issuers[issuer].source
+
+    async def authenticate(self, token: str) -> Principal:
+        if len(token) > self._config.max_token_bytes:
+            raise InvalidToken("token too large")
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if self._clock() < cached.expires:
+                self._cache.move_to_end(digest)
+                return cached.principal()
+            del self._cache[digest]
+        verified = await self._verify(token)
+        if self._config.cache_size:
+            self._cache[digest] = verified
+            if len(self._cache) > self._config.cache_size:
+                self._cache.popitem(last=False)
+        return verified.principal()
+
+    async def _verify(self, token: str) -> _Verified:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {type(exc).__name__}") from exc
+        iss = unverified.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise InvalidToken("unknown issuer")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in issuer.algorithms:
+            raise InvalidToken("algorithm not allowed for issuer")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+            raise InvalidToken("bad kid")
+        key = await issuer.source.get(kid)
+        if key is None:
+            raise InvalidToken("no key for kid")
+        if alg not in key.algorithms:
+            raise InvalidToken("algorithm does not match the key")
+        cfg = issuer.config
+        try:
+            claims = jwt.decode(
+                token, key.key, algorithms=[alg], audience=list(cfg.audience), issuer=cfg.issuer,
+                leeway=cfg.leeway,
+                options={"require": list(cfg.required_claims), "verify_signature": True,
+                         "verify_exp": True, "verify_nbf": True, "verify_iat": True,
+                         "verify_aud": True, "verify_iss": True},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"rejected: {type(exc).__name__}") from exc
+        return self._map(cfg, claims)
+
+    def _map(self, cfg: JwtIssuerConfig, claims: dict[str, Any]) -> _Verified:
+        mapping: ClaimMapping = cfg.claims
+        account = _scalar(claims, mapping.account)
+        if account is None:
+            raise InvalidToken("account claim missing")
+        attributes = {}
+        for name, path in mapping.attributes:
+            value = _lookup(claims, path)
+            if value is not None:
+                attributes[name] = value
+        now = self._clock()
+        exp = claims.get("exp")
+        expires = now + self._config.cache_max_ttl
+        if isinstance(exp, int | float):
+            expires = min(expires, float(exp))
+        iat = claims.get("iat")
+        return _Verified(
+            account=account,
+            org=_scalar(claims, mapping.org),
+            tier=_scalar(claims, mapping.tier) or cfg.default_tier,
+            issued_at=float(iat) if isinstance(iat, int | float) else None,
+            claims=MappingProxyType(claims),
+            attributes=MappingProxyType(attributes),
+            expires=expires,
+        )
+
+    async def close(self) -> None:
+        for issuer in self._issuers.values():
+            await issuer.source.close()
+
+
+def _source_for(cfg: JwtIssuerConfig, session: aiohttp.ClientSession | None) -> KeySource:
+    common: dict[str, Any] = {"ttl": cfg.jwks_cache_ttl, "cooldown": cfg.jwks_refresh_cooldown,
+                              "max_stale": cfg.jwks_max_stale}
+    allowed = frozenset(cfg.algorithms)
+    if cfg.jwks_url is not None:
+        return JwksUrl(cfg.jwks_url, allowed, timeout=cfg.jwks_timeout, max_bytes=cfg.jwks_max_bytes,
+                       session=session, **common)
+    assert cfg.jwks_file is not None  # the config parser requires exactly one of the two
+    return JwksFile(cfg.jwks_file, allowed, **common)
+
+
+def _lookup(claims: Mapping[str, Any], path: tuple[str, ...] | None) -> Any:
+    value: Any = claims
+    for part in path or ():
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return None if path is None else value
+
+
+def _scalar(claims: Mapping[str, Any], path: tuple[str, ...] | None) -> str | None:
+    value = _lookup(claims, path)
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None

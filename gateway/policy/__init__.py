@@ -1,0 +1,1 @@
+"""The policy language: schema, compiler, evaluator, tests, explain and hot reload."""

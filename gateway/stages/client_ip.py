@@ -1,0 +1,211 @@
+"""Client IP: the peer address, or — behind trusted proxies — the first untrusted forwarded hop.
+
+Forwarding headers are attacker-controlled except for the part our own proxies appended on the
+right, so they are read only when the socket peer is a trusted proxy, walked from the right,
+skipping trusted hops, and the first untrusted address wins. Only the rightmost ``max_entries``
+hops / ``max_header_bytes`` bytes are looked at: padding the left of a header can neither push
+the real client out of view nor cost us more than a bounded parse. Anything unparsable where
+the walk needs an address (garbage, ``unknown``, ``_hidden``) makes the peer the client: we do
+not guess further left than a hop we could not read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.context import Decision, IPAddress, RequestContext
+from gateway.ipaddr import CidrSet, normalize, parse_host, parse_network
+from gateway.yamlsource import Node
+
+SUPPORTED_HEADERS = ("x-forwarded-for", "forwarded")
+_FOR_PARAM = re.compile(r'(?:^|;)\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+_REV_TOKENS = re.compile(r'[^",]+|"|,')
+_MAX_CHAIN_ITEM = 64  # chars kept per hop in ctx.client.forwarded_chain (audit), not for parsing
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIpConfig:
+    """``client_ip:`` section.
+
+    ``headers`` lists the forwarding headers our proxies set, most preferred first; only the
+    first one present is read. Trusting a header the proxy passes through untouched would let
+    clients choose their own address, so list only what the proxy writes.
+    """
+
+    trusted_proxies: CidrSet = field(default_factory=CidrSet)
+    headers: tuple[str, ...] = ("x-forwarded-for",)
+    max_entries: int = 32
+    max_header_bytes: int = 8192
+
+
+def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
+    """Read ``client_ip:``; errors go to ``node.issues`` (the caller raises them all together)."""
+    default = ClientIpConfig()
+    if node is None or node.value is None:
+        return default
+    if not node.expect_mapping():
+        return default
+    node.check_keys({"trusted_proxies", "headers", "max_entries", "max_header_bytes"})
+    nets = []
+    proxies = node.child("trusted_proxies")
+    if proxies is not None and proxies.expect_list("a list of addresses or CIDRs"):
+        for item in proxies.elements():
+            text = item.as_type(str, what="an address or CIDR string")
+            if text is None:
+                continue
+            try:
+                nets.append(parse_network(text))
+            except ValueError as exc:
+                item.error(str(exc))
+    headers = default.headers
+    hnode = node.child("headers")
+    if hnode is not None and hnode.expect_list("a list of header names"):
+        names: list[str] = []
+        for item in hnode.elements():
+            name = item.as_type(str, what="a header name")
+            if name is None:
+                continue
+            if name.lower() not in SUPPORTED_HEADERS:
+                item.error(f"unsupported header '{name}'; expected one of: {', '.join(SUPPORTED_HEADERS)}")
+            else:
+                names.append(name.lower())
+        headers = tuple(names)
+    max_entries = _positive(node, "max_entries", default.max_entries, 1024)
+    max_bytes = _positive(node, "max_header_bytes", default.max_header_bytes, 65536)
+    return ClientIpConfig(CidrSet.from_networks(nets), headers, max_entries, max_bytes)
+
+
+def _positive(node: Node, key: str, default: int, limit: int) -> int:
+    value = node.get(key, int, default)
+    if value is None or not 1 <= value <= limit:
+        node.error(f"expected an integer from 1 to {limit}", key)
+        return default
+    return value
+
+
+class ClientIpStage:
+    """Sets ``ctx.client.ip`` (normalised) and ``ctx.client.forwarded_chain``. Never short-circuits."""
+
+    def __init__(
+        self, trusted_proxies: CidrSet, headers: tuple[str, ...] = ("x-forwarded-for",),
+        max_entries: int = 32, max_header_bytes: int = 8192,
+    ) -> None:
+        unknown = [h for h in headers if h.lower() not in SUPPORTED_HEADERS]
+        if unknown:
+            raise ValueError(f"unsupported forwarding header(s): {', '.join(unknown)}")
+        if max_entries < 1 or max_header_bytes < 1:
+            raise ValueError("max_entries and max_header_bytes must be positive")
+        self._trusted = trusted_proxies
+        self._headers = tuple(h.lower() for h in headers)
+        self._max_entries = max_entries
+        self._max_bytes = max_header_bytes
+
+    @classmethod
+    def from_config(cls, config: ClientIpConfig) -> ClientIpStage:
+        return cls(config.trusted_proxies, config.headers, config.max_entries, config.max_header_bytes)
+
+    async def __call__(self, ctx: RequestContext) -> Decision | None:
+        client = ctx.client
+        peer = client.peer_ip
+        if peer is None:  # e.g. a unix socket: nothing to trust, nothing to look up
+            client.ip = None
+            return None
+        peer = normalize(peer)
+        client.ip = peer
+        if not self._trusted or peer not in self._trusted:
+            return None  # headers from an untrusted peer are the client's own claims: ignored
+        headers = ctx.request.headers
+        for name in self._headers:
+            raw = self._header(headers, name)
+            if raw is None:
+                continue
+            hops = _xff_hops(raw, self._max_entries) if name == "x-forwarded-for" else (
+                _forwarded_hops(raw, self._max_entries))
+            if hops is None:
+                ctx.audit["client_ip"] = "malformed forwarding header"
+                return None
+            client.forwarded_chain = tuple(h[:_MAX_CHAIN_ITEM] for h in hops)
+            client.ip = self._walk(hops, peer)
+            return None
+        return None
+
+    def _header(self, headers: Mapping[str, str], name: str) -> str | None:
+        """All instances of ``name`` joined (RFC 7230 list semantics), cut to the last bytes."""
+        getall = getattr(headers, "getall", None)
+        if getall is not None:
+            values: list[str] = getall(name, [])
+            if not values:
+                return None
+            # Each instance holds at least one hop, so older instances beyond the cap are moot.
+            raw = ",".join(values[-self._max_entries:])
+        else:
+            value = headers.get(name)
+            if value is None:
+                return None
+            raw = value
+        if len(raw) > self._max_bytes:
+            raw = raw[-self._max_bytes:]
+            cut = raw.find(",")
+            raw = raw[cut + 1:] if cut >= 0 else ""  # the leftmost piece was cut mid-hop
+        return raw
+
+    def _walk(self, hops: list[str], peer: IPAddress) -> IPAddress:
+        last_trusted = peer
+        for hop in reversed(hops):
+            ip = parse_host(hop)
+            if ip is None:
+                return peer
+            if ip not in self._trusted:
+                return ip
+            last_trusted = ip
+        # Every hop is one of ours (an internal caller): the leftmost one is the best we know.
+        return last_trusted
+
+
+def _xff_hops(raw: str, max_entries: int) -> list[str]:
+    parts = raw.rsplit(",", max_entries)
+    if len(parts) > max_entries:
+        parts = parts[1:]
+    return [p.strip() for p in parts]
+
+
+def _forwarded_hops(raw: str, max_entries: int) -> list[str] | None:
+    """``for=`` values of the rightmost elements of an RFC 7239 header, left to right.
+
+    Elements are split on commas outside quoted strings, scanning from the right so a malformed
+    (say, unbalanced-quote) client-supplied part on the left cannot change how the proxies'
+    well-formed part on the right is read. None when no element can be read at all.
+    """
+    if '"' not in raw:
+        elements = _xff_hops(raw, max_entries)
+    else:
+        elements = []
+        rev = raw[::-1]
+        in_quote = False
+        end = 0  # in reversed coordinates: start of the current element
+        tokens = 0
+        for m in _REV_TOKENS.finditer(rev):
+            tokens += 1
+            if tokens > 8 * max_entries + 8:
+                break  # a quote/comma storm: keep what we have, stop paying for it
+            tok = m.group()
+            if tok == '"':
+                escaped = m.end() < len(rev) and rev[m.end()] == "\\"
+                if not escaped:
+                    in_quote = not in_quote
+            elif tok == "," and not in_quote:
+                elements.append(rev[end:m.start()][::-1].strip())
+                end = m.end()
+                if len(elements) >= max_entries:
+                    break
+        else:
+            if not in_quote:
+                elements.append(rev[end:][::-1].strip())
+        elements.reverse()
+    hops = []
+    for element in elements:
+        found = _FOR_PARAM.search(element)
+        hops.append(found.group(1).strip() if found else "")
+    return hops or None

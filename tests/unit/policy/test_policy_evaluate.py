@@ -1,0 +1,211 @@
+"""Combination rule, shadow mode, extension actions, the index and explain."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gateway.policy.builtin_actions import build_registry, default_registry
+from gateway.policy.compile import Source, compile_sources
+from gateway.policy.evaluate import Snapshot, evaluate
+from gateway.policy.explain import explain
+from gateway.policy.fields import ISO_COUNTRIES, resolve_field
+from gateway.policy.registry import CompileEnv, Registry
+from gateway.policy.testing import context_from_mapping
+from gateway.stages.match import MatchStage
+from gateway.yamlsource import ConfigError, Node
+
+
+def compile_text(text: str, registry: Registry | None = None) -> Snapshot:
+    snapshot, issues = compile_sources([Source("p.yaml", text)], registry)
+    assert snapshot is not None, [str(i) for i in issues]
+    return snapshot
+
+
+@dataclass(slots=True)
+class FakeQuota:
+    """Stands in for the quota feature's action: non-terminal, value is a limit descriptor."""
+
+    name: str = "quota"
+    terminal: bool = False
+
+    def parse(self, node: Node, env: CompileEnv) -> Any | None:
+        if not node.expect_mapping():
+            return None
+        node.check_keys({"rpm"}, required=("rpm",))
+        return node.get("rpm", int)
+
+
+@dataclass(slots=True)
+class FakeChallenge:
+    name: str = "challenge"
+    terminal: bool = True
+
+    def parse(self, node: Node, env: CompileEnv) -> Any | None:
+        return node.value
+
+
+COMBINED = """
+version: 1
+rules:
+  - {id: q-all, quota: {rpm: 100}, tag: seen}
+  - {id: q-free, when: {field: principal.tier, equals: free}, quota: {rpm: 10}}
+  - {id: shadow-deny-cn, mode: shadow, when: {field: client.country, equals: CN}, deny: true, tag: s}
+  - {id: deny-cn, when: {field: client.country, equals: CN}, deny: {status: 451}, tag: denied}
+  - {id: allow-free, when: {field: principal.tier, equals: free}, allow: true}
+  - {id: q-after, quota: {rpm: 1}}
+"""
+
+
+def test_combination_rule_accumulates_until_the_first_terminal_match() -> None:
+    snapshot = compile_text(COMBINED, build_registry([FakeQuota()]))
+    ctx = context_from_mapping({"principal": {"tier": "free"}, "client": {"country": "CN"}})
+    out = evaluate(snapshot, ctx)
+    assert (out.decision, out.rule_id, out.deny and out.deny.status) == ("deny", "deny-cn", 451)
+    assert out.matched == ["q-all", "q-free", "deny-cn"]
+    assert [(a.rule_id, a.name, a.value, a.shadow) for a in out.actions] == [
+        ("q-all", "quota", 100, False),
+        ("q-all", "tag", ("seen",), False),
+        ("q-free", "quota", 10, False),
+        ("shadow-deny-cn", "tag", ("s",), True),
+        ("deny-cn", "tag", ("denied",), False),
+    ]
+    assert out.tags == ["seen", "denied"] and ctx.tags == {"seen", "denied"}  # shadow tag not applied
+    assert [h.rule_id for h in out.shadow] == ["shadow-deny-cn"] and out.would_decide is None
+    assert out.deny is not None and out.deny.rule_id == "deny-cn"
+    assert out.deny.message == "This request is not permitted."  # neutral: no rule id, no country
+
+
+def test_rules_after_the_terminal_match_are_not_evaluated() -> None:
+    snapshot = compile_text(COMBINED, build_registry([FakeQuota()]))
+    out = evaluate(
+        snapshot, context_from_mapping({"principal": {"tier": "free"}, "client": {"country": "US"}})
+    )
+    assert out.decision == "allow" and out.rule_id == "allow-free"
+    assert "q-after" not in [a.rule_id for a in out.actions]
+    out = evaluate(
+        snapshot, context_from_mapping({"principal": {"tier": "pro"}, "client": {"country": "US"}})
+    )
+    assert out.rule_id is None and [a.value for a in out.actions if a.name == "quota"] == [100, 1]
+
+
+def test_terminal_extension_action_ends_evaluation_and_is_passed_on() -> None:
+    text = "version: 1\nrules:\n  - {id: c, challenge: pow}\n  - {id: d, deny: true}\n"
+    snapshot, issues = compile_sources([Source("p.yaml", text)], build_registry([FakeChallenge()]))
+    assert snapshot is not None
+    assert [str(i) for i in issues] == [
+        "p.yaml:4:5: warning: rules[1]: rule 'd' is unreachable: rule 'c' at "
+        "p.yaml:3:5 matches every request and ends evaluation"
+    ]
+    out = evaluate(snapshot, context_from_mapping({}))
+    assert (out.decision, out.terminal, [a.value for a in out.actions]) == ("allow", "challenge", ["pow"])
+
+
+def test_shadow_rule_records_would_decide() -> None:
+    text = """version: 1
+rules:
+  - {id: s, mode: shadow, when: {field: client.country, equals: RU}, deny: true}
+"""
+    out = evaluate(compile_text(text), context_from_mapping({"client": {"country": "RU"}}))
+    assert (out.decision, out.would_decide, out.would_rule_id) == ("allow", "deny", "s")
+
+
+def test_unknown_action_without_extension_is_rejected_with_a_suggestion() -> None:
+    _, issues = compile_sources(
+        [Source("p.yaml", "version: 1\nrules:\n  - {id: a, quota: {rpm: 1}}\n")], build_registry()
+    )
+    assert [str(i) for i in issues] == [
+        "p.yaml:3:13: rules[0].quota: unknown key 'quota'; "
+        "expected one of: allow, deny, description, id, mode, tag, when"
+    ]
+
+
+def test_default_registry_has_builtins() -> None:
+    assert {"allow", "deny", "tag"} <= set(default_registry().actions)
+    with pytest.raises(ValueError):
+        build_registry([FakeQuota(), FakeQuota()])
+
+
+def test_fields_and_countries() -> None:
+    assert len(ISO_COUNTRIES) == 250 and "XK" in ISO_COUNTRIES and "EU" not in ISO_COUNTRIES
+    spec = resolve_field("client.country")
+    assert not isinstance(spec, str) and spec.indexable
+    assert (
+        resolve_field("request.headers")
+        == "'request.headers' needs a name after it, expected request.headers.<name>"
+    )
+    ctx = context_from_mapping(
+        {"client": {"ip": "203.0.113.77"}, "principal": {"claims": {"org": {"country": "CN"}}}}
+    )
+    for path, value in [
+        ("client.ip_prefix", "203.0.113.0/24"),
+        ("principal.claims.org.country", "CN"),
+        ("principal.claims.missing.x", None),
+        ("risk.signals.burst", None),
+    ]:
+        field = resolve_field(path)
+        assert not isinstance(field, str) and field.getter(ctx) == value
+
+
+def test_context_from_mapping_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'countyr'; did you mean 'country'"):
+        context_from_mapping({"client": {"countyr": "US"}})
+
+
+def random_policy(rng: random.Random, n: int) -> str:
+    countries = ["US", "CN", "DE", "FR"]
+    lines = ["version: 1", "rules:"]
+    for i in range(n):
+        conds = [
+            f"{{field: client.country, in: [{rng.choice(countries)}, {rng.choice(countries)}]}}",
+            f"{{field: principal.tier, equals: {rng.choice(['free', 'pro'])}}}",
+            f"{{field: request.model, not_in: [m{rng.randrange(3)}]}}",
+            f"{{field: risk.score, gt: {rng.random():.2f}}}",
+            f"{{field: principal.account, equals: a{rng.randrange(4)}}}",
+            "{field: tags, equals: t1}",
+        ]
+        when = ", ".join(rng.sample(conds, rng.randrange(1, 4)))
+        action = rng.choice(["deny: true", "allow: true", f"tag: t{i % 3}", "tag: x"])
+        mode = ", mode: shadow" if rng.random() < 0.2 else ""
+        lines.append(f"  - {{id: r{i}, when: {{all: [{when}]}}, {action}{mode}}}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_indexed_evaluation_equals_linear_explain(seed: int) -> None:
+    rng = random.Random(seed)
+    snapshot = compile_text(random_policy(rng, 60))
+    assert snapshot.index.fields, "the generated set must exercise the index"
+    for _ in range(200):
+        ctx = context_from_mapping(
+            {
+                "request": {"model": f"m{rng.randrange(4)}"},
+                "principal": {"account": f"a{rng.randrange(5)}", "tier": rng.choice(["free", "pro", None])},
+                "client": {"country": rng.choice(["US", "CN", "DE", "FR", None])},
+                "risk": {"score": rng.random()},
+            }
+        )
+        report = explain(snapshot, ctx)
+        assert report["consistent"], report
+        linear = [r["id"] for r in report["rules"] if r["result"] == "matched" and r["mode"] == "enforce"]
+        assert linear == report["matched"]
+        assert ctx.tags == set()  # explain works on a copy
+
+
+async def test_match_stage_sets_outcome_and_revision() -> None:
+    snapshot = compile_text(
+        "version: 1\nrules:\n  - {id: d, when: {field: client.country, equals: CN}, deny: true}\n"
+    )
+
+    class Holder:
+        current = snapshot
+
+    stage = MatchStage(Holder())
+    ctx = context_from_mapping({"client": {"country": "CN"}})
+    decision = await stage(ctx)
+    assert decision is not None and decision.status == 403 and decision.rule_id == "d"
+    assert ctx.policy_revision == snapshot.revision and ctx.outcome.rule_id == "d"
+    assert await stage(context_from_mapping({"client": {"country": "US"}})) is None

@@ -1,0 +1,135 @@
+"""SSE framing and per-API stream handling on raw bytes, including awkward chunk boundaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.apis.anthropic import MessagesStream
+from gateway.apis.openai import ChatStream
+from gateway.apis.sse import SseOverflow, SseSplitter, event_data, event_name
+from gateway.context import NO_SHAPING, Shaping, Usage
+
+
+def chat_chunk(
+    content: str | None = None, usage: dict[str, int] | None = None, choices: bool = True
+) -> bytes:
+    body: dict[str, object] = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": content}}] if choices else [],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def test_splitter_reassembles_events_across_any_chunking() -> None:
+    stream = b"event: a\ndata: 1\n\ndata: 2\r\n\r\nevent: b\ndata: x\ndata: y\n\n"
+    for size in range(1, len(stream) + 1):
+        splitter = SseSplitter()
+        events: list[bytes] = []
+        for i in range(0, len(stream), size):
+            events.extend(splitter.feed(stream[i : i + size]))
+        assert events == [b"event: a\ndata: 1", b"data: 2", b"event: b\ndata: x\ndata: y"], size
+        assert not splitter.pending
+
+
+def test_event_fields() -> None:
+    assert event_name(b"event: message_start\ndata: {}") == b"message_start"
+    assert event_name(b"data: {}") is None
+    assert event_data(b'data: {"a":1}') == b'{"a":1}'
+    assert event_data(b"event: x\ndata: a\ndata:b") == b"a\nb"
+
+
+def test_splitter_bounds_a_runaway_event() -> None:
+    splitter = SseSplitter(max_event_bytes=1024)
+    with pytest.raises(SseOverflow):
+        splitter.feed(b"data: " + b"x" * 2048)
+
+
+def test_chat_stream_hides_injected_usage_and_accounts_it() -> None:
+    usage = Usage()
+    handler = ChatStream(usage, NO_SHAPING, hide_usage=True)
+    raw_events = [
+        chat_chunk("a")[:-2],
+        chat_chunk("b")[:-2],
+        chat_chunk(usage={"prompt_tokens": 7, "completion_tokens": 2}, choices=False)[:-2],
+        b"data: [DONE]",
+    ]
+    sent = [handler.on_event(e) for e in raw_events]
+    handler.finish()
+    assert sent[0] is raw_events[0] and sent[1] is raw_events[1]
+    assert sent[2] is None and sent[3] == b"data: [DONE]"
+    assert (usage.input_tokens, usage.output_tokens, usage.complete) == (7, 2, True)
+
+
+def test_chat_stream_cut_short_charges_what_was_seen() -> None:
+    usage = Usage()
+    handler = ChatStream(usage, NO_SHAPING, hide_usage=True)
+    for text in "abc":
+        handler.on_event(chat_chunk(text)[:-2])
+    handler.finish()
+    assert usage.output_tokens == 3 and not usage.complete
+
+
+def test_chat_stream_strips_reasoning_and_logprobs() -> None:
+    handler = ChatStream(Usage(), Shaping(strip_reasoning=True, strip_logprobs=True), hide_usage=False)
+    reasoning_only = (
+        b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"hmm"},"finish_reason":null}]}'
+    )
+    assert handler.on_event(reasoning_only) is None
+    with_logprobs = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"},'
+        b'"logprobs":{"content":[{"token":"hi","logprob":-0.1}]},"finish_reason":null}]}'
+    )
+    out = handler.on_event(with_logprobs)
+    assert out is not None
+    chunk = json.loads(event_data(out))
+    assert chunk["choices"][0]["logprobs"] is None and chunk["choices"][0]["delta"]["content"] == "hi"
+
+
+def anthropic_event(name: str, payload: dict[str, object]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(payload)}".encode()
+
+
+def test_messages_stream_drops_thinking_and_renumbers_blocks() -> None:
+    usage = Usage()
+    handler = MessagesStream(usage, Shaping(strip_reasoning=True))
+    events = [
+        anthropic_event(
+            "message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 5}}}
+        ),
+        anthropic_event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "thinking", "thinking": ""},
+            },
+        ),
+        anthropic_event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "x"}},
+        ),
+        anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        anthropic_event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        ),
+        anthropic_event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "hi"}},
+        ),
+        anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        anthropic_event(
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+        ),
+    ]
+    sent = [handler.on_event(e) for e in events]
+    kept = [json.loads(event_data(s)) for s in sent if s is not None]
+    blocks = [k for k in kept if k["type"].startswith("content_block")]
+    assert [b["index"] for b in blocks] == [0, 0, 0]
+    assert all(b.get("content_block", {}).get("type") != "thinking" for b in blocks)
+    assert (usage.input_tokens, usage.output_tokens, usage.complete) == (5, 9, True)
