@@ -19,3 +19,10 @@ def section_parsers() -> dict[str, Callable[[Node | None], Any]]:
         "client_ip": parse_client_ip_config,
         "geoip": parse_geoip_config,
     }
+
+
+def root_section_parsers() -> dict[str, tuple[frozenset[str], Callable[[Node], Any]]]:
+    """Parsers that read several top-level sections at once: name → (keys they own, parser)."""
+    from gateway.quota.settings import parse_quota_settings
+
+    return {"quota": (frozenset({"store", "quota"}), parse_quota_settings)}

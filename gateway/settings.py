@@ -95,6 +95,11 @@ class Settings:
     # Feature sections parsed by their own modules: name → parsed object.
     sections: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def quota(self) -> Any:
+        """The ``store:``/``quota:`` settings (a gateway.quota.QuotaSettings)."""
+        return self.sections.get("quota")
+
     def upstream_for(self, api: str) -> UpstreamSettings | None:
         return next((u for u in self.upstreams if u.serves(api)), None)
 
@@ -177,11 +182,11 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
     )
 
 
-def _section_parsers() -> dict[str, SectionParser]:
+def _section_parsers() -> tuple[dict[str, SectionParser], dict[str, tuple[frozenset[str], Any]]]:
     """Feature sections: imported lazily so a feature's parser owns its own schema."""
-    from gateway.sections import section_parsers
+    from gateway.sections import root_section_parsers, section_parsers
 
-    return section_parsers()
+    return section_parsers(), root_section_parsers()
 
 
 CORE_KEYS = {"listen", "admin", "upstreams", "mock_upstream", "max_body_bytes", "routes", "policies",
@@ -197,8 +202,9 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
         raise ConfigError([])  # unreachable: parse failures are reported as issues
     if not root.expect_mapping("a mapping of configuration sections"):
         issues.raise_if_errors()
-    parsers = _section_parsers()
-    root.check_keys(CORE_KEYS | set(parsers))
+    parsers, root_parsers = _section_parsers()
+    root_keys = {key for keys, _ in root_parsers.values() for key in keys}
+    root.check_keys(CORE_KEYS | set(parsers) | root_keys)
     settings = Settings(source=filename)
 
     if (listen := root.child("listen")) is not None and listen.expect_mapping():
@@ -260,6 +266,7 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
         settings = replace(settings, workers=workers)
 
     sections = {name: parse(root.child(name)) for name, parse in parsers.items()}
+    sections.update({name: parse(root) for name, (_, parse) in root_parsers.items()})
     settings = replace(settings, sections=sections)
     if not settings.upstreams and not settings.mock_upstream.enabled:
         root.error("no upstream configured; expected 'upstreams' or 'mock_upstream.enabled: true'")

@@ -15,6 +15,7 @@ from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.pipeline import AuditSink, Stage
 from gateway.settings import Settings
+from gateway.yamlsource import ConfigError, Issue, Mark
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Features:
     admin_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]], bool]] = field(default_factory=list)
     reloaders: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     policy: Any = None  # the PolicyHolder, when policies are configured
+    store: Any = None  # the shared-state Store (memory or Redis)
 
     async def start(self) -> None:
         for start in self.starters:
@@ -56,6 +58,12 @@ class Features:
 
 def check_deployment(settings: Settings) -> None:
     """Refuse configurations that would silently misbehave (raises ConfigError)."""
+    from gateway.quota import check_workers
+
+    if settings.quota is not None:
+        message = check_workers(settings.quota, settings.workers)
+        if message:
+            raise ConfigError([Issue(Mark(settings.source, 1, 1), "workers", message)])
 
 
 def _audit_sink(target: str | None) -> AuditSink | None:
@@ -125,6 +133,26 @@ def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> Non
     features.status["policy"] = holder.status
 
 
+def _add_quota(features: Features, settings: Settings) -> None:
+    from gateway.quota import QuotaSettings, QuotaStage, create_store
+
+    quota_settings = settings.quota or QuotaSettings()
+    store = create_store(quota_settings)
+    stage = QuotaStage(store, quota_settings)
+    features.stages.append(stage)
+    features.store = store
+    features.stoppers.append(stage.guard.close)
+
+    def status() -> dict[str, Any]:
+        detail: dict[str, Any] = {"backend": quota_settings.backend, **stage.guard.stats.snapshot()}
+        extra = getattr(store, "stats", None)
+        if extra is not None:
+            detail["redis"] = dataclasses.asdict(extra)
+        return detail
+
+    features.status["quota"] = status
+
+
 def build_features(settings: Settings, metrics: Metrics) -> Features:
     """Raises ConfigError (or PolicyTestsFailed) when a feature's inputs are invalid."""
     from gateway.audit import build_audit_record
@@ -132,6 +160,7 @@ def build_features(settings: Settings, metrics: Metrics) -> Features:
     features = Features()
     _add_identity(features, settings)
     _add_policy(features, settings, metrics)
+    _add_quota(features, settings)
     features.audit_sink = _audit_sink(settings.logging.audit_log)
     if features.audit_sink is not None:
         features.audit_builder = build_audit_record

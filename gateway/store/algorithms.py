@@ -1,0 +1,120 @@
+"""The three limit algorithms as pure functions on integer milliseconds.
+
+``MemoryStore`` runs these directly; ``lua/charge.lua`` and ``lua/adjust.lua`` are line-for-line
+ports, and the contract suite checks that both agree. Keep them in step when changing either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gateway.store.base import Charge
+
+# Float slack (ms) for GCRA comparisons: TATs are sums of fractional emission intervals and
+# are stored with 3 decimals in Redis, so exact comparisons would flip on rounding noise.
+EPS = 0.01
+# Retry hint for a full concurrency limit: lease ends are unknown in advance (streams end
+# when they end), so suggest a short retry rather than the worst-case TTL.
+LEASE_RETRY_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Result of checking one charge (before anything is written)."""
+
+    ok: bool
+    remaining: int
+    reset_ms: int
+    retry_ms: int  # 0 if ok, -1 if the charge can never fit
+    bucket_ms: int = 0  # WINDOW: bucket the charge goes to
+    new_tat: float = 0.0  # GCRA: theoretical arrival time after the charge
+    # State if the charge is NOT applied (denied request, shadow would-deny): headers must
+    # show what is really left, not what would have been left after a charge that never was.
+    idle_remaining: int = 0
+    idle_reset_ms: int = 0
+
+    def shown(self, applied: bool) -> tuple[int, int]:
+        """(remaining, reset_ms) to report, depending on whether the charge was applied."""
+        return (self.remaining, self.reset_ms) if applied else (self.idle_remaining, self.idle_reset_ms)
+
+
+def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
+    """GCRA: emission interval T = period/limit, tolerance tau = T * burst."""
+    interval = c.period_ms / c.limit
+    tau = interval * c.burst
+    start = max(tat if tat is not None else now, now)
+    new_tat = start + c.cost * interval
+    diff = new_tat - now
+    idle = math.floor((tau - (start - now)) / interval + EPS / interval)
+    idle_reset = math.ceil(start - now)
+    if diff <= tau + EPS:
+        remaining = math.floor((tau - diff) / interval + EPS / interval)
+        return Verdict(True, max(0, remaining), math.ceil(diff), 0, new_tat=round(new_tat, 3),
+                       idle_remaining=idle, idle_reset_ms=idle_reset)
+    retry = math.ceil(diff - tau) if c.cost * interval <= tau + EPS else -1
+    return Verdict(False, max(0, idle), idle_reset, retry, idle_remaining=idle, idle_reset_ms=idle_reset)
+
+
+def gcra_adjust(tat: float | None, now: int, c: Charge, delta: int) -> float | None:
+    """Move a TAT by ``delta`` emission intervals; None means the key can be dropped."""
+    if tat is None:
+        return None
+    new_tat = round(tat + delta * (c.period_ms / c.limit), 3)
+    return new_tat if new_tat > now else None
+
+
+def window_live(buckets: dict[int, int], now: int, c: Charge) -> list[tuple[int, int]]:
+    """Buckets still inside the window, oldest first: a bucket counts until its *end* is a
+    full period old, so usage is held between period and period + bucket width."""
+    horizon = now - c.period_ms
+    gran = c.bucket_ms
+    return sorted((s, v) for s, v in buckets.items() if s + gran > horizon)
+
+
+def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
+    """Sliding window of sub-buckets; an exhausted budget (used >= limit) admits nothing."""
+    gran = c.bucket_ms
+    cur = now - now % gran
+    live = window_live(buckets, now, c)
+    used = sum(v for _, v in live)
+    idle_reset = live[-1][0] + gran + c.period_ms - now if live else 0
+    if used < c.limit and used + c.cost <= c.limit:
+        reset = cur + gran + c.period_ms - now if c.cost > 0 else idle_reset
+        return Verdict(True, c.limit - used - c.cost, reset, 0, bucket_ms=cur,
+                       idle_remaining=c.limit - used, idle_reset_ms=idle_reset)
+    reset = idle_reset
+    retry = -1
+    if c.cost <= c.limit:
+        freed = 0
+        for start, value in live:
+            freed += value
+            left = used - freed
+            if left < c.limit and left + c.cost <= c.limit:
+                retry = start + gran + c.period_ms - now
+                break
+    return Verdict(False, max(0, c.limit - used), reset, retry, bucket_ms=cur,
+                   idle_remaining=c.limit - used, idle_reset_ms=reset)
+
+
+def window_adjust(buckets: dict[int, int], now: int, c: Charge, bucket: int, delta: int) -> bool:
+    """Apply ``delta`` to the bucket a reservation was charged in; False if it already left
+    the window (then the adjustment no longer matters and is dropped)."""
+    if bucket + c.bucket_ms <= now - c.period_ms:
+        return False
+    value = max(0, buckets.get(bucket, 0) + delta)
+    if value:
+        buckets[bucket] = value
+    else:
+        buckets.pop(bucket, None)
+    return True
+
+
+def lease_check(leases: dict[str, int], now: int, c: Charge) -> Verdict:
+    """Concurrency: live leases (expiry > now) against the limit; cost is the slots wanted."""
+    active = sorted(exp for exp in leases.values() if exp > now)
+    used = len(active)
+    if used + c.cost <= c.limit:
+        return Verdict(True, c.limit - used - c.cost, 0, 0, idle_remaining=c.limit - used)
+    retry = -1 if c.cost > c.limit else min(LEASE_RETRY_MS, active[0] - now)
+    return Verdict(False, max(0, c.limit - used), 0, retry, idle_remaining=c.limit - used)

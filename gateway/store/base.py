@@ -1,0 +1,173 @@
+"""The ``Store`` seam: shared quota and risk state, with one documented contract.
+
+Every implementation (``MemoryStore``, ``RedisStore``) must pass ``tests/contract``. The
+contract, in short:
+
+* :meth:`Store.charge` checks and charges every limit of one request atomically and in one
+  round trip (per Redis Cluster slot, see ``docs/quotas.md``). All or nothing: if one enforced
+  charge is denied, none is applied. A *shadow* charge never blocks the others; when it would
+  deny it is reported as denied and not applied, so its counter tracks what enforcement would
+  have counted.
+* Time comes from the store (Redis ``TIME`` inside the scripts), never from the caller, so
+  replicas with skewed clocks agree. All times crossing the boundary are integer milliseconds
+  (store side) or float seconds (results).
+* :meth:`Store.adjust` changes what a :class:`Receipt` charged: reconcile a token reservation
+  (``delta = actual - reserved``, applied to the window bucket it was charged in, dropped if that
+  bucket already left the window), refund (``delta = -cost``) or release a lease (``delta < 0``).
+* Keys expire on their own: nothing a crashed gateway leaves behind outlives its window/TTL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+# A source of wall-clock seconds (``time.time``); injected so tests never sleep.
+Clock = Callable[[], float]
+
+# A sliding window is split into this many buckets; usage stops counting between ``period`` and
+# ``period * (1 + 1/WINDOW_BUCKETS)`` after it was charged (never earlier: no boundary burst).
+WINDOW_BUCKETS = 30
+
+
+class Algorithm(StrEnum):
+    """How a limit counts: GCRA for request rates, sliding window for budgets, leases."""
+
+    GCRA = "g"
+    WINDOW = "w"
+    LEASE = "l"
+
+
+class StoreError(Exception):
+    """The store could not answer (unreachable, deadline exceeded, breaker open)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One limit to check and charge for one request.
+
+    ``key`` is the limit identity (rule id, limit name, key values); it must not contain the
+    numbers so that state survives a reload and new numbers apply at once.
+    ``period_ms`` is the GCRA period, the window length, or the lease TTL.
+    """
+
+    key: str
+    algorithm: Algorithm
+    limit: int
+    period_ms: int
+    cost: int
+    burst: int = 1  # GCRA: requests admitted back to back from rest (>= 1)
+    shadow: bool = False
+    lease_id: str = ""  # LEASE: unique per request
+
+    def __post_init__(self) -> None:
+        if self.limit <= 0 or self.period_ms <= 0 or self.cost < 0 or self.burst < 1:
+            raise ValueError(f"invalid charge {self!r}")
+        if self.algorithm is Algorithm.LEASE and not self.lease_id:
+            raise ValueError("a lease charge needs a lease_id")
+
+    @property
+    def bucket_ms(self) -> int:
+        """Sub-bucket width of a sliding window (the precision bound)."""
+        return max(1, self.period_ms // WINDOW_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """State of one limit after a charge attempt, enough to build rate-limit headers.
+
+    ``reset`` is seconds until the limit is back to full; ``retry_after`` is 0 when allowed,
+    else seconds until this same charge would fit (``math.inf`` if it never can: cost > limit).
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What an applied charge left behind, needed to reconcile, refund or release it."""
+
+    charge: Charge
+    bucket_ms: int = 0  # WINDOW: start (store time, ms) of the bucket that was charged
+    applied: bool = True  # False for a shadow charge that would have denied
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    """Outcome of :meth:`Store.charge`; ``states``/``receipts`` follow the charges' order."""
+
+    allowed: bool
+    now: float  # store time, seconds since the epoch
+    states: tuple[LimitState, ...]
+    receipts: tuple[Receipt, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """Add ``delta`` to what ``receipt`` charged (negative refunds; leases release on < 0)."""
+
+    receipt: Receipt
+    delta: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Shared state for quotas and risk signals. Implementations must be safe under asyncio
+    concurrency and (for shared backends) across processes; every method may raise
+    :class:`StoreError` and nothing else for availability problems."""
+
+    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
+        """Atomically check all ``charges`` and apply them all, or none if one enforced
+        charge is denied."""
+        ...
+
+    async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        """Reconcile, refund or release earlier charges (idempotence is not promised)."""
+        ...
+
+    async def now(self) -> float:
+        """The store's clock, seconds since the epoch."""
+        ...
+
+    async def hll_add(self, key: str, members: Sequence[str], ttl: float) -> int:
+        """Add members to a HyperLogLog (TTL refreshed) and return its estimated cardinality."""
+        ...
+
+    async def hll_count(self, key: str) -> int:
+        """Estimated cardinality of a HyperLogLog (0 if absent)."""
+        ...
+
+    async def window_add(self, key: str, amount: int, window: float) -> int:
+        """Add to a sliding-window counter and return its sum over the last ``window`` seconds
+        (same bucketing and precision as quota windows)."""
+        ...
+
+    async def decay_add(self, key: str, amount: float, half_life: float) -> float:
+        """Add to an exponentially decaying counter and return its current value."""
+        ...
+
+    async def set_if_absent(self, key: str, ttl: float) -> bool:
+        """Set ``key`` for ``ttl`` seconds if absent; True if this call set it (replay guard)."""
+        ...
+
+    async def ping(self) -> bool:
+        """True if the store answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+        ...
+
+
+def state_from_ms(allowed: bool, limit: int, remaining: int, reset_ms: int, retry_ms: int) -> LimitState:
+    """Build a :class:`LimitState` from the integer milliseconds both backends compute."""
+    retry = math.inf if retry_ms < 0 else retry_ms / 1000.0
+    return LimitState(allowed, limit, max(0, remaining), max(0, reset_ms) / 1000.0,
+                      0.0 if allowed else retry)

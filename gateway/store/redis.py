@@ -1,0 +1,261 @@
+"""``RedisStore``: quota and risk state in Redis or Redis Cluster, through server-side Lua.
+
+* Scripts are addressed by SHA1 (EVALSHA); on NOSCRIPT (after a restart, failover or
+  ``SCRIPT FLUSH``) the script is loaded with SCRIPT LOAD (all primaries in a Cluster) and the
+  call is retried once.
+* Keys are ``<prefix>{<identity>}``: the hash tag is the whole identity, so one limit lives in
+  one slot. A request's limits may span slots; in a Cluster they are charged per slot
+  concurrently and, if one slot denies, the slots that admitted are refunded (compensation).
+  See ``docs/quotas.md`` for the bound this gives.
+* Every public call runs under a deadline (default 50 ms); any failure becomes ``StoreError``.
+* Client-side retries are disabled: re-sending a charge after an ambiguous connection error
+  could charge twice; the circuit breaker and failure modes deal with errors instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from gateway.store.base import (
+    Adjustment,
+    Algorithm,
+    Charge,
+    ChargeResult,
+    LimitState,
+    Receipt,
+    StoreError,
+    state_from_ms,
+)
+
+T = TypeVar("T")
+RedisClient = Redis | RedisCluster
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    body: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        body = resources.files("gateway.store").joinpath("lua", name).read_text("utf-8")
+        return cls(body, hashlib.sha1(body.encode()).hexdigest())
+
+
+@dataclass(slots=True)
+class RedisStoreStats:
+    """Counters worth exporting: cluster compensations and NOSCRIPT reloads."""
+
+    compensations: int = 0
+    compensation_failures: int = 0
+    script_reloads: int = 0
+
+
+class RedisStore:
+    """:class:`~gateway.store.base.Store` on a ``redis.asyncio`` ``Redis`` or ``RedisCluster``."""
+
+    def __init__(self, client: RedisClient, *, prefix: str = "tg:", deadline: float = 0.05) -> None:
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._prefix = prefix
+        self._deadline = deadline
+        self._charge = _Script.load("charge.lua")
+        self._adjust = _Script.load("adjust.lua")
+        self._signals = _Script.load("signals.lua")
+        self.stats = RedisStoreStats()
+
+    @classmethod
+    def from_url(cls, url: str | Sequence[str], *, cluster: bool = False, prefix: str = "tg:",
+                 deadline: float = 0.05, max_connections: int = 256) -> RedisStore:
+        """Single Redis from one URL, or a Cluster from one or more startup-node URLs."""
+        urls = [url] if isinstance(url, str) else list(url)
+        no_retry = Retry(NoBackoff(), 0)
+        client: RedisClient
+        if cluster:
+            from redis.asyncio.cluster import ClusterNode
+
+            nodes = [ClusterNode(*_host_port(u)) for u in urls]
+            client = RedisCluster(startup_nodes=nodes, retry=no_retry, max_connections=max_connections,
+                                  socket_connect_timeout=max(deadline, 0.5))
+        else:
+            client = Redis.from_url(urls[0], retry=no_retry, max_connections=max_connections,
+                                    socket_connect_timeout=max(deadline, 0.5))
+        return cls(client, prefix=prefix, deadline=deadline)
+
+    @property
+    def client(self) -> RedisClient:
+        return self._client
+
+    def key(self, key: str) -> str:
+        """The Redis key of a logical key (prefix + hash tag over the whole identity)."""
+        return f"{self._prefix}{{{key}}}"
+
+    # ---- plumbing -----------------------------------------------------------------------
+    async def _guard(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
+        try:
+            async with asyncio.timeout(self._deadline if deadline is None else deadline):
+                return await fn()
+        except TimeoutError as exc:
+            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise StoreError(f"store error: {exc}") from exc
+
+    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.stats.script_reloads += 1
+            await self._client.script_load(script.body)
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    # ---- quota --------------------------------------------------------------------------
+    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
+        if not charges:
+            return ChargeResult(True, await self.now(), (), ())
+        groups = self._groups([c.key for c in charges])
+        if len(groups) == 1:
+            return await self._guard(lambda: self._charge_group(charges))
+        return await self._guard(lambda: self._charge_slots(charges, groups))
+
+    def _groups(self, keys: Sequence[str]) -> list[list[int]]:
+        if not self._cluster:
+            return [list(range(len(keys)))]
+        by_slot: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_slot.setdefault(key_slot(self.key(key).encode()), []).append(i)
+        return list(by_slot.values())
+
+    async def _charge_group(self, charges: Sequence[Charge]) -> ChargeResult:
+        return (await self._charge_group_idle(charges))[0]
+
+    async def _charge_group_idle(self, charges: Sequence[Charge]
+                                 ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
+        """One EVALSHA for charges in one slot; also returns the states as if not applied."""
+        args: list[str | int] = []
+        for c in charges:
+            param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
+            args += [c.algorithm.value, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
+        raw = await self._eval(self._charge, [self.key(c.key) for c in charges], args)
+        allowed, now_ms = bool(int(raw[0])), int(raw[1])
+        states: list[LimitState] = []
+        idle: list[LimitState] = []
+        receipts: list[Receipt] = []
+        for i, c in enumerate(charges):
+            ok, remaining, reset, retry, bucket, idle_rem, idle_reset = (
+                int(x) for x in raw[2 + 7 * i: 9 + 7 * i])
+            states.append(state_from_ms(bool(ok), c.limit, remaining, reset, retry))
+            idle.append(state_from_ms(bool(ok), c.limit, idle_rem, idle_reset, retry))
+            receipts.append(Receipt(c, bucket, allowed and bool(ok)))
+        return ChargeResult(allowed, now_ms / 1000.0, tuple(states), tuple(receipts)), tuple(idle)
+
+    async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
+        """Charge each slot's group concurrently (one round-trip time); if any group denies,
+        refund what the admitting groups applied so the request charges nothing."""
+        parts = await asyncio.gather(
+            *(self._charge_group_idle([charges[i] for i in g]) for g in groups), return_exceptions=True)
+        done = [p for p in parts if isinstance(p, tuple)]
+        failed = next((p for p in parts if isinstance(p, BaseException)), None)
+        allowed = failed is None and all(p[0].allowed for p in done)
+        if not allowed:
+            await self._compensate([r for p in done for r in p[0].receipts if r.applied])
+        if failed is not None:
+            raise failed
+        states: list[LimitState | None] = [None] * len(charges)
+        receipts: list[Receipt | None] = [None] * len(charges)
+        for group, (part, idle) in zip(groups, done, strict=True):
+            shown = part.states if allowed else idle  # refunded: report what is really left
+            for i, state, receipt in zip(group, shown, part.receipts, strict=True):
+                states[i] = state
+                receipts[i] = receipt if allowed else Receipt(receipt.charge, receipt.bucket_ms, False)
+        return ChargeResult(allowed, min(p[0].now for p in done),
+                            tuple(s for s in states if s is not None),
+                            tuple(r for r in receipts if r is not None))
+
+    async def _compensate(self, receipts: Sequence[Receipt]) -> None:
+        if not receipts:
+            return
+        self.stats.compensations += 1
+        refunds = [Adjustment(r, -r.charge.cost) for r in receipts]
+        try:
+            # Own deadline: the charge may have used most of the request's; a failed refund only
+            # under-admits until the charged window/TAT/lease expires.
+            await self._guard(lambda: self._adjust_all(refunds), self._deadline)
+        except StoreError:
+            self.stats.compensation_failures += 1
+
+    async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
+        if todo:
+            await self._guard(lambda: self._adjust_all(todo))
+
+    async def _adjust_all(self, adjustments: Sequence[Adjustment]) -> None:
+        groups = self._groups([a.receipt.charge.key for a in adjustments])
+        await asyncio.gather(*(self._adjust_group([adjustments[i] for i in g]) for g in groups))
+
+    async def _adjust_group(self, adjustments: Sequence[Adjustment]) -> None:
+        args: list[str | int] = []
+        for a in adjustments:
+            c = a.receipt.charge
+            ref = c.lease_id if c.algorithm is Algorithm.LEASE else str(a.receipt.bucket_ms)
+            args += [c.algorithm.value, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
+        await self._eval(self._adjust, [self.key(a.receipt.charge.key) for a in adjustments], args)
+
+    async def now(self) -> float:
+        async def call() -> float:
+            sec, usec = await self._client.time()
+            return int(sec) + int(usec) / 1e6
+        return await self._guard(call)
+
+    # ---- risk primitives ----------------------------------------------------------------
+    async def hll_add(self, key: str, members: Sequence[str], ttl: float) -> int:
+        args: list[str | int] = ["h", max(1, math.ceil(ttl * 1000)), *members]
+        return int(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
+
+    async def hll_count(self, key: str) -> int:
+        async def call() -> int:
+            return int(await self._client.pfcount(self.key(key)))
+        return await self._guard(call)
+
+    async def window_add(self, key: str, amount: int, window: float) -> int:
+        period = max(1, math.ceil(window * 1000))
+        c = Charge(key, Algorithm.WINDOW, 1, period, 0)
+        args: list[str | int] = ["w", period, c.bucket_ms, amount]
+        return int(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
+
+    async def decay_add(self, key: str, amount: float, half_life: float) -> float:
+        args: list[str | int] = ["d", repr(max(1.0, half_life * 1000)), repr(float(amount))]
+        return float(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
+
+    async def set_if_absent(self, key: str, ttl: float) -> bool:
+        async def call() -> bool:
+            ms = max(1, math.ceil(ttl * 1000))
+            return bool(await self._client.set(self.key(key), b"1", nx=True, px=ms))
+        return await self._guard(call)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._guard(lambda: self._client.ping()))
+        except StoreError:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """``redis://host:port`` or ``host:port`` → (host, port)."""
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    return (host or "localhost").strip("[]"), int(port or 6379)

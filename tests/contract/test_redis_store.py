@@ -1,0 +1,166 @@
+"""Redis-only behaviour: scripts, server time, deadlines, faults, cluster slots, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis.crc import key_slot
+
+from gateway.quota.limits import LimitKind
+from gateway.quota.settings import QuotaSettings
+from gateway.quota.stage import QuotaStage
+from gateway.store.base import Algorithm, Charge, StoreError
+from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
+from gateway.store.redis import RedisStore
+from tests.support.quota_ctx import limit, make_ctx, quota
+from tests.support.redis_servers import RedisServer
+
+pytestmark = pytest.mark.redis
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gcra(key: str, n: int = 1, period_ms: int = 10_000) -> Charge:
+    return Charge(key, Algorithm.GCRA, n, period_ms, 1, burst=n)
+
+
+def window(key: str, n: int, cost: int = 1) -> Charge:
+    return Charge(key, Algorithm.WINDOW, n, 60_000, cost)
+
+
+async def test_script_flush_mid_run(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
+    assert (await store.charge([window("sf", 3)])).allowed
+    await store.client.script_flush()  # as after a restart or failover: every SHA is unknown
+    assert (await store.charge([window("sf", 3)])).allowed
+    await store.client.script_flush()
+    assert (await store.charge([window("sf", 3), gcra("sf2")])).allowed
+    third = await store.charge([window("sf", 3)])
+    assert not third.allowed  # state survived: 3 of 3 used
+    assert store.stats.script_reloads >= 2
+
+
+async def test_skewed_client_clocks_do_not_matter(redis_store: RedisStore, redis_server: RedisServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas whose clocks disagree by hours share one limit and one time (Redis TIME)."""
+    other = RedisStore.from_url(redis_server.url, deadline=2.0)
+    real = time.time
+    try:
+        first = await redis_store.charge([gcra("skew")])
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this replica runs an hour ahead
+        ahead = await other.charge([gcra("skew")])
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)  # and this one an hour behind
+        behind = await redis_store.charge([gcra("skew")])
+    finally:
+        await other.close()
+    assert first.allowed and not ahead.allowed and not behind.allowed
+    assert abs(ahead.now - first.now) < 1 and abs(behind.now - first.now) < 1
+    assert 9 < ahead.states[0].retry_after <= 10 and 9 < behind.states[0].retry_after <= 10
+
+
+async def test_every_call_has_a_deadline(redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    store = RedisStore.from_url(server.url, deadline=0.05)
+    try:
+        assert await store.ping()
+        subprocess.run(["redis-cli", "-p", str(server.port), "client", "pause", "500", "all"], check=True,
+                       capture_output=True)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="deadline of 50 ms"):
+            await store.charge([gcra("slow")])
+        assert time.monotonic() - started < 0.3
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+async def test_redis_killed_and_restarted_mid_load(
+        mode: FailureMode, redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    settings = QuotaSettings(backend="redis", deadline=0.2, on_store_failure=mode, replicas=2,
+                             breaker=BreakerSettings(failures=2, reset_after=0.3))
+    store = RedisStore.from_url(server.url, deadline=0.2)
+    stage = QuotaStage(store, settings)
+    action = quota("r1", limit("rpm", LimitKind.REQUESTS, 20, 3600, burst=20))
+
+    async def one() -> tuple[int, str]:
+        ctx = make_ctx(action)
+        decision = await stage(ctx)
+        await stage.settle(ctx)
+        return (decision.status if decision else 200), ctx.audit["quota"]["backend"]
+
+    try:
+        healthy = await asyncio.gather(*(one() for _ in range(5)))
+        assert healthy == [(200, "store")] * 5
+        server.kill()
+        outage = [await one() for _ in range(30)]  # one at a time: the breaker opens, then fails fast
+        statuses = [s for s, _ in outage]
+        if mode is FailureMode.OPEN:
+            assert statuses == [200] * 30 and {b for _, b in outage} == {"none"}
+        elif mode is FailureMode.CLOSED:
+            assert statuses == [503] * 30
+        else:  # this replica's share: 20 / 2 replicas
+            assert statuses.count(200) == 10 and statuses.count(429) == 20
+            assert {b for _, b in outage} == {"local"}
+        assert stage.guard.stats.breaker_state is BreakerState.OPEN
+        assert stage.guard.stats.short_circuited > 0
+        assert stage.guard.stats.fallbacks[mode.value] == 30
+        server.restart()
+        deadline = time.monotonic() + 10
+        while True:  # half-open probes until one succeeds
+            status, backend = await one()
+            if backend == "store":
+                break
+            assert time.monotonic() < deadline, "breaker did not recover"
+            await asyncio.sleep(0.05)
+        assert status == 200 and stage.guard.stats.breaker_state is BreakerState.CLOSED
+    finally:
+        await stage.guard.close()
+
+
+@pytest.mark.cluster
+async def test_cluster_cross_slot_over_admission_bound(cluster_store: RedisStore) -> None:
+    """Limits in different slots are charged per slot and compensated: never over-admits, and
+    once refunds are done every counter equals the number admitted (nothing leaks)."""
+    a, b = "xs-a", "xs-b"
+    assert key_slot(cluster_store.key(a).encode()) != key_slot(cluster_store.key(b).encode())
+    results = await asyncio.gather(*(cluster_store.charge([window(a, 20), window(b, 10)])
+                                     for _ in range(100)))
+    admitted = sum(r.allowed for r in results)
+    assert 1 <= admitted <= 10
+    used_a = 20 - (await cluster_store.charge([window(a, 20, 0)])).states[0].remaining
+    used_b = 10 - (await cluster_store.charge([window(b, 10, 0)])).states[0].remaining
+    assert used_a == admitted and used_b == admitted
+    assert cluster_store.stats.compensations > 0 and cluster_store.stats.compensation_failures == 0
+    later = [await cluster_store.charge([window(a, 20), window(b, 10)]) for _ in range(20)]
+    assert admitted + sum(r.allowed for r in later) == 10  # spurious denials were transient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["g", "w", "l"])
+async def test_processes_sharing_one_redis_admit_exactly_n(algo: str, redis_server: RedisServer,
+                                                           redis_store: RedisStore) -> None:
+    """4 processes × 125 concurrent requests = 500 against a limit of 37 on one key."""
+    workers, per_worker, n = 4, 125, 37
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.support.load_worker", redis_server.url, f"mp-{algo}", algo,
+         str(n), str(per_worker)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        counts = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert sum(counts) == n

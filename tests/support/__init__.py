@@ -1,0 +1,1 @@
+"""Test helpers shared across test folders (real servers, no mocks of our own stack)."""

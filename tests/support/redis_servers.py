@@ -1,0 +1,155 @@
+"""Start real ``redis-server`` processes (single and a 3-master cluster) for tests.
+
+Servers run with persistence off in a temporary directory, on free ports, and can be killed and
+restarted on the same port for fault tests. Without a ``redis-server`` binary the tests skip,
+unless ``GATEWAY_REQUIRE_REDIS=1`` (CI), where a missing binary is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+def require_redis(*binaries: str) -> None:
+    """Skip (or fail under GATEWAY_REQUIRE_REDIS=1) when a binary is missing."""
+    for binary in binaries or ("redis-server",):
+        if shutil.which(binary) is None:
+            reason = f"{binary} not found on PATH"
+            if os.environ.get("GATEWAY_REQUIRE_REDIS") == "1":
+                pytest.fail(f"{reason} and GATEWAY_REQUIRE_REDIS=1")
+            pytest.skip(reason)
+
+
+def free_port(bus: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (and port + 10000 free too, for a cluster bus)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not bus:
+            return port
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """One redis-server process; ``kill``/``restart`` keep the port (state is lost)."""
+
+    workdir: Path
+    port: int = 0
+    extra: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
+             *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not _ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_server(workdir: Path) -> RedisServer:
+    require_redis()
+    server = RedisServer(workdir, free_port())
+    server.start()
+    return server
+
+
+@dataclass
+class RedisClusterServers:
+    """Three masters, no replicas, slots split by ``redis-cli --cluster create``."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisClusterServers:
+    require_redis("redis-server", "redis-cli")
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(masters):
+            port = free_port(bus=True)
+            node = RedisServer(workdir / f"node{i}", port, (
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "2000"))
+            node.start()
+            nodes.append(node)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            while b"cluster_state:ok" not in subprocess.run(
+                    ["redis-cli", "-p", str(node.port), "cluster", "info"],
+                    capture_output=True, timeout=5).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis cluster did not become ready")
+                time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisClusterServers(nodes)

@@ -1,0 +1,179 @@
+"""QuotaStage with a real MemoryStore on a fake clock, and hand-built contexts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gateway.quota.limits import LimitKind
+from gateway.quota.settings import Price, QuotaSettings
+from gateway.quota.stage import QuotaStage
+from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+from tests.support.clock import FakeClock
+from tests.support.quota_ctx import limit, make_ctx, quota
+from tests.support.redis_servers import free_port
+
+SETTINGS = QuotaSettings(default_output_tokens=1000, prices=(("gpt-4o", Price(2.5, 10.0)),))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def stage(clock: FakeClock) -> QuotaStage:
+    return QuotaStage(MemoryStore(clock), SETTINGS, clock)
+
+
+async def test_no_quota_actions_is_a_no_op(stage: QuotaStage) -> None:
+    ctx = make_ctx()
+    assert await stage(ctx) is None and ctx.response_headers == {}
+    await stage.settle(ctx)
+
+
+async def test_allows_then_429_with_retry_after_and_headers(stage: QuotaStage, clock: FakeClock) -> None:
+    action = quota("r1", limit("rpm", LimitKind.REQUESTS, 60, 60, burst=2))
+    first, second, third = make_ctx(action), make_ctx(action), make_ctx(action)
+    assert await stage(first) is None and await stage(second) is None
+    assert first.response_headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.response_headers["RateLimit"] == '"rpm";r=0;t=2'
+    decision = await stage(third)
+    assert decision is not None and decision.status == 429 and decision.error_type == "rate_limit"
+    assert decision.code == "rate_limit_exceeded" and decision.rule_id == "r1" and decision.retryable
+    assert decision.headers["Retry-After"] == "1" and decision.headers["retry-after-ms"] == "1000"
+    assert decision.message == ("Rate limit exceeded: limit 'rpm' of rule 'r1' allows 60 requests "
+                                "per 1m. Retry after 1 seconds.")
+    assert third.audit["quota"]["denied"] == ["r1/rpm"]
+    clock.advance(1.0)
+    fourth = make_ctx(action)
+    assert await stage(fourth) is None
+    for ctx in (first, second, third, fourth):
+        await stage.settle(ctx)
+    assert stage.pending == 0
+
+
+async def test_tokens_reserved_then_reconciled(stage: QuotaStage) -> None:
+    action = quota("r1", limit("itpm", LimitKind.INPUT_TOKENS, 1000, 60),
+                   limit("otpm", LimitKind.OUTPUT_TOKENS, 5000, 60))
+    ctx = make_ctx(action, input_tokens=300, max_tokens=None, n=2)
+    assert await stage(ctx) is None
+    assert ctx.response_headers["anthropic-ratelimit-input-tokens-remaining"] == "700"
+    assert ctx.response_headers["anthropic-ratelimit-output-tokens-remaining"] == "3000"  # 1000 × n=2
+    ctx.upstream_started = time.perf_counter()
+    ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 120, 80, True
+    await stage.settle(ctx)
+    probe = make_ctx(action, input_tokens=0, max_tokens=1)
+    assert await stage(probe) is None
+    assert probe.response_headers["anthropic-ratelimit-input-tokens-remaining"] == "880"
+    assert probe.response_headers["anthropic-ratelimit-output-tokens-remaining"] == "4919"
+
+
+async def test_abandoned_stream_pays_for_what_was_produced(stage: QuotaStage) -> None:
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
+    ctx = make_ctx(action, input_tokens=100, max_tokens=4000)
+    assert await stage(ctx) is None
+    ctx.upstream_started = time.perf_counter()
+    ctx.usage.output_tokens = 37  # streamed so far; no final usage: the client went away
+    ctx.client_disconnected = True
+    await stage.settle(ctx)
+    assert ctx.audit["quota"]["settled"] == {"input_tokens": 100, "output_tokens": 37}
+    probe = make_ctx(action, input_tokens=0, max_tokens=1)
+    await stage(probe)
+    assert probe.response_headers["x-ratelimit-remaining-tokens"] == str(10_000 - 137 - 1)
+
+
+async def test_request_that_never_reached_the_upstream_is_refunded(stage: QuotaStage) -> None:
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
+    ctx = make_ctx(action, input_tokens=100, max_tokens=4000)
+    assert await stage(ctx) is None
+    await stage.settle(ctx)  # e.g. a later stage denied it
+    probe = make_ctx(action, input_tokens=0, max_tokens=1)
+    await stage(probe)
+    assert probe.response_headers["x-ratelimit-remaining-tokens"] == "9999"
+
+
+async def test_spend_is_priced_per_model(stage: QuotaStage) -> None:
+    action = quota("r1", limit("usd", LimitKind.SPEND, 1_000_000, 86400))  # $1/day
+    ctx = make_ctx(action, input_tokens=1000, max_tokens=500)
+    assert await stage(ctx) is None
+    # 1000 × $2.5/M + 500 × $10/M = $0.0075 = 7500 micro-USD; it stops counting one day plus
+    # at most one bucket (1/30 day) later: t = 86400 + 2880 - (offset of now in its bucket)
+    assert ctx.response_headers["RateLimit"] == '"usd";r=992500;t=87040'
+
+
+async def test_concurrency_lease_released_on_settle(stage: QuotaStage) -> None:
+    action = quota("r1", limit("conc", LimitKind.CONCURRENCY, 1))
+    first, second = make_ctx(action), make_ctx(action)
+    assert await stage(first) is None
+    decision = await stage(second)
+    assert decision is not None and decision.status == 429
+    await stage.settle(first)
+    assert await stage(make_ctx(action)) is None
+
+
+async def test_shadow_never_denies_but_records(stage: QuotaStage) -> None:
+    action = quota("shadowed", limit("rpm", LimitKind.REQUESTS, 1, 60), shadow=True)
+    ctxs = [make_ctx(action) for _ in range(3)]
+    for ctx in ctxs:
+        assert await stage(ctx) is None
+    assert "would_deny" not in ctxs[0].audit["quota"]
+    assert ctxs[1].audit["quota"]["would_deny"] == ["shadowed/rpm"]
+    assert ctxs[2].response_headers == {}  # shadow limits are not advertised
+
+
+async def test_one_denying_rule_charges_no_other(stage: QuotaStage) -> None:
+    wide = quota("wide", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
+    narrow = quota("narrow", limit("rpm", LimitKind.REQUESTS, 1, 60))
+    assert await stage(make_ctx(wide, narrow, input_tokens=100, max_tokens=100)) is None
+    denied = make_ctx(wide, narrow, input_tokens=100, max_tokens=100)
+    assert (await stage(denied)) is not None
+    assert denied.response_headers["x-ratelimit-remaining-tokens"] == "9800"  # not 9600
+    assert denied.response_headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_request_that_can_never_fit_is_not_retryable(stage: QuotaStage) -> None:
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60))
+    decision = await stage(make_ctx(action, input_tokens=100, max_tokens=4000))
+    assert decision is not None and decision.status == 429 and not decision.retryable
+    assert decision.headers["x-should-retry"] == "false" and "Retry-After" not in decision.headers
+
+
+async def test_changed_numbers_apply_at_once_and_state_survives(stage: QuotaStage) -> None:
+    before = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60))
+    assert await stage(make_ctx(before, input_tokens=300, max_tokens=300)) is None
+    after = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 700, 3600))  # policy reloaded
+    probe = make_ctx(after, input_tokens=0, max_tokens=100)
+    assert await stage(probe) is None
+    assert probe.response_headers["x-ratelimit-remaining-tokens"] == "0"  # 700 - 600 - 100
+    assert await stage(make_ctx(after, input_tokens=0, max_tokens=1)) is not None
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+async def test_failure_modes_with_an_unreachable_store(mode: FailureMode, clock: FakeClock) -> None:
+    monotonic = FakeClock(0.0)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", deadline=0.5)
+    settings = QuotaSettings(replicas=3, on_store_failure=mode,
+                             breaker=BreakerSettings(failures=2, reset_after=5.0))
+    stage = QuotaStage(store, settings, clock, monotonic)
+    action = quota("r1", limit("rpm", LimitKind.REQUESTS, 9, 60, burst=9))
+    statuses = []
+    for _ in range(5):
+        ctx = make_ctx(action)
+        decision = await stage(ctx)
+        statuses.append(decision.status if decision else 200)
+        await stage.settle(ctx)
+    expected = {FailureMode.OPEN: [200] * 5, FailureMode.CLOSED: [503] * 5,
+                FailureMode.LOCAL: [200, 200, 200, 429, 429]}[mode]  # 9 / 3 replicas
+    assert statuses == expected
+    stats = stage.guard.stats
+    assert stats.errors == 2 and stats.short_circuited == 3 and stats.breaker_opened == 1
+    assert stats.fallbacks[mode.value] == 5
+    monotonic.advance(5.0)  # half-open: one probe goes to the store, fails, re-opens
+    await stage(make_ctx(action))
+    assert stats.errors == 3 and stats.breaker_state is BreakerState.OPEN
+    assert stats.snapshot()["breaker_opened"] == 2  # opened, then re-opened after the probe
+    await stage.guard.close()
