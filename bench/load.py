@@ -141,7 +141,7 @@ def _payload(port: int, stream: bool, extra: dict[str, str]) -> bytes:
     headers = {
         "Host": f"127.0.0.1:{port}",
         "Content-Type": "application/json",
-        "Authorization": "Bearer sk-bench",
+        "Authorization": "Bearer tg_bench_key_0001",  # bench/bench-keys.yaml
         "Content-Length": str(len(body)),
         **extra,
     }
@@ -385,10 +385,27 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace) 
 
 
 # -- main --------------------------------------------------------------------------------------
+def _gateway_config(name: str, default: str, redis_url: str | None) -> str:
+    """``gateway`` uses --config; ``gateway:VARIANT`` uses bench/gateway-VARIANT.yaml, with
+    ``{redis_url}`` filled in (the rendered copy sits beside it, git-ignored)."""
+    variant = name.partition(":")[2]
+    if not variant:
+        return default
+    source = ROOT / "bench" / f"gateway-{variant}.yaml"
+    text = source.read_text()
+    if "{redis_url}" not in text:
+        return str(source)
+    if redis_url is None:
+        raise SystemExit(f"{source.name} needs Redis but redis-server could not be started")
+    rendered = source.with_name(f".rendered-{variant}.yaml")
+    rendered.write_text(text.replace("{redis_url}", redis_url))
+    return str(rendered)
+
+
 def _command(name: str, port: int, upstream: str, config: str) -> list[str] | None:
     if name == "passthrough":
         return [PY, "bench/passthrough.py", "--port", str(port), "--upstream", upstream]
-    if name == "gateway":
+    if name.startswith("gateway"):
         return [PY, "-m", "gateway", "run", "--config", config, "--port", str(port), "--upstream", upstream]
     return None
 
@@ -401,6 +418,7 @@ async def main(args: argparse.Namespace) -> int:
     upstream = f"http://127.0.0.1:{up}"
     procs = {"mock": _spawn([PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log")}
     targets: list[Target] = []
+    redis_url: str | None = None
     try:
         if not await _ready(up, 15):
             print("mock upstream did not start; see bench/results/mock.log", file=sys.stderr)
@@ -411,7 +429,13 @@ async def main(args: argparse.Namespace) -> int:
                 targets.append(Target("direct", up, mock_pid))
                 continue
             port = _free_port()
-            cmd = _command(name, port, upstream, args.config)
+            if "redis" in name and redis_url is None:
+                rport = _free_port()
+                procs["redis"] = _spawn(["redis-server", "--port", str(rport), "--save", "", "--appendonly",
+                                         "no"], logs / "redis.log")
+                redis_url = f"redis://127.0.0.1:{rport}/0"
+                await asyncio.sleep(0.3)
+            cmd = _command(name, port, upstream, _gateway_config(name, args.config, redis_url))
             if cmd is None:
                 print(f"unknown target {name!r}", file=sys.stderr)
                 return 2

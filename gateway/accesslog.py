@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from typing import IO, Any
+
+import orjson
 
 from gateway.context import RequestContext
 
@@ -63,7 +64,7 @@ class AccessLog:
             record["client_disconnected"] = True
         if ctx.decision is not None and ctx.decision.rule_id:
             record["rule_id"] = ctx.decision.rule_id
-        line = json.dumps(record, separators=(",", ":"))
+        line = orjson.dumps(record).decode()
         self._buffer.append(line)
         self._size += len(line)
         if self._size >= self._max:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import os
 import sys
 import threading
 from typing import Any, Protocol, TextIO
+
+import orjson
 
 from gateway.context import RequestContext
 
@@ -53,8 +54,8 @@ class _BufferedLineSink:
 
     def emit(self, record: dict[str, Any]) -> None:
         try:
-            line = json.dumps(record, separators=(",", ":"), default=str)
-        except (TypeError, ValueError):
+            line = orjson.dumps(record, default=str).decode()
+        except TypeError:
             self.dropped += 1
             return
         if len(self._lines) >= self._max_buffer:

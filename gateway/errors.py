@@ -7,10 +7,10 @@ OpenAI body ``{"error": {"message", "type", "param", "code"}}`` or the Anthropic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.context import ApiFamily, Decision
@@ -62,17 +62,17 @@ def error_response(api: ApiFamily, decision: Decision, request_id: str,
     if extra_headers:
         headers.update(extra_headers)
     headers.update(decision.headers)
-    body = json.dumps(error_payload(api, decision), separators=(",", ":"))
-    return web.Response(status=decision.status, body=body.encode(), headers=headers,
+    body = orjson.dumps(error_payload(api, decision))
+    return web.Response(status=decision.status, body=body, headers=headers,
                         content_type="application/json")
 
 
 def sse_error_event(api: ApiFamily, decision: Decision) -> bytes:
     """An error as one SSE event, to end a stream that already started."""
-    payload = json.dumps(error_payload(api, decision), separators=(",", ":"))
+    payload = orjson.dumps(error_payload(api, decision))
     if api is ApiFamily.ANTHROPIC:
-        return f"event: error\ndata: {payload}\n\n".encode()
-    return f"data: {payload}\n\n".encode()
+        return b"event: error\ndata: " + payload + b"\n\n"
+    return b"data: " + payload + b"\n\n"
 
 
 def invalid_request(message: str) -> Decision:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway import errors
@@ -31,19 +31,23 @@ def parse_json_body(raw: bytes, content_type: str) -> dict[str, Any] | Decision:
     if not raw:
         return errors.invalid_request("The request body is empty; expected a JSON object.")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return errors.invalid_request(f"The request body is not valid UTF-8 (byte {exc.start}).")
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return errors.invalid_request(
-            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.")
-    except RecursionError:
-        return errors.invalid_request("The request body is nested too deeply.")
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _json_error(raw, exc)
     if not isinstance(body, dict):
         return errors.invalid_request("The request body must be a JSON object.")
     return body
+
+
+def _json_error(raw: bytes, exc: orjson.JSONDecodeError) -> Decision:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return errors.invalid_request(f"The request body is not valid UTF-8 (byte {bad.start}).")
+    if "depth" in exc.msg or "recursion" in exc.msg:
+        return errors.invalid_request("The request body is nested too deeply.")
+    return errors.invalid_request(
+        f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.")
 
 
 async def intake(request: web.Request, ctx: RequestContext, route: RouteSpec, adapter: ApiAdapter,

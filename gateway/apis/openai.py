@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from gateway.apis.base import (
     RequestFieldError,
@@ -31,7 +32,7 @@ _LOGPROB_INCLUDE = "message.output_text.logprobs"
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(obj)
 
 
 def _read_chat_usage(raw: dict[str, Any], usage: Usage) -> None:
@@ -242,7 +243,7 @@ class ResponsesStream:
 
 def _loads(data: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(data)
-    except ValueError:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None

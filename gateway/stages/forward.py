@@ -9,11 +9,11 @@ There is no retry once a byte reached the client.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -67,9 +67,9 @@ class Forwarder:
             return raw or None
         changed = self._adapter.upstream_body(view, ctx.shaping)
         if changed is not None:
-            return json.dumps(changed, separators=(",", ":"), ensure_ascii=False).encode()
+            return orjson.dumps(changed)
         if ctx.body_modified:
-            return json.dumps(view.body, separators=(",", ":"), ensure_ascii=False).encode()
+            return orjson.dumps(view.body)
         return raw
 
     async def __call__(
@@ -121,14 +121,14 @@ class Forwarder:
 
     def _account_body(self, ctx: RequestContext, route: RouteSpec, data: bytes) -> bytes:
         try:
-            parsed: Any = json.loads(data)
-        except ValueError:
+            parsed: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
             return data
         if not isinstance(parsed, dict):
             return data
         self._adapter.usage_from_body(route, parsed, ctx.usage)
         if ctx.shaping.active and self._adapter.shape_body(route, parsed, ctx.shaping):
-            return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+            return orjson.dumps(parsed)
         return data
 
     @staticmethod

@@ -185,7 +185,8 @@ async def test_first_byte_is_not_delayed_by_a_slow_stream(start_gateway) -> None
                 rest = await r.read()
                 total = time.monotonic() - started
     assert first.startswith(b"data: ")
-    assert first_at < 0.15 < total  # relayed as it arrives, not after the whole response
+    # Relayed as it arrives (before the first 200 ms delta delay), not after the whole second.
+    assert total > 0.9 and first_at < total / 3
     assert rest.rstrip().endswith(b"data: [DONE]")
 
 
