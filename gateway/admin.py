@@ -48,6 +48,37 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response({"ready": runtime.ready, **runtime.readiness()})
 
 
+async def _reload(request: web.Request) -> web.Response:
+    """Reload policies, keys and GeoIP databases now; each keeps its last good state on error."""
+    runtime = request.app[RUNTIME]
+    await runtime.features.reload()
+    return web.json_response({"reloaded": True, **runtime.readiness()})
+
+
+async def _explain(request: web.Request) -> web.Response:
+    """POST a test-case style request context (JSON): how the live policy set decides it."""
+    from gateway.policy.explain import explain
+    from gateway.policy.testing import context_from_mapping
+    from gateway.yamlsource import ConfigError
+
+    runtime = request.app[RUNTIME]
+    holder = runtime.features.policy
+    if holder is None:
+        return web.json_response({"error": "no policies configured"}, status=404)
+    try:
+        data = await request.json()
+    except ValueError:
+        return web.json_response({"error": "expected a JSON object"}, status=400)
+    if not isinstance(data, dict):
+        return web.json_response({"error": "expected a JSON object"}, status=400)
+    try:
+        ctx = context_from_mapping(data, "<admin request>")
+    except ConfigError as exc:
+        return web.json_response({"error": "invalid request context", "issues": [str(i) for i in exc.issues]},
+                                 status=400)
+    return web.json_response(explain(holder.current, ctx))
+
+
 def create_admin_app(runtime: Runtime) -> web.Application:
     """Admin routes; features add theirs through ``runtime.features.admin_routes``."""
     app = web.Application()
@@ -56,6 +87,8 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/status", _status)
+    app.router.add_post("/admin/reload", require_admin(_reload))
+    app.router.add_post("/admin/explain", require_admin(_explain))
     for method, path, handler, mutating in runtime.features.admin_routes:
         app.router.add_route(method, path, require_admin(handler) if mutating else handler)
     return app
