@@ -141,7 +141,7 @@ def _payload(port: int, stream: bool, extra: dict[str, str]) -> bytes:
     headers = {
         "Host": f"127.0.0.1:{port}",
         "Content-Type": "application/json",
-        "Authorization": "Bearer tg_bench_key_0001",  # bench/bench-keys.yaml
+        "Authorization": os.environ.get("BENCH_AUTH", "Bearer tg_bench_key_0001"),  # bench/bench-keys.yaml
         "Content-Length": str(len(body)),
         **extra,
     }

@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.accesslog import AccessLog
 from gateway.apis import adapters
-from gateway.context import ApiFamily, Decision
+from gateway.context import ApiFamily
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, request_id_for
 from gateway.settings import Settings, UpstreamSettings
@@ -119,25 +119,9 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
 
 
-@web.middleware
-async def _shape_aiohttp_errors(request: web.Request,
-                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                                ) -> web.StreamResponse:
-    """aiohttp's own HTTP errors (bad request line, body too large...) in the API's shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        decision = Decision(status=exc.status, error_type="invalid_request" if exc.status < 500
-                                   else "api_error", message=exc.reason)
-        return errors.error_response(_guess_family(request), decision,
-                                     request_id_for(request.headers.get("x-request-id")))
-
-
 def create_app(settings: Settings) -> web.Application:
     """The proxy application. Components start in its cleanup context and stop in reverse."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_shape_aiohttp_errors])
+    app = web.Application(client_max_size=settings.max_body_bytes)
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics, access_log=AccessLog(settings.logging.access_log),
                       features=build_features(settings, metrics))
@@ -187,21 +171,23 @@ class _DeferredRouter:
     (upstream sessions, stores); so routes are registered early and bound at start-up."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
+        self._plans: dict[str, RoutePlan] = {}
+        self._pipeline: Pipeline | None = None
 
     def freeze_plans(self, plans: dict[str, RoutePlan], pipeline: Pipeline) -> None:
-        self._handlers = {path: pipeline.handler(plan) for path, plan in plans.items()}
+        self._plans = dict(plans)
+        self._pipeline = pipeline
 
     def dispatcher(self, path: str, family: ApiFamily,
                    method: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         refuse_method = _method_not_allowed(family)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
-            handler = self._handlers.get(path)
-            if handler is None:  # route disabled in config, or no upstream serves its family
+            plan = self._plans.get(path)
+            if plan is None or self._pipeline is None:  # route disabled, or no upstream for its family
                 return await _unknown_route(request)
             if request.method != method:
                 return await refuse_method(request)
-            return await handler(request)
+            return await self._pipeline.handle(request, plan)
 
         return dispatch

@@ -91,12 +91,6 @@ class Pipeline:
         self._audit = audit
         self._audit_builder = audit_builder
 
-    def handler(self, plan: RoutePlan) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.handle(request, plan)
-
-        return handle
-
     async def handle(self, request: web.Request, plan: RoutePlan) -> web.StreamResponse:
         route = plan.route
         ctx = RequestContext(
@@ -112,6 +106,10 @@ class Pipeline:
         except asyncio.CancelledError:
             ctx.client_disconnected = True
             raise
+        except web.HTTPException as exc:  # aiohttp's own refusals, in the API's shape
+            kind = "invalid_request" if exc.status < 500 else "api_error"
+            response = self._refuse(ctx, Decision(status=exc.status, error_type=kind, message=exc.reason))
+            return response
         except Exception:  # never a stack trace to the client: an error in the API's shape
             log.exception("unhandled error in request %s", ctx.request_id)
             response = self._refuse(ctx, errors.internal_error())
