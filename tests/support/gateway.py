@@ -32,6 +32,19 @@ class RunningGateway:
             return []
         return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
 
+    async def audit_records(self) -> list[dict[str, object]]:
+        """Flush the audit sink (it buffers) and read the JSONL audit log, oldest first."""
+        import json
+
+        target = self.runtime.settings.logging.audit_log
+        sink = self.runtime.features.audit_sink
+        assert target not in (None, "-") and sink is not None, "the audit log is not a file"
+        await sink.flush()  # type: ignore[attr-defined]
+        path = Path(target)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
 
 CLIENT_KEY = "tg_test_client_key_0001"
 CLIENT_ACCOUNT = "acct-1"
@@ -52,17 +65,22 @@ def write_keys_file(tmp: Path, keys: dict[str, dict[str, object]] | None = None)
     return path
 
 
-def gateway_yaml(upstream_url: str, tmp: Path, extra: str = "", upstream_extra: str = "") -> str:
-    identity = f"identity: {{keys_file: {write_keys_file(tmp)}}}\n"
+def gateway_yaml(upstream_url: str, tmp: Path, extra: str = "", upstream_extra: str = "",
+                 audit_log: Path | None = None) -> str:
+    # Only write the default keys file when the caller brings no identity section: it would
+    # overwrite a keys file the caller wrote to the same default path.
+    identity = "" if "identity:" in extra else f"identity: {{keys_file: {write_keys_file(tmp)}}}\n"
     upstream_lines = textwrap.indent(textwrap.dedent(upstream_extra).strip(), " " * 4)
     return (
         "listen: {host: 127.0.0.1, port: 0}\n"
-        "admin: {enabled: false}\n"
-        "upstreams:\n"
+        + ("admin: {enabled: false}\n" if "admin:" not in extra else "")
+        + "upstreams:\n"
         "  - name: mock\n"
         f"    base_url: {upstream_url}\n" + (upstream_lines + "\n" if upstream_lines else "") + "logging:\n"
         f"  access_log: {tmp / 'access.jsonl'}\n"
-        "  audit_log: null\n" + (identity if "identity:" not in extra else "") + textwrap.dedent(extra)
+        f"  audit_log: {audit_log or 'null'}\n"
+        + identity
+        + textwrap.dedent(extra)
     )
 
 
