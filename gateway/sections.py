@@ -12,12 +12,14 @@ def section_parsers() -> dict[str, Callable[[Node | None], Any]]:
     """Config section name → parser of that section (given None when the section is absent)."""
     from gateway.geo.config import parse_geoip_config
     from gateway.identity.config import parse_identity_config
+    from gateway.risk.settings import parse_risk_settings
     from gateway.stages.client_ip import parse_client_ip_config
 
     return {
         "identity": parse_identity_config,
         "client_ip": parse_client_ip_config,
         "geoip": parse_geoip_config,
+        "risk": parse_risk_settings,
     }
 
 

@@ -35,6 +35,7 @@ class Features:
     reloaders: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     policy: Any = None  # the PolicyHolder, when policies are configured
     store: Any = None  # the shared-state Store (memory or Redis)
+    signals: Any = None  # the risk SignalStore (memory or Redis)
 
     async def start(self) -> None:
         for start in self.starters:
@@ -60,10 +61,18 @@ def check_deployment(settings: Settings) -> None:
     """Refuse configurations that would silently misbehave (raises ConfigError)."""
     from gateway.quota import check_workers
 
+    problems: list[str] = []
     if settings.quota is not None:
         message = check_workers(settings.quota, settings.workers)
         if message:
-            raise ConfigError([Issue(Mark(settings.source, 1, 1), "workers", message)])
+            problems.append(message)
+    risk = settings.sections.get("risk")
+    if settings.workers > 1 and risk is not None and risk.enabled and risk.store.backend == "memory":
+        problems.append(f"--workers {settings.workers} with risk.store.backend: memory would give each "
+                        "worker its own risk signals and challenge replay set; configure "
+                        "risk.store.backend: redis")
+    if problems:
+        raise ConfigError([Issue(Mark(settings.source, 1, 1), "workers", p) for p in problems])
 
 
 def _audit_sink(target: str | None) -> AuditSink | None:
@@ -133,6 +142,36 @@ def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> Non
     features.status["policy"] = holder.status
 
 
+def _add_risk(features: Features, settings: Settings) -> None:
+    """Before the policy match: conditions read ``risk.*``."""
+    from gateway.risk.settings import RiskSettings
+    from gateway.stages.risk import RiskStage, create_signal_store
+
+    risk_settings = settings.sections.get("risk") or RiskSettings()
+    if not risk_settings.enabled:
+        return
+    signals = create_signal_store(risk_settings.store)
+    stage = RiskStage(risk_settings, signals)
+    features.stages.append(stage)
+    features.signals = signals
+    features.stoppers.append(stage.close)
+    features.status["risk"] = stage.status
+
+
+def _add_friction(features: Features, settings: Settings) -> None:
+    """After quota: friction decided by the policy (challenges, degrade, tarpit, caps)."""
+    from gateway.friction.state import friction_admin_routes
+    from gateway.risk.settings import RiskSettings
+    from gateway.stages.friction import FrictionStage
+
+    if features.signals is None or features.store is None:
+        return
+    risk_settings = settings.sections.get("risk") or RiskSettings()
+    stage = FrictionStage(features.signals, features.store, risk_settings.challenge)
+    features.stages.append(stage)
+    features.admin_routes.extend(friction_admin_routes(stage.state))
+
+
 def _add_quota(features: Features, settings: Settings) -> None:
     from gateway.quota import QuotaSettings, QuotaStage, create_store
 
@@ -159,8 +198,10 @@ def build_features(settings: Settings, metrics: Metrics) -> Features:
 
     features = Features()
     _add_identity(features, settings)
+    _add_risk(features, settings)
     _add_policy(features, settings, metrics)
     _add_quota(features, settings)
+    _add_friction(features, settings)
     features.audit_sink = _audit_sink(settings.logging.audit_log)
     if features.audit_sink is not None:
         features.audit_builder = build_audit_record

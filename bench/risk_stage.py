@@ -1,0 +1,100 @@
+"""Cost of the risk stage per request (target: p50 <= 200 µs with the memory store).
+
+    .venv/bin/python bench/risk_stage.py [--requests 20000] [--redis redis://127.0.0.1:6379/0]
+
+Requests mix ordinary prompts (../shared/prompts/user-oriented-instructions.jsonl when present)
+and chain-of-thought-wrapped GSM8K questions over 2,000 accounts and 500 addresses; each is timed
+alone (``perf_counter_ns`` around one ``await stage(ctx)``), after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from gateway.context import ApiFamily, Principal, RequestContext, RequestView
+from gateway.risk.settings import RiskSettings
+from gateway.risk.sigstore import MemorySignalStore, SignalStore
+from gateway.stages.risk import RiskStage
+
+PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts"
+TEMPLATE = "Solve the following problem. {q} Let's think step by step and show your work."
+
+
+def _prompts() -> tuple[list[str], list[str]]:
+    users = ["Write a short poem about the sea.", "Summarise this paragraph for a child: the moon is far."]
+    maths = ["A farmer has 12 cows and buys 7 more. How many cows are there?"]
+    user_file, maths_file = PROMPTS / "user-oriented-instructions.jsonl", PROMPTS / "gsm8k-test.jsonl"
+    if user_file.exists():
+        users = []
+        for line in user_file.read_text().splitlines():
+            item = json.loads(line)
+            inst = item["instances"][0]["input"] if item.get("instances") else ""
+            users.append(f"{item['instruction']}\n{inst}".strip())
+    if maths_file.exists():
+        maths = [json.loads(line)["question"] for line in maths_file.read_text().splitlines()]
+    return users, maths
+
+
+def _ctx(rng: random.Random, users: list[str], maths: list[str]) -> RequestContext:
+    if rng.random() < 0.5:
+        text = rng.choice(users)
+    else:
+        text = TEMPLATE.format(q=rng.choice(maths))
+    body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 512}
+    view = RequestView(api=ApiFamily.OPENAI, route="chat.completions", path="/v1/chat/completions",
+                       method="POST", headers={}, body=body, model="m", max_tokens=512)
+    ctx = RequestContext(request_id="r", request=view)
+    ctx.principal = Principal(authenticated=True, account=f"acct{rng.randrange(2000)}", tier="free",
+                              created_at=time.time() - rng.uniform(0, 30) * 86400)
+    host = f"10.{rng.randrange(4)}.{rng.randrange(125)}.{rng.randrange(1, 250)}"
+    ctx.client.ip = ipaddress.ip_address(host)
+    ctx.client.asn = 64500 + rng.randrange(20)
+    return ctx
+
+
+async def run(requests: int, store: SignalStore) -> dict[str, float]:
+    users, maths = _prompts()
+    rng = random.Random(7)
+    stage = RiskStage(RiskSettings(), store)
+    contexts = [_ctx(rng, users, maths) for _ in range(requests + 2000)]
+    for ctx in contexts[:2000]:  # warm-up: fills account and network state
+        await stage(ctx)
+    samples: list[float] = []
+    for ctx in contexts[2000:]:
+        start = time.perf_counter_ns()
+        await stage(ctx)
+        samples.append((time.perf_counter_ns() - start) / 1000.0)
+    samples.sort()
+    return {"p50_us": statistics.median(samples), "p90_us": samples[int(len(samples) * 0.9)],
+            "p99_us": samples[int(len(samples) * 0.99)], "mean_us": statistics.fmean(samples)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--redis", help="also measure with a RedisSignalStore at this URL")
+    args = parser.parse_args()
+    memory = asyncio.run(run(args.requests, MemorySignalStore()))
+    print("memory:", {k: round(v, 1) for k, v in memory.items()})
+    if args.redis:
+        from gateway.risk.redis_sigstore import RedisSignalStore
+
+        async def with_redis() -> dict[str, float]:
+            store = RedisSignalStore.from_url(args.redis, deadline=1.0)
+            try:
+                return await run(args.requests, store)
+            finally:
+                await store.close()
+
+        print("redis:", {k: round(v, 1) for k, v in asyncio.run(with_redis()).items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Friction: policy actions that make distillation expensive (challenges, degrade, tarpit, caps)."""

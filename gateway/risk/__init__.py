@@ -1,0 +1,1 @@
+"""Distillation risk: per-request signals, template fingerprints, shared signal state, scoring."""

@@ -1,0 +1,222 @@
+"""Per-request risk signals: local ones from the request, shared ones from one store batch.
+
+Local (no I/O, see each module for its cost): chain-of-thought patterns
+(:mod:`~gateway.risk.patterns`), request shape (logprobs, logit_bias, ``n`` > 1, reasoning budget
+or ``max_tokens`` at the configured ceiling), single-turn, template fingerprint
+(:mod:`~gateway.risk.fingerprint`).
+
+Shared (one :meth:`SignalStore.batch`, 8-13 operations, one round trip):
+
+| signal | state | cost |
+| --- | --- | --- |
+| ``template_accounts`` | HLL of entities per template candidate per window | 1 op per candidate (≤3) |
+| ``template_rate`` | decaying request count (and evidence sum) per template | 1 op per candidate |
+| ``ip_accounts``, ``prefix_accounts``, ``asn_accounts`` | HLL of entities per ip, /24 or /48, ASN | 3 ops |
+| ``new_accounts`` | HLL of young accounts per prefix | 1 op (young accounts only) |
+| ``velocity``, ``*_share``, ``gap_cv``, ``focus``, ``hours_active``, age | account state | 1 op |
+| cluster evidence per prefix / ASN | decaying (count, evidence) | 2 ops |
+| ``friction_active`` | the account's friction state | 1 op |
+
+An *entity* is the principal's org when it has one, else its account: accounts of one paying
+org sharing a template or a network are one customer, not a hydra.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+
+from gateway.context import RequestContext
+from gateway.risk.extract import extract_prompt
+from gateway.risk.fingerprint import NO_FINGERPRINT, Fingerprint, fingerprint
+from gateway.risk.patterns import PatternSet
+from gateway.risk.settings import RiskSettings
+from gateway.risk.sigstore import AccountState, AccountTouch, BatchResult, DecayAdd, HllAdd, Op, StateGet
+
+# AccountTouch amounts, in this order.
+_REQ, _COT, _SINGLE, _SHAPE = range(4)
+MIN_RATE_WINDOW = 300.0  # seconds: a first request is not an infinite rate
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSignals:
+    cot: float
+    families: tuple[str, ...]
+    shape: float
+    single_turn: bool
+    fingerprint: Fingerprint
+
+    @property
+    def evidence(self) -> float:
+        """What one request says on its own: the cluster evidence it contributes."""
+        return max(self.cot, self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A cluster a request may belong to: accounts sharing a template or a network."""
+
+    cluster_id: str
+    size: int
+    evidence: float  # decayed mean of the per-request evidence of its requests
+
+
+@dataclass(slots=True)
+class Plan:
+    ops: list[Op]
+    templates: list[tuple[int, int, str]]  # (hll op index, decay op index, template id)
+    ip: int | None = None
+    prefix: int | None = None
+    asn: int | None = None
+    new: int | None = None
+    account: int | None = None
+    friction: int | None = None
+    prefix_evidence: tuple[int, str] | None = None
+    asn_evidence: tuple[int, str] | None = None
+
+
+def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSettings,
+                  out: dict[str, float]) -> LocalSignals:
+    view = ctx.request
+    prompt = extract_prompt(view)
+    hit = patterns.match(prompt.combined)
+    flags = {
+        "logprobs": 1.0 if view.logprobs or view.top_logprobs else 0.0,
+        "logit_bias": 1.0 if view.logit_bias else 0.0,
+        "n_gt_1": 1.0 if view.n > 1 else 0.0,
+        "budget_max": 1.0 if (view.reasoning_budget or 0) >= settings.reasoning_budget_ceiling
+        or _effort_high(view.body) else 0.0,
+        "max_tokens_ceiling": 1.0 if (view.max_tokens or 0) >= settings.max_tokens_ceiling else 0.0,
+    }
+    out.update(flags)
+    shape = max(flags.values())
+    single = prompt.user_turns <= 1
+    out["cot"] = hit.strength
+    out["shape"] = shape
+    out["single_turn"] = 1.0 if single else 0.0
+    fp = fingerprint(prompt.system, prompt.user) if prompt.user or prompt.system else NO_FINGERPRINT
+    return LocalSignals(hit.strength, hit.families, shape, single, fp)
+
+
+def _effort_high(body: object) -> bool:
+    if not isinstance(body, dict):
+        return False
+    effort = body.get("reasoning_effort")
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict):
+        effort = reasoning.get("effort", effort)
+    return effort == "high"
+
+
+def _prefix(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    # /24 and /48 are the usual allocation granularity: one customer or one hosting block.
+    return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 48), strict=False))
+
+
+def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Plan:
+    """The store operations for this request (nothing is sent yet)."""
+    principal, client = ctx.principal, ctx.client
+    entity = principal.org or principal.account or (f"ip:{client.ip}" if client.ip else "")
+    window = settings.fan_in_window
+    p = Plan([], [])
+    ops = p.ops
+    evidence = local.evidence
+    if entity:
+        for _kind, tid in local.fingerprint.candidates:
+            ops.append(HllAdd(f"t:{tid}", entity, window))
+            ops.append(DecayAdd(f"tr:{tid}", (1.0, evidence), settings.cluster_half_life))
+            p.templates.append((len(ops) - 2, len(ops) - 1, tid))
+    if client.ip is not None and entity:
+        prefix = _prefix(client.ip)
+        p.ip = len(ops)
+        ops.append(HllAdd(f"ip:{client.ip}", entity, window))
+        p.prefix = len(ops)
+        ops.append(HllAdd(f"p:{prefix}", entity, window))
+        p.prefix_evidence = (len(ops), f"p:{prefix}")
+        ops.append(DecayAdd(f"ce:p:{prefix}", (1.0, evidence), settings.cluster_half_life))
+        created = principal.created_at
+        if created is not None and ctx.wall_time - created < settings.new_account_age:
+            p.new = len(ops)
+            ops.append(HllAdd(f"pn:{prefix}", entity, window))
+        if client.asn is not None:
+            p.asn = len(ops)
+            ops.append(HllAdd(f"asn:{client.asn}", entity, window))
+            p.asn_evidence = (len(ops), f"asn:{client.asn}")
+            ops.append(DecayAdd(f"ce:asn:{client.asn}", (1.0, evidence), settings.cluster_half_life))
+    account = principal.account
+    if account:
+        focus_id = next((tid for kind, tid in reversed(local.fingerprint.candidates)), "")
+        amounts = (1.0, local.cot, 1.0 if local.single_turn else 0.0, local.shape)
+        p.account = len(ops)
+        ops.append(AccountTouch(f"a:{account}", amounts, focus_id, settings.account_half_life,
+                                settings.account_ttl))
+        p.friction = len(ops)
+        ops.append(StateGet(f"fr:{account}"))
+    return p
+
+
+def _mean(pair: tuple[float, ...]) -> float:
+    return pair[1] / pair[0] if pair and pair[0] > 0 else 0.0
+
+
+def read(ctx: RequestContext, p: Plan, result: BatchResult, settings: RiskSettings,
+         out: dict[str, float]) -> tuple[str | None, list[Candidate]]:
+    """Fill ``out`` with the shared signals; return the template id and cluster candidates."""
+    res = result.results
+    candidates: list[Candidate] = []
+    template_id: str | None = None
+    best = 0
+    for hll_i, decay_i, tid in p.templates:
+        count = int(res[hll_i])
+        pair = res[decay_i]
+        if count > best or template_id is None:
+            best, template_id = count, tid
+            out["template_rate"] = pair[0] * math.log(2) / settings.cluster_half_life * 3600.0
+        candidates.append(Candidate(f"t:{tid}", count, _mean(pair)))
+    if template_id is not None:
+        out["template_accounts"] = float(best)
+    for name, index in (("ip_accounts", p.ip), ("prefix_accounts", p.prefix), ("asn_accounts", p.asn),
+                        ("new_accounts", p.new)):
+        if index is not None:
+            out[name] = float(res[index])
+    for evidence, size_index in ((p.prefix_evidence, p.prefix), (p.asn_evidence, p.asn)):
+        if evidence is not None and size_index is not None:
+            candidates.append(Candidate(evidence[1], int(res[size_index]), _mean(res[evidence[0]])))
+    client = ctx.client
+    out["anonymiser"] = 1.0 if (client.is_anonymous or client.is_anonymous_vpn or client.is_tor_exit_node
+                                or client.is_public_proxy or client.is_residential_proxy) else 0.0
+    out["hosting"] = 1.0 if client.is_hosting_provider else 0.0
+    if p.account is not None:
+        _account(ctx, res[p.account], result.now, settings, out)
+    if p.friction is not None and res[p.friction]:
+        out["friction_active"] = 1.0
+    return template_id, candidates
+
+
+def _account(ctx: RequestContext, state: AccountState, now: float, settings: RiskSettings,
+             out: dict[str, float]) -> None:
+    n = state.counts[_REQ]
+    out["requests"] = n
+    # A decayed count with half-life h holds h/ln2 × (1 - 2^(-age/h)) seconds of steady traffic
+    # (the decay kernel integrated over the account's age): young accounts are not under-rated.
+    hl = settings.account_half_life
+    age = max(0.0, now - state.first_seen)
+    window = max(MIN_RATE_WINDOW, hl / math.log(2) * (1.0 - math.pow(2.0, -age / hl)))
+    rate = n / window * 3600.0
+    out["rate_per_hour"] = rate
+    tiers = settings.tier_rates
+    out["velocity"] = rate / tiers.get(ctx.principal.tier or "default", tiers.get("default", 120.0))
+    out["cot_share"] = state.counts[_COT] / n
+    out["single_turn_share"] = state.counts[_SINGLE] / n
+    out["shape_share"] = state.counts[_SHAPE] / n
+    out["gaps"] = float(state.gaps)
+    cv = state.gap_cv
+    if cv is not None and state.gaps >= settings.min_gaps:
+        out["gap_cv"] = cv
+    if n >= 5:
+        out["focus"] = min(1.0, state.top_count / n)
+    out["hours_active"] = float(state.hours.bit_count())
+    created = ctx.principal.created_at
+    first = min(created, state.first_seen) if created is not None else state.first_seen
+    out["account_age_days"] = max(0.0, now - first) / 86400.0
