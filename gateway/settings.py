@@ -148,6 +148,13 @@ def _nullable(node: Node, key: str, default: str | None) -> str | None:
     return child.as_type(str, default)
 
 
+def _resolve(path: str | None, base_dir: Path | None) -> str | None:
+    """A log path relative to the config file's folder ("-" is stdout)."""
+    if path is None or path == "-" or base_dir is None or os.path.isabs(path):
+        return path
+    return str(base_dir / path)
+
+
 def _port(node: Node, key: str, default: int) -> int:
     value = node.get(key, int, default)
     if value is None or not 0 <= value <= 65535:
@@ -163,7 +170,9 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
                      "pool_size", "max_response_bytes"}, required={"base_url"})
     base_url = node.get("base_url", str, "") or ""
     if base_url and not base_url.startswith(("http://", "https://")):
-        node.error(f"expected an http:// or https:// URL, got {base_url!r}", "base_url")
+        url_node = node.child("base_url")
+        assert url_node is not None
+        url_node.error(f"expected an http:// or https:// URL, got {base_url!r}")
     api = node.get("api", str, "auto") or "auto"
     if api not in API_CHOICES:
         node.error(f"expected one of {', '.join(API_CHOICES)}, got {api!r}", "api")
@@ -256,13 +265,14 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             log.error(f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}", "level")
         settings = replace(settings, logging=LogSettings(
-            access_log=_nullable(log, "access_log", "-"),
-            audit_log=_nullable(log, "audit_log", None), level=level,
+            access_log=_resolve(_nullable(log, "access_log", "-"), base_dir),
+            audit_log=_resolve(_nullable(log, "audit_log", None), base_dir), level=level,
             log_prompts=bool(log.get("log_prompts", bool, False))))
     if root.has("workers"):
-        workers = root.get("workers", int, 1) or 1
-        if workers < 1:
+        workers = root.get("workers", int, 1)
+        if workers is None or workers < 1:
             root.error("expected a positive number of worker processes", "workers")
+            workers = 1
         settings = replace(settings, workers=workers)
 
     sections = {name: parse(root.child(name)) for name, parse in parsers.items()}

@@ -1,0 +1,156 @@
+"""The ``gateway`` command as an operator runs it: refusals at start, SIGHUP reload, SIGTERM drain,
+and ``--workers N`` sharing one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.gateway import CLIENT_KEY, write_keys_file
+from tests.support.redis_servers import RedisServer, free_port, start_server
+
+REPO = Path(__file__).resolve().parents[2]
+ALLOW_ALL = "version: 1\nrules:\n  - id: small-n\n    when: {field: request.n, gt: 8}\n    deny: true\n"
+DENY_ALL = (
+    "version: 1\nrules:\n  - id: closed\n    when: {field: request.route, equals: chat.completions}\n"
+    "    deny: true\n"
+)
+
+
+def gateway(*args: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=out)
+
+
+def config(tmp: Path, port: int, extra: str = "") -> Path:
+    (tmp / "pol").mkdir(exist_ok=True)
+    (tmp / "pol" / "rules.yaml").write_text(ALLOW_ALL)
+    path = tmp / "gateway.yaml"
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        "admin: {enabled: false}\n"
+        "mock_upstream: {enabled: true, port: 0}\n"
+        f"identity: {{keys_file: {write_keys_file(tmp)}}}\n"
+        "policies: {dir: pol, watch: false}\n"
+        "logging: {access_log: null, audit_log: audit.jsonl}\n" + extra
+    )
+    return path
+
+
+async def chat(url: str) -> int:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s, s.post(
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+    ) as r:
+        return r.status
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {proc.returncode}")
+            try:
+                async with s.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("gateway did not become ready")
+
+
+def test_invalid_config_is_refused_with_file_line_and_expectation(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen:\n  host: 127.0.0.1\n  prot: 8080\nupstreams:\n  - base_url: ftp://x\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{path}:3:3: listen.prot: unknown key 'prot'; did you mean 'port'?" in proc.stderr
+    assert f"{path}:5:15: upstreams[0].base_url: expected an http:// or https:// URL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_invalid_policy_at_start_exits_non_zero(tmp_path: Path) -> None:
+    path = config(tmp_path, free_port())
+    (tmp_path / "pol" / "rules.yaml").write_text("version: 1\nrules:\n  - id: r\n    when: {feild: x}\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "rules.yaml:4:" in proc.stderr and "feild" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
+    path = config(tmp_path, free_port())
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path), "--workers", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--workers 2 with the memory store" in proc.stderr
+
+
+async def test_sighup_reloads_and_sigterm_drains_with_every_audit_record(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = gateway("run", "--config", str(config(tmp_path, port)), cwd=REPO, log=tmp_path / "gw.log")
+    try:
+        await wait_ready(url, proc)
+        statuses = await asyncio.gather(*(chat(url) for _ in range(20)))
+        assert statuses == [200] * 20
+        (tmp_path / "pol" / "rules.yaml").write_text(DENY_ALL)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while await chat(url) == 200:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policies"
+            await asyncio.sleep(0.05)
+        assert await chat(url) == 403
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    allowed = [r for r in records if r["decision"] == "allow"]
+    denied = [r for r in records if r["decision"] == "deny"]
+    assert len(allowed) >= 20 and len(denied) >= 2  # nothing lost on SIGTERM
+    assert {r["rule_id"] for r in denied} == {"closed"}
+
+
+@pytest.fixture
+def redis_for_workers(tmp_path: Path) -> Iterator[RedisServer]:
+    server = start_server(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.redis
+async def test_workers_share_the_port_and_stop_together(tmp_path: Path,
+                                                        redis_for_workers: RedisServer) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    extra = (f"store: {{backend: redis, redis: {{url: '{redis_for_workers.url}'}}}}\n"
+             f"risk: {{store: {{backend: redis, url: '{redis_for_workers.url}'}}}}\n")
+    proc = gateway("run", "--config", str(config(tmp_path, port, extra)), "--workers", "2", cwd=REPO,
+                   log=tmp_path / "gw.log")
+    try:
+        await wait_ready(url, proc)
+        statuses = await asyncio.gather(*(chat(url) for _ in range(40)))
+        assert statuses == [200] * 40
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,92 @@
+"""Gateway config parsing: every error at once, with file:line:col and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import parse_settings, with_overrides
+from gateway.yamlsource import ConfigError, parse_duration
+
+GOOD = """\
+listen: {host: 0.0.0.0, port: 8081}
+upstreams:
+  - name: oa
+    base_url: https://api.example.com/
+    api: openai
+    api_key_env: OA_KEY
+    read_timeout: 2m
+  - {name: an, base_url: "http://127.0.0.1:9", api: anthropic}
+max_body_bytes: 1MiB
+routes: [chat.completions, messages]
+logging: {access_log: null, audit_log: audit.jsonl, level: warning}
+"""
+
+
+def test_a_good_config_parses_to_typed_settings(tmp_path: Path) -> None:
+    settings = parse_settings(GOOD, "gw.yaml", base_dir=tmp_path)
+    assert settings.listen.port == 8081 and settings.max_body_bytes == 1024 * 1024
+    openai_up = settings.upstream_for("openai")
+    assert openai_up is not None and openai_up.base_url == "https://api.example.com"
+    assert openai_up.read_timeout == 120.0
+    anthropic_up = settings.upstream_for("anthropic")
+    assert anthropic_up is not None and anthropic_up.name == "an"
+    assert settings.routes == ("chat.completions", "messages")
+    assert settings.logging.access_log is None
+    assert settings.logging.audit_log == str(tmp_path / "audit.jsonl")
+    assert settings.logging.level == "WARNING"
+
+
+def test_every_error_is_reported_at_once_with_positions() -> None:
+    text = """\
+listen: {host: 127.0.0.1, port: 99999}
+upstreams:
+  - {base_url: "http://x", api: grpc, read_timout: 5s}
+max_body_bytes: lots
+routes: [chat.completion]
+workers: 0
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "gw.yaml")
+    messages = str(info.value).splitlines()
+    assert messages == [
+        "gw.yaml:1:27: listen.port: expected a port number 0-65535, got 99999",
+        "gw.yaml:3:28: upstreams[0].api: expected one of auto, openai, anthropic, got 'grpc'",
+        "gw.yaml:3:39: upstreams[0].read_timout: unknown key 'read_timout'; did you mean 'read_timeout'?",
+        "gw.yaml:4:17: max_body_bytes: expected a size in bytes such as 4194304 or 4MiB, got 'lots'",
+        "gw.yaml:5:10: routes[0]: unknown route 'chat.completion'; expected one of: chat.completions, "
+        "completions, embeddings, messages, messages.count_tokens, models, responses",
+        "gw.yaml:6:1: workers: expected a positive number of worker processes",
+    ]
+
+
+def test_no_upstream_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no upstream configured"):
+        parse_settings("listen: {port: 1}\n", "gw.yaml")
+
+
+def test_yaml_syntax_errors_carry_their_position() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings("listen: {port: 1\n", "gw.yaml")
+    assert str(info.value).startswith("gw.yaml:2:1: invalid YAML")
+
+
+def test_flags_override_the_file() -> None:
+    settings = with_overrides(parse_settings(GOOD, "gw.yaml"), port=9999, upstream="http://10.0.0.1:80/",
+                              workers=3)
+    assert settings.listen.port == 9999 and settings.workers == 3
+    assert settings.upstreams[0].base_url == "http://10.0.0.1:80"
+    assert not settings.mock_upstream.enabled
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0),
+    ("1mo", 2592000.0), (12, 12.0)])
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["-1s", "soon", "5 parsecs", True, None])
+def test_bad_durations(text: object) -> None:
+    assert parse_duration(text) is None
