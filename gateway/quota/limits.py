@@ -44,12 +44,19 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+_V6_MASK_48 = ((1 << 48) - 1) << 80
+
+
 def _ip_prefix(ctx: RequestContext) -> str | None:
+    """The /24 (IPv4) or /48 (IPv6) network, as ``ipaddress.ip_network(..., strict=False)``
+    prints it, by masking the address as an integer (ip_network re-parses text: ~10x slower)."""
     ip = ctx.client.ip or ctx.client.peer_ip
     if ip is None:
         return None
-    bits = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+    n = int(ip)
+    if ip.version == 4:
+        return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.0/24"
+    return f"{ipaddress.IPv6Address(n & _V6_MASK_48)}/48"
 
 
 def _client_ip(ctx: RequestContext) -> str | None:

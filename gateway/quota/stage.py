@@ -9,38 +9,44 @@ produced; a request that never reached the upstream pays nothing) and releases l
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.context import Decision, RequestContext
 from gateway.policy.registry import MatchedAction
-from gateway.quota.headers import HeaderItem, build_headers
+from gateway.quota.headers import HeaderBuilder, HeaderItem
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.store.base import Adjustment, Charge, Clock, LimitState, Receipt, Store
-from gateway.store.breaker import FailureMode, GuardedCharge, GuardedStore
+from gateway.store.breaker import FailureMode, GuardedStore
+
+# Bound on the per-stage memo of store keys (one entry per rule × limit × key values seen
+# recently); when full the oldest entry goes, so a flood of distinct keys costs a rebuild each.
+KEY_MEMO_ENTRIES = 16384
+
+# One planned charge: (rule id, limit, shadow, failure mode, charge, kind text). A tuple, not a
+# dataclass: one is built per limit per request.
+_Planned = tuple[str, CompiledLimit, bool, FailureMode, Charge, str]
+# What ``settle`` needs: (applied (limit kind, receipt) pairs, backend, input reserved, price).
+_Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Planned:
-    rule_id: str
-    limit: CompiledLimit
-    shadow: bool
-    mode: FailureMode
-    charge: Charge
+class _KeyEntry:
+    """Memo for one (rule, limit, shadow, key values): the store key and the last charge built
+    for it, reused while its cost is unchanged (always, for request rates: cost 1)."""
 
+    __slots__ = ("algorithm", "charge", "key", "kind", "limit", "period_ms")
 
-@dataclass(frozen=True, slots=True)
-class _Ticket:
-    """What ``settle`` needs: applied receipts and what was reserved."""
-
-    applied: tuple[tuple[_Planned, Receipt], ...]
-    backend: str
-    input_reserved: int
-    price: Price | None
+    def __init__(self, limit: CompiledLimit, key: str, period_ms: int) -> None:
+        self.limit = limit  # also pins id(limit), part of the memo key, while the entry lives
+        self.key = key
+        self.period_ms = period_ms
+        self.kind = limit.kind.value
+        self.algorithm = limit.kind.algorithm
+        self.charge: Charge | None = None
 
 
 def cost_of(kind: LimitKind, input_tokens: int, output_tokens: int, price: Price | None) -> int:
@@ -68,6 +74,12 @@ class QuotaStage:
         # Tickets keyed by id(ctx): RequestContext is slotted and has no field for stage state;
         # the pipeline holds ctx until settle() pops its ticket, so ids cannot be reused meanwhile.
         self._pending: dict[int, _Ticket] = {}
+        self._keys: dict[tuple[str, int, bool, tuple[str | None, ...]], _KeyEntry] = {}
+        self._headers = HeaderBuilder()
+        # Lease ids: unique per request across replicas without a uuid4 per request.
+        self._lease_nonce = os.urandom(6).hex()
+        self._lease_seq = itertools.count(1)
+        self._prices: dict[str | None, Price | None] = {}  # settings.price_for, memoised per model
 
     @property
     def pending(self) -> int:
@@ -75,16 +87,19 @@ class QuotaStage:
         return len(self._pending)
 
     async def __call__(self, ctx: RequestContext) -> Decision | None:
-        actions = [a for a in getattr(ctx.outcome, "actions", None) or ()
+        matched = getattr(ctx.outcome, "actions", None)
+        if not matched:
+            return None
+        actions = [a for a in matched
                    if isinstance(a, MatchedAction) and a.name == "quota" and isinstance(a.value, QuotaAction)]
         if not actions:
             return None
         req = ctx.request
         input_est = max(0, req.input_tokens_estimate)
         output_res = (req.max_tokens or self.settings.default_output_tokens) * max(1, req.n)
-        price = self.settings.price_for(req.model)
-        planned = self._plan(ctx, actions, input_est, output_res, price)
-        guarded = await self.guard.charge([p.charge for p in planned], [p.mode for p in planned])
+        price = self._price(req.model) if self.settings.prices else None
+        planned, charges, modes = self._plan(ctx, actions, input_est, output_res, price)
+        guarded = await self.guard.charge(charges, modes)
         audit: dict[str, Any] = {"backend": guarded.backend}
         ctx.audit["quota"] = audit
         if guarded.fallback is not None:
@@ -92,78 +107,124 @@ class QuotaStage:
         if guarded.unavailable:
             retry = max(1, math.ceil(self.settings.breaker.reset_after))
             return Decision(503, "api_error", "Quota store unavailable and the policy fails closed.",
-                            rule_id=next(p.rule_id for p in planned if p.mode is FailureMode.CLOSED),
+                            rule_id=next(p[0] for p in planned if p[3] is FailureMode.CLOSED),
                             headers={"Retry-After": str(retry)}, retryable=True,
                             code="quota_store_unavailable")
-        checked = self._checked(planned, guarded)
-        audit["limits"] = [{"rule": p.rule_id, "limit": p.limit.name, "kind": p.limit.kind.value,
-                            "shadow": p.shadow, "allowed": s.allowed, "remaining": s.remaining}
-                           for p, s, _ in checked]
-        would_deny = [f"{p.rule_id}/{p.limit.name}" for p, s, _ in checked if p.shadow and not s.allowed]
+        result = guarded.result
+        limits_audit: list[dict[str, Any]] = []
+        audit["limits"] = limits_audit
+        would_deny: list[str] = []
+        items: list[HeaderItem] = []
+        denied: list[tuple[_Planned, LimitState]] = []
+        applied: list[tuple[LimitKind, Receipt]] = []
+        if result is not None:
+            states, receipts = result.states, result.receipts
+            for k, i in enumerate(guarded.indices):
+                p, state, receipt = planned[i], states[k], receipts[k]
+                rule_id, lim, shadow = p[0], p[1], p[2]
+                limits_audit.append({"rule": rule_id, "limit": lim.name, "kind": p[5],
+                                     "shadow": shadow, "allowed": state.allowed,
+                                     "remaining": state.remaining})
+                if shadow:
+                    if not state.allowed:
+                        would_deny.append(f"{rule_id}/{lim.name}")
+                else:
+                    # the charge's limit may be this replica's share during a local fallback
+                    limit = receipt.charge.limit
+                    items.append(HeaderItem(lim.name, lim if limit == lim.limit else _with_limit(lim, limit),
+                                            state))
+                    if not state.allowed:
+                        denied.append((p, state))
+                if receipt.applied:
+                    applied.append((lim.kind, receipt))
+            if len(items) > 1:
+                items = _qualify(items, [planned[i][0] for i in guarded.indices if not planned[i][2]])
         if would_deny:
             audit["would_deny"] = would_deny
-        headers = build_headers(self._header_items(checked), guarded.result.now if guarded.result else 0.0)
+        headers = self._headers.build(items, result.now if result is not None else 0.0)
         ctx.response_headers.update(headers)
-        denied = [(p, s) for p, s, _ in checked if not p.shadow and not s.allowed]
         if denied:
-            audit["denied"] = [f"{p.rule_id}/{p.limit.name}" for p, _ in denied]
+            audit["denied"] = [f"{p[0]}/{p[1].name}" for p, _ in denied]
             return self._deny(denied, headers)
-        applied = tuple((p, r) for p, _, r in checked if r.applied)
         if applied:
-            self._pending[id(ctx)] = _Ticket(applied, guarded.backend, input_est, price)
+            self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price)
         return None
 
+    def _price(self, model: str | None) -> Price | None:
+        try:
+            return self._prices[model]
+        except KeyError:
+            if len(self._prices) >= KEY_MEMO_ENTRIES:
+                self._prices.clear()
+            price = self._prices[model] = self.settings.price_for(model)
+            return price
+
     def _plan(self, ctx: RequestContext, actions: list[MatchedAction], input_est: int,
-              output_res: int, price: Price | None) -> list[_Planned]:
+              output_res: int, price: Price | None
+              ) -> tuple[list[_Planned], list[Charge], list[FailureMode]]:
         planned: list[_Planned] = []
-        lease_id = f"{ctx.request_id}.{uuid.uuid4().hex[:12]}"
+        charges: list[Charge] = []
+        modes: list[FailureMode] = []
+        memo = self._keys
+        lease_id = ""
         for action in actions:
             qa: QuotaAction = action.value
             mode = qa.on_store_failure or self.settings.on_store_failure
+            rule_id, shadow = action.rule_id, action.shadow
             for lim in qa.limits:
-                seconds = lim.period if lim.period is not None else (lim.lease_ttl or self.settings.lease_ttl)
-                charge = Charge(
-                    key=lim.identity(action.rule_id, ctx), algorithm=lim.kind.algorithm,
-                    limit=lim.limit, period_ms=max(1, math.ceil(seconds * 1000)),
-                    cost=cost_of(lim.kind, input_est, output_res, price), burst=lim.burst,
-                    shadow=action.shadow,
-                    lease_id=lease_id if lim.kind is LimitKind.CONCURRENCY else "")
-                planned.append(_Planned(action.rule_id, lim, action.shadow, mode, charge))
-        return planned
+                getters = lim.getters
+                values = (getters[0](ctx),) if len(getters) == 1 else tuple([g(ctx) for g in getters])
+                memo_key = (rule_id, id(lim), shadow, values)
+                entry = memo.get(memo_key)
+                if entry is None or entry.limit is not lim:
+                    entry = self._remember(memo_key, rule_id, lim, ctx)
+                kind = lim.kind
+                if kind is LimitKind.REQUESTS:
+                    cost = 1
+                elif kind is LimitKind.CONCURRENCY:
+                    cost = 1
+                    if not lease_id:
+                        lease_id = f"{ctx.request_id}.{self._lease_nonce}{next(self._lease_seq):x}"
+                else:
+                    cost = cost_of(kind, input_est, output_res, price)
+                charge = entry.charge
+                if charge is None or charge.cost != cost or kind is LimitKind.CONCURRENCY:
+                    charge = Charge(key=entry.key, algorithm=entry.algorithm, limit=lim.limit,
+                                    period_ms=entry.period_ms, cost=cost, burst=lim.burst, shadow=shadow,
+                                    lease_id=lease_id if kind is LimitKind.CONCURRENCY else "")
+                    entry.charge = charge
+                planned.append((rule_id, lim, shadow, mode, charge, entry.kind))
+                charges.append(charge)
+                modes.append(mode)
+        return planned, charges, modes
 
-    @staticmethod
-    def _checked(planned: list[_Planned], guarded: GuardedCharge
-                 ) -> list[tuple[_Planned, LimitState, Receipt]]:
-        if guarded.result is None:
-            return []
-        r = guarded.result
-        return [(planned[i], r.states[k], r.receipts[k]) for k, i in enumerate(guarded.indices)]
-
-    @staticmethod
-    def _header_items(checked: list[tuple[_Planned, LimitState, Receipt]]) -> list[HeaderItem]:
-        enforced = [(p, s, r) for p, s, r in checked if not p.shadow]
-        names = [p.limit.name for p, _, _ in enforced]
-        return [HeaderItem(p.limit.name if names.count(p.limit.name) == 1 else f"{p.rule_id}.{p.limit.name}",
-                           # the charge's limit may be this replica's share during a local fallback
-                           _with_limit(p.limit, r.charge.limit), s)
-                for p, s, r in enforced]
+    def _remember(self, memo_key: tuple[str, int, bool, tuple[str | None, ...]], rule_id: str,
+                  lim: CompiledLimit, ctx: RequestContext) -> _KeyEntry:
+        memo = self._keys
+        if len(memo) >= KEY_MEMO_ENTRIES:
+            del memo[next(iter(memo))]  # oldest first
+        seconds = lim.period if lim.period is not None else (lim.lease_ttl or self.settings.lease_ttl)
+        entry = _KeyEntry(lim, lim.identity(rule_id, ctx), max(1, math.ceil(seconds * 1000)))
+        memo[memo_key] = entry
+        return entry
 
     def _deny(self, denied: list[tuple[_Planned, LimitState]], headers: dict[str, str]) -> Decision:
         first, state = max(denied, key=lambda d: d[1].retry_after)
+        rule_id, lim, charge = first[0], first[1], first[4]
         if math.isinf(state.retry_after):
             return Decision(
                 429, "rate_limit",
-                f"Request needs {first.charge.cost:,} against limit '{first.limit.name}' of rule "
-                f"'{first.rule_id}' ({first.limit.describe()}); it can never fit, reduce max_tokens "
-                "or the request size.",
-                rule_id=first.rule_id, headers={**headers, "x-should-retry": "false"},
+                # The rule id goes to the audit record only, never to the client.
+                f"Request needs {charge.cost:,} against limit '{lim.name}' ({lim.describe()}); "
+                "it can never fit, reduce max_tokens or the request size.",
+                rule_id=rule_id, headers={**headers, "x-should-retry": "false"},
                 retryable=False, code="rate_limit_exceeded")
         retry = max(1, math.ceil(state.retry_after))
         return Decision(
             429, "rate_limit",
-            f"Rate limit exceeded: limit '{first.limit.name}' of rule '{first.rule_id}' allows "
-            f"{first.limit.describe()}. Retry after {retry} seconds.",
-            rule_id=first.rule_id,
+            f"Rate limit exceeded: limit '{lim.name}' allows {lim.describe()}. "
+            f"Retry after {retry} seconds.",
+            rule_id=rule_id,
             headers={**headers, "Retry-After": str(retry),
                      "retry-after-ms": str(max(1, math.ceil(state.retry_after * 1000)))},
             retryable=True, code="rate_limit_exceeded")
@@ -174,22 +235,25 @@ class QuotaStage:
         ticket = self._pending.pop(id(ctx), None)
         if ticket is None:
             return
-        actual_in, actual_out = self._actual_usage(ctx, ticket)
+        applied, backend, input_reserved, price = ticket
+        actual_in, actual_out = self._actual_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []
-        for planned, receipt in ticket.applied:
-            kind = planned.limit.kind
+        for kind, receipt in applied:
+            if kind is LimitKind.REQUESTS:
+                continue
             if kind is LimitKind.CONCURRENCY:
                 adjustments.append(Adjustment(receipt, -1))
-            elif kind is not LimitKind.REQUESTS:
-                delta = cost_of(kind, actual_in, actual_out, ticket.price) - receipt.charge.cost
+            else:
+                delta = cost_of(kind, actual_in, actual_out, price) - receipt.charge.cost
                 if delta:
                     adjustments.append(Adjustment(receipt, delta))
         audit = ctx.audit.setdefault("quota", {})
         audit["settled"] = {"input_tokens": actual_in, "output_tokens": actual_out}
-        await self.guard.adjust(adjustments, ticket.backend)
+        if adjustments:  # nothing to reconcile (request rates, exact reservations): no round trip
+            await self.guard.adjust(adjustments, backend)
 
     @staticmethod
-    def _actual_usage(ctx: RequestContext, ticket: _Ticket) -> tuple[int, int]:
+    def _actual_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
         usage = ctx.usage
         reported = usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0
         if not reported:
@@ -198,8 +262,17 @@ class QuotaStage:
                 return 0, 0  # never reached the model (or it refused): nothing to pay for
         # Input the upstream did not report is assumed consumed as estimated; output is what
         # was produced, so a stream cut short pays for the part that was streamed.
-        input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else ticket.input_reserved
+        input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
         return input_tokens, usage.output_tokens
+
+
+def _qualify(items: list[HeaderItem], rule_ids: list[str]) -> list[HeaderItem]:
+    """A limit name used by several rules is qualified with its rule id in the headers."""
+    names = [item.name for item in items]
+    if len(set(names)) == len(names):
+        return items
+    return [item if names.count(item.name) == 1 else item._replace(name=f"{rule_id}.{item.name}")
+            for item, rule_id in zip(items, rule_ids, strict=True)]
 
 
 def _with_limit(limit: CompiledLimit, value: int) -> CompiledLimit:

@@ -7,7 +7,7 @@ ports, and the contract suite checks that both agree. Keep them in step when cha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.store.base import Charge
 
@@ -19,9 +19,9 @@ EPS = 0.01
 LEASE_RETRY_MS = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """Result of checking one charge (before anything is written)."""
+class Verdict(NamedTuple):
+    """Result of checking one charge (before anything is written); a tuple: one per limit per
+    request."""
 
     ok: bool
     remaining: int
@@ -76,9 +76,17 @@ def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
     """Sliding window of sub-buckets; an exhausted budget (used >= limit) admits nothing."""
     gran = c.bucket_ms
     cur = now - now % gran
-    live = window_live(buckets, now, c)
-    used = sum(v for _, v in live)
-    idle_reset = live[-1][0] + gran + c.period_ms - now if live else 0
+    horizon = now - c.period_ms
+    # One pass for the sum and the newest live bucket; sorting is only needed to find when a
+    # denied charge would fit.
+    used = 0
+    newest: int | None = None
+    for start, value in buckets.items():
+        if start + gran > horizon:
+            used += value
+            if newest is None or start > newest:
+                newest = start
+    idle_reset = newest + gran + c.period_ms - now if newest is not None else 0
     if used < c.limit and used + c.cost <= c.limit:
         reset = cur + gran + c.period_ms - now if c.cost > 0 else idle_reset
         return Verdict(True, c.limit - used - c.cost, reset, 0, bucket_ms=cur,
@@ -87,7 +95,7 @@ def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
     retry = -1
     if c.cost <= c.limit:
         freed = 0
-        for start, value in live:
+        for start, value in window_live(buckets, now, c):
             freed += value
             left = used - freed
             if left < c.limit and left + c.cost <= c.limit:

@@ -115,14 +115,18 @@ class MemoryStore:
         now = self._now_ms()
         self._sweep(now)
         verdicts: list[alg.Verdict] = []
+        allowed = True
         for c in charges:
-            if c.algorithm is Algorithm.GCRA:
-                verdicts.append(alg.gcra_check(self._get(c.key, now), now, c))
-            elif c.algorithm is Algorithm.WINDOW:
-                verdicts.append(alg.window_check(self._get(c.key, now) or {}, now, c))
+            algorithm = c.algorithm
+            if algorithm is Algorithm.GCRA:
+                v = alg.gcra_check(self._get(c.key, now), now, c)
+            elif algorithm is Algorithm.WINDOW:
+                v = alg.window_check(self._get(c.key, now) or {}, now, c)
             else:
-                verdicts.append(alg.lease_check(self._get(c.key, now) or {}, now, c))
-        allowed = all(v.ok for c, v in zip(charges, verdicts, strict=True) if not c.shadow)
+                v = alg.lease_check(self._get(c.key, now) or {}, now, c)
+            verdicts.append(v)
+            if not v.ok and not c.shadow:
+                allowed = False
         receipts: list[Receipt] = []
         states: list[LimitState] = []
         for c, v in zip(charges, verdicts, strict=True):
@@ -130,8 +134,10 @@ class MemoryStore:
             receipts.append(Receipt(c, v.bucket_ms, applied))
             if applied:
                 self._apply(c, v, now)
-            remaining, reset = v.shown(applied)
-            states.append(state_from_ms(v.ok, c.limit, remaining, reset, v.retry_ms))
+                reset = max(0, v.reset_ms) / 1000.0
+                states.append(LimitState(True, c.limit, max(0, v.remaining), reset, 0.0))
+            else:
+                states.append(state_from_ms(v.ok, c.limit, v.idle_remaining, v.idle_reset_ms, v.retry_ms))
         return ChargeResult(allowed, now / 1000.0, tuple(states), tuple(receipts))
 
     def _apply(self, c: Charge, v: alg.Verdict, now: int) -> None:
@@ -140,10 +146,17 @@ class MemoryStore:
         elif c.algorithm is Algorithm.WINDOW:
             if c.cost == 0:
                 return
-            buckets: dict[int, int] = self._get(c.key, now) or {}
-            buckets = {s: n for s, n in alg.window_live(buckets, now, c)}
+            gran = c.bucket_ms
+            buckets: dict[int, int] | None = self._get(c.key, now)
+            if buckets is None:
+                buckets = {}
+            else:  # the dict is this store's own: drop buckets that left the window in place
+                horizon = now - c.period_ms
+                dead = [s for s in buckets if s + gran <= horizon]
+                for s in dead:
+                    del buckets[s]
             buckets[v.bucket_ms] = buckets.get(v.bucket_ms, 0) + c.cost
-            self._put(c.key, buckets, max(buckets) + c.bucket_ms + c.period_ms + 1)
+            self._put(c.key, buckets, max(buckets) + gran + c.period_ms + 1)
         else:
             leases: dict[str, int] = {
                 m: e for m, e in (self._get(c.key, now) or {}).items() if e > now
@@ -165,7 +178,8 @@ class MemoryStore:
                 else:
                     self._put(c.key, tat, math.ceil(tat) + 1)
             elif c.algorithm is Algorithm.WINDOW:
-                buckets = dict(self._get(c.key, now) or {})
+                live: dict[int, int] | None = self._get(c.key, now)
+                buckets = {} if live is None else live  # the store's own dict: adjusted in place
                 if alg.window_adjust(buckets, now, c, r.bucket_ms, adj.delta):
                     if buckets:
                         self._put(c.key, buckets, max(buckets) + c.bucket_ms + c.period_ms + 1)

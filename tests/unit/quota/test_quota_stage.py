@@ -45,7 +45,7 @@ async def test_allows_then_429_with_retry_after_and_headers(stage: QuotaStage, c
     assert decision is not None and decision.status == 429 and decision.error_type == "rate_limit"
     assert decision.code == "rate_limit_exceeded" and decision.rule_id == "r1" and decision.retryable
     assert decision.headers["Retry-After"] == "1" and decision.headers["retry-after-ms"] == "1000"
-    assert decision.message == ("Rate limit exceeded: limit 'rpm' of rule 'r1' allows 60 requests "
+    assert decision.message == ("Rate limit exceeded: limit 'rpm' allows 60 requests "
                                 "per 1m. Retry after 1 seconds.")
     assert third.audit["quota"]["denied"] == ["r1/rpm"]
     clock.advance(1.0)

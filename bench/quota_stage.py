@@ -1,0 +1,244 @@
+"""Cost of the quota stage per request, with MemoryStore and with a real Redis on loopback.
+
+    .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
+
+For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
+total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
+(plan, one store charge, headers) and ``await stage.settle(ctx)`` (reconcile the token
+reservation with the reported usage, which differs from it, so a token limit needs a reconcile).
+Wall time per call is ``perf_counter_ns``; CPU is ``process_time_ns`` of this process over the
+whole measured loop divided by the requests, so for Redis it excludes redis-server's own work
+and the loopback wait. Contexts rotate over 2,000 accounts, 200 orgs and 500 addresses.
+
+With Redis a ``redis-server`` is started on a free port (persistence off) and killed at the end;
+a micro benchmark also reports redis-py's own CPU per sequential call (PING, EVALSHA of the
+charge script for one key), which is the floor under every store round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+
+from gateway.context import ApiFamily, Principal, RequestContext, RequestView
+from gateway.policy.registry import MatchedAction
+from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction, key_getter
+from gateway.quota.settings import QuotaSettings
+from gateway.quota.stage import QuotaStage
+from gateway.store.base import Algorithm, Charge, Store
+from gateway.store.memory import MemoryStore
+
+
+@dataclass
+class _Outcome:
+    """Stands in for the policy outcome: the stage only reads ``.actions``."""
+
+    actions: list[MatchedAction] = field(default_factory=list)
+
+
+def _limit(name: str, kind: LimitKind, amount: int, per: float, key: str, burst: int = 1) -> CompiledLimit:
+    getter = key_getter(key)
+    assert getter is not None
+    return CompiledLimit(name, kind, amount, per, burst, None, (key,), (getter,))
+
+
+def _actions(limits: int) -> list[MatchedAction]:
+    # Sized so the benchmark never hits them: the stage does all its work and denies nothing.
+    every = [
+        _limit("rpm", LimitKind.REQUESTS, 1_000_000_000, 60, "principal.account", burst=1_000_000),
+        _limit("tpd", LimitKind.TOTAL_TOKENS, 1_000_000_000_000, 86400, "principal.org"),
+        _limit("rpm-net", LimitKind.REQUESTS, 1_000_000_000, 60, "client.ip_prefix", burst=1_000_000),
+    ]
+    return [MatchedAction("bench-quota", "quota", QuotaAction(tuple(every[:limits])))]
+
+
+def _contexts(count: int, actions: list[MatchedAction], seed: int = 7) -> list[RequestContext]:
+    rng = random.Random(seed)
+    out: list[RequestContext] = []
+    for i in range(count):
+        view = RequestView(api=ApiFamily.OPENAI, route="chat.completions", path="/v1/chat/completions",
+                           method="POST", headers={}, model="gpt-4o-mini", max_tokens=64,
+                           input_tokens_estimate=20)
+        ctx = RequestContext(request_id=f"req-{i:08x}", request=view)
+        acct = rng.randrange(2000)
+        ctx.principal = Principal(authenticated=True, account=f"acct{acct}", org=f"org{acct % 200}")
+        octets = (rng.randrange(4), rng.randrange(125), rng.randrange(1, 250))
+        ctx.client.ip = ipaddress.ip_address("10.{}.{}.{}".format(*octets))
+        ctx.outcome = _Outcome(actions)
+        out.append(ctx)
+    return out
+
+
+def _finish(ctx: RequestContext) -> None:
+    """What the forwarder leaves behind: an upstream answer with usage unlike the reservation."""
+    ctx.upstream_started = time.perf_counter()
+    ctx.upstream_status = 200
+    ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 18, 12, True
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return samples[min(len(samples) - 1, int(len(samples) * q))]
+
+
+async def measure(store: Store, limits: int, requests: int, warmup: int = 2000) -> dict[str, float]:
+    stage = QuotaStage(store, QuotaSettings())
+    contexts = _contexts(requests + warmup, _actions(limits))
+    for ctx in contexts[:warmup]:
+        assert await stage(ctx) is None
+        _finish(ctx)
+        await stage.settle(ctx)
+    charge: list[float] = []
+    settle: list[float] = []
+    cpu0 = time.process_time_ns()
+    for ctx in contexts[warmup:]:
+        t0 = time.perf_counter_ns()
+        decision = await stage(ctx)
+        t1 = time.perf_counter_ns()
+        _finish(ctx)
+        t2 = time.perf_counter_ns()
+        await stage.settle(ctx)
+        t3 = time.perf_counter_ns()
+        assert decision is None
+        charge.append((t1 - t0) / 1000.0)
+        settle.append((t3 - t2) / 1000.0)
+    cpu = (time.process_time_ns() - cpu0) / 1000.0 / requests
+    total = sorted(c + s for c, s in zip(charge, settle, strict=True))
+    charge.sort()
+    settle.sort()
+    return {"charge_p50": statistics.median(charge), "charge_p99": _pct(charge, 0.99),
+            "settle_p50": statistics.median(settle), "settle_p99": _pct(settle, 0.99),
+            "total_p50": statistics.median(total), "total_p99": _pct(total, 0.99), "cpu_mean": cpu}
+
+
+async def _per_call(fn: Callable[[], Awaitable[Any]], calls: int) -> tuple[float, float]:
+    """(CPU µs, wall p50 µs) per sequential call."""
+    for _ in range(200):
+        await fn()
+    walls: list[float] = []
+    cpu0 = time.process_time_ns()
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        await fn()
+        walls.append((time.perf_counter_ns() - t0) / 1000.0)
+    cpu = (time.process_time_ns() - cpu0) / 1000.0 / calls
+    return cpu, statistics.median(walls)
+
+
+async def redis_client_cost(url: str, calls: int) -> dict[str, tuple[float, float]]:
+    """redis-py's own cost per call: PING, and one EVALSHA of charge.lua (one GCRA key)."""
+    from gateway.store.redis import RedisStore
+
+    store = RedisStore.from_url(url, deadline=1.0)
+    client = store.client
+    try:
+        charge = Charge("bench|probe", Algorithm.GCRA, 1_000_000_000, 60_000, 1, burst=1_000_000)
+        out = {"PING": await _per_call(lambda: client.ping(), calls),
+               "EVALSHA charge (1 key, via RedisStore.charge)": await _per_call(
+                   lambda: store.charge([charge]), calls)}
+        return out
+    finally:
+        await store.close()
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port, persistence off."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.dir = tempfile.mkdtemp(prefix="tg-bench-redis-")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _row(store: str, limits: int, r: dict[str, float]) -> str:
+    return (f"| {store} | {limits} | {r['charge_p50']:.1f} | {r['charge_p99']:.1f} | {r['settle_p50']:.1f} "
+            f"| {r['settle_p99']:.1f} | {r['total_p50']:.1f} | {r['total_p99']:.1f} | {r['cpu_mean']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--redis-calls", type=int, default=5000, help="calls in the redis-py micro benchmark")
+    parser.add_argument("--no-redis", action="store_true", help="MemoryStore only")
+    args = parser.parse_args()
+    use_redis = not args.no_redis and shutil.which("redis-server") is not None
+    rows: list[str] = []
+    client_cost: dict[str, tuple[float, float]] = {}
+    server = RedisServer() if use_redis else None
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            for limits in (1, 3):
+                rows.append(_row("memory", limits, runner.run(measure(MemoryStore(), limits, args.requests))))
+            if server is not None:
+                from gateway.store.redis import RedisStore
+
+                for limits in (1, 3):
+                    store = RedisStore.from_url(server.url, deadline=1.0)
+                    try:
+                        result = runner.run(measure(store, limits, args.requests))
+                    finally:
+                        runner.run(store.close())
+                    rows.append(_row("redis", limits, result))
+                client_cost = runner.run(redis_client_cost(server.url, args.redis_calls))
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"Quota stage per request ({args.requests} requests, µs; CPU = process time / request; "
+          f"pid {os.getpid()})\n")
+    print("| store | limits | charge p50 | charge p99 | settle p50 | settle p99 | total p50 | total p99 "
+          "| CPU mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    if client_cost:
+        try:
+            import hiredis  # noqa: F401
+
+            parser_name = "hiredis"
+        except ImportError:
+            parser_name = "pure-Python parser"
+        print(f"\nredis-py per sequential call ({args.redis_calls} calls, {parser_name}):\n")
+        print("| call | client CPU µs | wall p50 µs |")
+        print("|---|---:|---:|")
+        for name, (cpu, wall) in client_cost.items():
+            print(f"| {name} | {cpu:.1f} | {wall:.1f} |")
+    elif not args.no_redis:
+        print("\n(redis-server not on PATH: Redis rows skipped)")
+
+
+if __name__ == "__main__":
+    main()
