@@ -9,6 +9,7 @@ from typing import IO, Any
 import orjson
 
 from gateway.context import RequestContext
+from gateway.tasks import cancel_and_wait
 
 
 class AccessLog:
@@ -88,13 +89,8 @@ class AccessLog:
             self.flush()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.flush()
         if self._owns_stream and self._stream is not None:
             self._stream.close()

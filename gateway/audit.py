@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 import orjson
 
 from gateway.context import RequestContext
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,8 @@ class _BufferedLineSink:
         raise NotImplementedError
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await asyncio.to_thread(self.flush_sync)
         self._close()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.apis import all_routes
-from gateway.yamlsource import DURATION_HELP, ConfigError, Issues, Node, parse_duration
+from gateway.yamlsource import ConfigError, Issues, Node, read_duration
 
 API_CHOICES = ("auto", "openai", "anthropic")
 
@@ -107,16 +107,6 @@ class Settings:
 SectionParser = Callable[[Node | None], Any]
 
 
-def _duration(node: Node, key: str, default: float) -> float:
-    child = node.child(key)
-    if child is None:
-        return default
-    value = parse_duration(child.value)
-    if value is None:
-        child.error(f"expected {DURATION_HELP}, got {child.value!r}")
-        return default
-    return value
-
 
 def _size(node: Node, key: str, default: int) -> int:
     child = node.child(key)
@@ -184,8 +174,8 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
         base_url=base_url.rstrip("/"),
         api=api,
         api_key_env=node.get("api_key_env", str),
-        connect_timeout=_duration(node, "connect_timeout", 5.0),
-        read_timeout=_duration(node, "read_timeout", 300.0),
+        connect_timeout=read_duration(node, "connect_timeout", 5.0),
+        read_timeout=read_duration(node, "read_timeout", 300.0),
         pool_size=pool,
         max_response_bytes=_size(node, "max_response_bytes", 64 * 1024 * 1024),
     )
@@ -237,7 +227,7 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
             host=mock.get("host", str, "127.0.0.1") or "127.0.0.1",
             port=_port(mock, "port", 9000),
             chunks=mock.get("chunks", int, 8) or 8,
-            chunk_delay=_duration(mock, "chunk_delay", 0.0)))
+            chunk_delay=read_duration(mock, "chunk_delay", 0.0)))
     if root.has("max_body_bytes"):
         settings = replace(settings, max_body_bytes=_size(root, "max_body_bytes", settings.max_body_bytes))
     if (routes := root.child("routes")) is not None and routes.expect_list("a list of route names"):
@@ -257,7 +247,7 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
             directory = str(base_dir / directory)
         settings = replace(settings, policies=PolicySettings(
             dir=directory, watch=bool(pol.get("watch", bool, True)),
-            watch_interval=_duration(pol, "watch_interval", 1.0),
+            watch_interval=read_duration(pol, "watch_interval", 1.0),
             run_tests_on_reload=bool(pol.get("run_tests_on_reload", bool, True))))
     if (log := root.child("logging")) is not None and log.expect_mapping():
         log.check_keys({"access_log", "audit_log", "level", "log_prompts"})

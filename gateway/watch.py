@@ -12,6 +12,8 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from gateway.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -53,13 +55,8 @@ class FileWatcher:
             self._task = asyncio.create_task(self._run(), name="file-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         last = await asyncio.to_thread(signature, self._paths)

@@ -305,3 +305,19 @@ def parse_duration(text: Any) -> float | None:
 
 
 DURATION_HELP = "a duration such as 250ms, 30s, 5m, 1h, 1d, 1w or 1mo"
+
+
+def read_duration(node: Node, key: str, default: float, low: float = 0.0,
+                  high: float = float("inf")) -> float:
+    """The duration under ``key`` in seconds (``default`` when absent); errors go to the node."""
+    child = node.child(key)
+    if child is None or child.value is None:
+        return default
+    value = parse_duration(child.value)
+    if value is None:
+        child.error(f"expected {DURATION_HELP}, got {child.value!r}")
+        return default
+    if not low <= value <= high:
+        child.error(f"must be between {low:g}s and {high:g}s, got {value:g}s")
+        return default
+    return value

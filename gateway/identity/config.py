@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.yamlsource import DURATION_HELP, Node, parse_duration
+from gateway.yamlsource import Node, read_duration
 
 # Asymmetric algorithms only: with a shared-secret (HS*) algorithm allowed, a verifier handed
 # an RSA public key can be tricked into using it as an HMAC secret ("alg confusion").
@@ -91,7 +91,7 @@ def parse_identity_config(node: Node | None, base_dir: Path | None = None) -> Id
         anonymous=anonymous == "allow",
         headers=headers or CREDENTIAL_HEADERS,
         keys_file=_path(keys_file, base_dir) if keys_file else None,
-        keys_reload_interval=_duration(node, "keys_reload_interval", default.keys_reload_interval),
+        keys_reload_interval=read_duration(node, "keys_reload_interval", default.keys_reload_interval),
         jwt=_parse_jwt(jwt_node, base_dir) if jwt_node is not None else None,
     )
 
@@ -117,7 +117,7 @@ def _parse_jwt(node: Node, base_dir: Path | None) -> JwtConfig | None:
         issuers=tuple(issuers),
         max_token_bytes=_int(node, "max_token_bytes", default.max_token_bytes, 256, 65536),
         cache_size=_int(node, "cache_size", default.cache_size, 0, 10_000_000),
-        cache_max_ttl=_duration(node, "cache_max_ttl", default.cache_max_ttl),
+        cache_max_ttl=read_duration(node, "cache_max_ttl", default.cache_max_ttl),
     )
 
 
@@ -153,13 +153,13 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
     parsed = JwtIssuerConfig(
         issuer=issuer or "", audience=audience, algorithms=algorithms,
         jwks_file=_path(jwks_file, base_dir) if jwks_file else None, jwks_url=jwks_url,
-        required_claims=required, leeway=_duration(node, "leeway", d.leeway),
+        required_claims=required, leeway=read_duration(node, "leeway", d.leeway),
         claims=_parse_claims(node.child("claims")),
         default_tier=node.get("default_tier", str),
-        jwks_cache_ttl=_duration(node, "jwks_cache_ttl", d.jwks_cache_ttl),
-        jwks_refresh_cooldown=_duration(node, "jwks_refresh_cooldown", d.jwks_refresh_cooldown),
-        jwks_max_stale=_duration(node, "jwks_max_stale", d.jwks_max_stale),
-        jwks_timeout=_duration(node, "jwks_timeout", d.jwks_timeout),
+        jwks_cache_ttl=read_duration(node, "jwks_cache_ttl", d.jwks_cache_ttl),
+        jwks_refresh_cooldown=read_duration(node, "jwks_refresh_cooldown", d.jwks_refresh_cooldown),
+        jwks_max_stale=read_duration(node, "jwks_max_stale", d.jwks_max_stale),
+        jwks_timeout=read_duration(node, "jwks_timeout", d.jwks_timeout),
         jwks_max_bytes=_int(node, "jwks_max_bytes", d.jwks_max_bytes, 1024, 16 << 20),
     )
     return parsed if issuer and audience and algorithms else None  # errors already reported
@@ -212,16 +212,6 @@ def _str_list(node: Node | None, default: tuple[str, ...], *, single_ok: bool = 
             out.append(value.lower() if lower else value)
     return tuple(out)
 
-
-def _duration(node: Node, key: str, default: float) -> float:
-    child = node.child(key)
-    if child is None:
-        return default
-    value = parse_duration(child.value)
-    if value is None:
-        child.error(f"expected {DURATION_HELP}")
-        return default
-    return value
 
 
 def _int(node: Node, key: str, default: int, low: int, high: int) -> int:

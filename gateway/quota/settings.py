@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.store.breaker import BreakerSettings, FailureMode
-from gateway.yamlsource import DURATION_HELP, Node, parse_duration
+from gateway.yamlsource import Node, read_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +73,6 @@ def check_workers(settings: QuotaSettings, workers: int) -> str | None:
     return None
 
 
-def _duration(node: Node, key: str, default: float, low: float, high: float) -> float:
-    child = node.child(key)
-    if child is None:
-        return default
-    value = parse_duration(child.value)
-    if value is None:
-        child.error(f"expected {DURATION_HELP}, got {child.value!r}")
-        return default
-    if not low <= value <= high:
-        child.error(f"must be between {low:g}s and {high:g}s, got {value:g}s")
-        return default
-    return value
-
 
 def _positive_int(node: Node, key: str, default: int) -> int:
     value = node.get(key, int, default)
@@ -107,12 +94,12 @@ def _store(node: Node) -> dict[str, object]:
         node.error(f"unknown backend '{backend}'; expected one of: memory, redis", "backend")
         backend = "memory"
     out["backend"] = backend
-    out["deadline"] = _duration(node, "deadline", 0.05, 0.001, 10.0)
+    out["deadline"] = read_duration(node, "deadline", 0.05, 0.001, 10.0)
     breaker = node.child("breaker")
     if breaker is not None and breaker.expect_mapping():
         breaker.check_keys({"failures", "reset_after"})
         out["breaker"] = BreakerSettings(_positive_int(breaker, "failures", 5),
-                                         _duration(breaker, "reset_after", 5.0, 0.01, 3600.0))
+                                         read_duration(breaker, "reset_after", 5.0, 0.01, 3600.0))
     redis = node.child("redis")
     if redis is not None and redis.expect_mapping():
         redis.check_keys({"url", "cluster_nodes", "key_prefix"})
@@ -146,7 +133,7 @@ def _quota(node: Node) -> dict[str, object]:
                        "on_store_failure")
     out["replicas"] = _positive_int(node, "replicas", 1)
     out["default_output_tokens"] = _positive_int(node, "default_output_tokens", 4096)
-    out["lease_ttl"] = _duration(node, "lease_ttl", 600.0, 1.0, 86400.0)
+    out["lease_ttl"] = read_duration(node, "lease_ttl", 600.0, 1.0, 86400.0)
     prices = node.child("prices")
     if prices is not None and prices.expect_mapping("a mapping of model → {input, output}"):
         table: list[tuple[str, Price]] = []

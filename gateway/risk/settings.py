@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gateway.yamlsource import DURATION_HELP, Node, parse_duration
+from gateway.yamlsource import Node, read_duration
 
 # Noisy-OR weights: score = 1 - Π(1 - weight × strength). Chosen so that no single behaviour a
 # legitimate heavy user can show (chain-of-thought prompts, machine timing, one template, high
@@ -86,16 +86,6 @@ class RiskSettings:
     ramps: Mapping[str, tuple[float, float]] = field(default_factory=lambda: DEFAULT_RAMPS)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
 
-
-def _duration(node: Node, key: str, default: float) -> float:
-    child = node.child(key)
-    if child is None:
-        return default
-    value = parse_duration(child.value)
-    if value is None or value <= 0:
-        child.error(f"expected {DURATION_HELP}, got {child.value!r}")
-        return default
-    return value
 
 
 def _positive(node: Node, key: str, default: int) -> int:
@@ -171,7 +161,7 @@ def _store(node: Node | None) -> StoreSettings:
     if backend == "redis" and not url:
         node.error("the redis backend needs a 'url'", "backend")
     return StoreSettings(backend, url, node.get("prefix", str, "tg:risk:") or "tg:risk:",
-                         _duration(node, "deadline", 0.05))
+                         read_duration(node, "deadline", 0.05))
 
 
 def _challenge(node: Node | None) -> ChallengeSettings:
@@ -185,7 +175,7 @@ def _challenge(node: Node | None) -> ChallengeSettings:
     if low is None or high is None or not 1 <= low <= high <= 32:
         node.error(f"expected 1 <= min_difficulty <= max_difficulty <= 32, got {low!r} and {high!r}")
         low, high = 10, 20
-    return ChallengeSettings(os.environ.get(env, "").encode(), _duration(node, "ttl", 300.0), low, high)
+    return ChallengeSettings(os.environ.get(env, "").encode(), read_duration(node, "ttl", 300.0), low, high)
 
 
 _KEYS = frozenset({"enabled", "patterns", "store", "windows", "ceilings", "tier_rates", "new_account_age",
@@ -215,20 +205,20 @@ def parse_risk_settings(node: Node | None) -> RiskSettings:
         enabled=bool(node.get("enabled", bool, True)),
         patterns=node.get("patterns", str),
         store=_store(node.child("store")),
-        fan_in_window=_duration(w, "fan_in", base.fan_in_window) if w else base.fan_in_window,
-        account_half_life=_duration(w, "account_half_life", base.account_half_life) if w
+        fan_in_window=read_duration(w, "fan_in", base.fan_in_window) if w else base.fan_in_window,
+        account_half_life=read_duration(w, "account_half_life", base.account_half_life) if w
         else base.account_half_life,
-        account_ttl=_duration(w, "account_ttl", base.account_ttl) if w else base.account_ttl,
-        template_half_life=_duration(w, "template_half_life", base.template_half_life) if w
+        account_ttl=read_duration(w, "account_ttl", base.account_ttl) if w else base.account_ttl,
+        template_half_life=read_duration(w, "template_half_life", base.template_half_life) if w
         else base.template_half_life,
-        cluster_half_life=_duration(w, "cluster_half_life", base.cluster_half_life) if w
+        cluster_half_life=read_duration(w, "cluster_half_life", base.cluster_half_life) if w
         else base.cluster_half_life,
         max_tokens_ceiling=_positive(c, "max_tokens", base.max_tokens_ceiling) if c
         else base.max_tokens_ceiling,
         reasoning_budget_ceiling=_positive(c, "reasoning_budget", base.reasoning_budget_ceiling) if c
         else base.reasoning_budget_ceiling,
         tier_rates=_tier_rates(node.child("tier_rates")),
-        new_account_age=_duration(node, "new_account_age", base.new_account_age),
+        new_account_age=read_duration(node, "new_account_age", base.new_account_age),
         min_gaps=_positive(node, "min_gaps", base.min_gaps),
         cluster_min_accounts=_positive(cl, "min_accounts", base.cluster_min_accounts) if cl
         else base.cluster_min_accounts,
