@@ -31,16 +31,22 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     return tokens
 
 
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` minus ``drop``, hop-by-hop fields and the fields named in ``Connection``."""
+    declared = connection_tokens(headers) if "Connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop or lower in declared:
+            continue
+        out.add(name, value)
+    return out
+
+
 def upstream_request_headers(client: CIMultiDictProxy[str], api: ApiFamily, credential: str | None,
                              request_id: str) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop and gateway credentials, plus the provider credential."""
-    drop = connection_tokens(client) if "Connection" in client else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in client.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in CLIENT_ONLY or lower in drop:
-            continue
-        out.add(name, value)
+    out = _filtered(client, CLIENT_ONLY)
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"
     out["X-Request-Id"] = request_id
@@ -54,11 +60,4 @@ def upstream_request_headers(client: CIMultiDictProxy[str], api: ApiFamily, cred
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Upstream response headers a client may see."""
-    drop = connection_tokens(upstream) if "Connection" in upstream else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in UPSTREAM_ONLY or lower in drop:
-            continue
-        out.add(name, value)
-    return out
+    return _filtered(upstream, UPSTREAM_ONLY)
