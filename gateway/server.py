@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -51,6 +52,14 @@ async def serve(settings: Settings, worker_index: int = 0, started: asyncio.Even
         task.add_done_callback(reload_tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Everything allocated so far (settings, compiled policies, key sets, readers) lives as long as
+    # the process: moving it out of the collector's generations keeps GC pauses proportional to
+    # per-request garbage only.
+    gc.collect()
+    gc.freeze()
+    # The request path makes almost no reference cycles (checked with gc.DEBUG_SAVEALL), so young
+    # collections mostly re-scan the objects of requests in flight: collect far less often.
+    gc.set_threshold(100_000, 50, 100)
     if started is not None:
         started.set()
     await stop.wait()
