@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.component_metrics import ComponentCollector
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.pipeline import AuditSink, Stage
@@ -34,6 +35,7 @@ class Features:
     admin_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]], bool]] = field(default_factory=list)
     reloaders: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     policy: Any = None  # the PolicyHolder, when policies are configured
+    collector: ComponentCollector = field(default_factory=ComponentCollector)
     store: Any = None  # the shared-state Store (memory or Redis)
     signals: Any = None  # the risk SignalStore (memory or Redis)
 
@@ -112,6 +114,7 @@ def _add_identity(features: Features, settings: Settings) -> None:
         features.stoppers.append(geo.close)
         features.reloaders.append(geo.reload)
         features.status["geoip"] = lambda: [dataclasses.asdict(i) for i in geo.databases()]
+        features.collector.geo = geo.databases
 
 
 def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> None:
@@ -127,6 +130,7 @@ def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> Non
                                watch_interval=settings.policies.watch_interval)
     features.stages.append(MatchStage(holder))
     features.policy = holder
+    features.collector.policy = lambda: holder
 
     async def start() -> None:
         if settings.policies.watch:
@@ -156,6 +160,7 @@ def _add_risk(features: Features, settings: Settings) -> None:
     features.signals = signals
     features.stoppers.append(stage.close)
     features.status["risk"] = stage.status
+    features.collector.extra["risk_store_errors"] = lambda: float(stage.store_errors)
 
 
 def _add_friction(features: Features, settings: Settings) -> None:
@@ -181,6 +186,7 @@ def _add_quota(features: Features, settings: Settings) -> None:
     features.stages.append(stage)
     features.store = store
     features.stoppers.append(stage.guard.close)
+    features.collector.store = lambda: stage.guard.stats
 
     def status() -> dict[str, Any]:
         detail: dict[str, Any] = {"backend": quota_settings.backend, **stage.guard.stats.snapshot()}
@@ -197,6 +203,7 @@ def build_features(settings: Settings, metrics: Metrics) -> Features:
     from gateway.audit import build_audit_record
 
     features = Features()
+    metrics.registry.register(features.collector)
     _add_identity(features, settings)
     _add_risk(features, settings)
     _add_policy(features, settings, metrics)
