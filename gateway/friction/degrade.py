@@ -75,21 +75,14 @@ def _cap_max_tokens(ctx: RequestContext, body: dict[str, Any], cap: int, changed
         changed.append("max_tokens")
     if view.max_tokens is None or view.max_tokens > cap:
         view.max_tokens = cap
+    if view.api is ApiFamily.ANTHROPIC:
+        _fit_thinking(ctx, body, None, changed)  # the budget must stay below the new max_tokens
 
 
 def _cap_thinking(ctx: RequestContext, body: dict[str, Any], cap: int, changed: list[str]) -> None:
     view = ctx.request
     if view.api is ApiFamily.ANTHROPIC:
-        thinking = body.get("thinking")
-        if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int):
-            limit = cap
-            max_tokens = body.get("max_tokens")
-            if isinstance(max_tokens, int):
-                limit = min(limit, max_tokens - 1)  # the API requires budget_tokens < max_tokens
-            if thinking["budget_tokens"] > limit:
-                body["thinking"] = {**thinking, "budget_tokens": max(1, limit)}
-                view.reasoning_budget = max(1, limit)
-                changed.append("thinking.budget_tokens")
+        _fit_thinking(ctx, body, cap, changed)
         return
     if body.get("reasoning_effort") not in (None, "low", "minimal"):
         body["reasoning_effort"] = "low"
@@ -98,3 +91,30 @@ def _cap_thinking(ctx: RequestContext, body: dict[str, Any], cap: int, changed: 
     if isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "low", "minimal"):
         body["reasoning"] = {**reasoning, "effort": "low"}
         changed.append("reasoning.effort")
+
+
+# Anthropic refuses a thinking budget under 1,024 tokens or not below max_tokens.
+_MIN_THINKING_BUDGET = 1024
+
+
+def _fit_thinking(ctx: RequestContext, body: dict[str, Any], cap: int | None, changed: list[str]) -> None:
+    """Keep ``thinking.budget_tokens`` within ``cap`` and below ``max_tokens``; switch thinking off
+    when no valid budget is left (a capped request must still be one the upstream accepts)."""
+    thinking = body.get("thinking")
+    if not (isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int)):
+        return
+    limit = thinking["budget_tokens"] if cap is None else min(cap, thinking["budget_tokens"])
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int):
+        limit = min(limit, max_tokens - 1)
+    if limit == thinking["budget_tokens"]:
+        return
+    view = ctx.request
+    if limit < _MIN_THINKING_BUDGET:
+        body["thinking"] = {"type": "disabled"}
+        view.reasoning, view.reasoning_budget = False, None
+        changed.append("thinking")
+    else:
+        body["thinking"] = {**thinking, "budget_tokens": limit}
+        view.reasoning_budget = limit
+        changed.append("thinking.budget_tokens")

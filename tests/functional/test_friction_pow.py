@@ -1,35 +1,23 @@
-"""A proof-of-work challenge raised by a friction policy, solved by gateway.client, and served.
-
-The app's stages are replaced by exactly the ones under test (the wiring of the risk and friction
-sections lands separately), with a one-line identity stage standing in for API keys.
-"""
+"""Friction through the real wiring (keys, risk, policy, quota, friction stages from config):
+a proof-of-work challenge raised and solved by gateway.client, degraded outputs that the official
+SDKs still parse, and a tarpit."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+import time
 from pathlib import Path
 
+import anthropic
 import httpx2
 import openai
 import pytest
-from aiohttp import web
 
-from gateway.app import RUNTIME, create_app
 from gateway.client import PowTransport, solve_challenge
-from gateway.context import Decision, RequestContext
-from gateway.policy.compile import Source, compile_sources
-from gateway.policy.evaluate import Snapshot
-from gateway.risk.settings import ChallengeSettings, RiskSettings
-from gateway.risk.sigstore import MemorySignalStore
-from gateway.settings import parse_settings
-from gateway.stages.friction import FrictionStage
-from gateway.stages.match import MatchStage
-from gateway.stages.risk import RiskStage
-from gateway.store.memory import MemoryStore
 from gateway.upstream.mock_server import MockServer
+from tests.conftest import GatewayFactory
+from tests.support.gateway import CLIENT_KEY
 
-POLICY = """\
+POW = """\
 version: 1
 rules:
   - id: pow-everyone
@@ -37,75 +25,112 @@ rules:
     when: {field: request.route, equals: chat.completions}
     friction: {challenge: {kind: pow, difficulty: 8}}
 """
-
-
-class Holder:
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.current = snapshot
-
-
-async def identify(ctx: RequestContext) -> Decision | None:
-    ctx.principal.authenticated = True
-    ctx.principal.account = "acct-functional"
-    return None
-
-
-@contextlib.asynccontextmanager
-async def friction_gateway(upstream: str, tmp: Path) -> AsyncIterator[str]:
-    settings = parse_settings(
-        f"listen: {{host: 127.0.0.1, port: 0}}\nadmin: {{enabled: false}}\n"
-        f"upstreams:\n  - name: mock\n    base_url: {upstream}\n"
-        f"logging:\n  access_log: {tmp / 'access.jsonl'}\n  audit_log: null\n", str(tmp / "gw.yaml"))
-    snapshot, issues = compile_sources([Source("friction.yaml", POLICY)])
-    assert snapshot is not None, issues
-    signals = MemorySignalStore()
-    app = create_app(settings)
-    # Replace whatever the config wired with exactly the stages under test.
-    app[RUNTIME].features.stages[:] = ([
-        identify, RiskStage(RiskSettings(), signals), MatchStage(Holder(snapshot)),
-        FrictionStage(signals, MemoryStore(), ChallengeSettings(secret=b"f" * 32)),
-    ])
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
+DEGRADE = """\
+version: 1
+rules:
+  - id: degrade-openai
+    when: {field: request.route, equals: chat.completions}
+    friction:
+      degrade: {strip_logprobs: true, strip_reasoning: true, force_n1: true, cap_max_tokens: 64}
+  - id: degrade-anthropic
+    when: {field: request.route, equals: messages}
+    friction:
+      degrade: {strip_reasoning: true}
+"""
+TARPIT = """\
+version: 1
+rules:
+  - id: slow-everyone
+    when: {field: principal.authenticated, equals: true}
+    friction: {tarpit: {first_byte_delay: 300ms}}
+"""
 MESSAGES = [{"role": "user", "content": "Let's think step by step: what is 2 + 2?"}]
 
 
-async def test_challenge_is_raised_then_solved_by_hand(mock_upstream: MockServer, tmp_path: Path) -> None:
-    async with friction_gateway(mock_upstream.url, tmp_path) as url:
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=2) as client:
-            with pytest.raises(openai.AuthenticationError) as caught:
-                await client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
-            response = caught.value.response
-            assert response.headers["x-should-retry"] == "false"
-            assert response.headers["www-authenticate"].startswith("Tollgate-PoW ")
-            body = response.json()
-            assert body["error"]["code"] == "challenge_required"
-            assert body["error"]["challenge"]["difficulty"] == 8
-            solution = solve_challenge(body)
-            result = await client.chat.completions.create(
-                model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution})  # type: ignore[arg-type]
-            assert result.choices[0].message.content
-            with pytest.raises(openai.AuthenticationError):  # a solution is good once
-                await client.chat.completions.create(
-                    model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution})  # type: ignore[arg-type]
+def policy_yaml(tmp: Path, text: str) -> str:
+    directory = tmp / "pol"
+    directory.mkdir(exist_ok=True)
+    (directory / "rules.yaml").write_text(text)
+    return f"policies: {{dir: {directory}, watch: false}}\n"
+
+
+def oa(url: str, **kw: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, **kw)  # type: ignore[arg-type]
+
+
+async def test_challenge_is_raised_then_solved_by_hand(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOLLGATE_CHALLENGE_SECRET", "s" * 32)
+    async with (
+        start_gateway(mock_upstream.url, policy_yaml(tmp_path, POW)) as gw,
+        oa(gw.url, max_retries=2) as c,
+    ):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        response = caught.value.response
+        assert response.headers["x-should-retry"] == "false"  # the SDK did not retry blindly
+        assert response.headers["www-authenticate"].startswith("Tollgate-PoW ")
+        body = response.json()
+        assert body["error"]["code"] == "challenge_required"
+        assert body["error"]["challenge"]["difficulty"] == 8
+        solution = solve_challenge(body)
+        result = await c.chat.completions.create(
+            model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution}
+        )  # type: ignore[arg-type]
+        assert result.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):  # a solution is good once
+            await c.chat.completions.create(
+                model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution}
+            )  # type: ignore[arg-type]
+        records = gw.access_records()
     assert len(mock_upstream.state.requests) == 1
+    assert [r["status"] for r in records] == [401, 200, 401]
 
 
-async def test_pow_transport_solves_transparently(mock_upstream: MockServer, tmp_path: Path) -> None:
-    async with friction_gateway(mock_upstream.url, tmp_path) as url:
+async def test_pow_transport_solves_transparently(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    async with start_gateway(mock_upstream.url, policy_yaml(tmp_path, POW)) as gw:
         http = httpx2.AsyncClient(transport=PowTransport())
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0,
-                                      http_client=http) as client:
-            result = await client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        async with oa(gw.url, max_retries=0, http_client=http) as c:
+            result = await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
             assert result.choices[0].message.content
-            stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
-            chunks = [chunk async for chunk in stream]
-            assert chunks
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            assert [chunk async for chunk in stream]
+
+
+async def test_degrade_edits_the_request_and_strips_the_response(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    async with start_gateway(mock_upstream.url, policy_yaml(tmp_path, DEGRADE)) as gw:
+        async with oa(gw.url, max_retries=0) as c:
+            result = await c.chat.completions.create(
+                model="m", messages=MESSAGES, logprobs=True, top_logprobs=3, n=3, max_tokens=1000
+            )  # type: ignore[arg-type]
+        sent = mock_upstream.state.requests[-1].body
+        assert "logprobs" not in sent and "top_logprobs" not in sent
+        assert sent["n"] == 1 and sent["max_tokens"] == 64
+        assert len(result.choices) == 1 and result.choices[0].logprobs is None
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0) as a:
+            async with a.messages.stream(
+                model="claude-mock",
+                max_tokens=2000,
+                thinking={"type": "enabled", "budget_tokens": 1024},
+                messages=MESSAGES,
+            ) as stream:  # type: ignore[arg-type]
+                final = await stream.get_final_message()
+    # The upstream did think (a thinking block came first); the gateway dropped it and renumbered
+    # the rest, and the SDK rebuilt the message from the relayed events without complaint.
+    assert mock_upstream.state.requests[-1].body["thinking"]["type"] == "enabled"
+    assert [block.type for block in final.content] == ["text"]
+    assert final.content[0].text  # type: ignore[union-attr]
+
+
+async def test_tarpit_delays_the_first_byte(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    async with start_gateway(mock_upstream.url, policy_yaml(tmp_path, TARPIT)) as gw, oa(gw.url) as c:
+        started = time.monotonic()
+        await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        assert time.monotonic() - started >= 0.3
