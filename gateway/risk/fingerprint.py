@@ -13,8 +13,10 @@ Exact masked skeletons always give the same id; :func:`bands` gives LSH bands fo
 lookups (not used by the online signals: paraphrased campaigns are caught by network and cluster
 signals instead, see docs/distillation.md).
 
-Cost: two regex passes over the newest user turn and system text plus ~20 CRC-based 64-bit hashes and a
-bit-sliced majority count: about 10-20 µs for a typical prompt.
+Cost: four regex passes over each segment (system prompt, head and tail sentence of the newest
+user turn), normalisation, one CRC-based 64-bit hash per token 3-shingle and a bit-sliced
+majority count: about 10-25 µs for a new prompt; segments seen before (templates, repeated system
+prompts) cost one dict lookup each through a :class:`~gateway.risk.memo.Memo`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
+from gateway.risk.memo import Memo
 from gateway.risk.normalize import normalize
 
 _URL = re.compile(r"\b(?:https?://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+")
@@ -72,27 +76,33 @@ def simhash(tokens: list[str], size: int = 3) -> int:
     """64-bit SimHash over token ``size``-shingles (all shingles weigh 1).
 
     Per-bit majority counts are kept bit-sliced in ``_PLANES`` integers (a ripple-carry adder
-    over 64 lanes at once), so the cost is a few integer operations per shingle instead of a
-    64-step Python loop.
+    over 64 lanes at once, unrolled), so the cost is a few integer operations per shingle instead
+    of a 64-step Python loop.
     """
     if len(tokens) < size:
         shingles = [" ".join(tokens)]
+    elif size == 3:
+        shingles = [f"{a} {b} {c}" for a, b, c in zip(tokens, tokens[1:], tokens[2:], strict=False)]
     else:
         shingles = [" ".join(tokens[i:i + size]) for i in range(len(tokens) - size + 1)]
-    shingles = shingles[: (1 << _PLANES) - 1]
-    planes = [0] * _PLANES
+    del shingles[(1 << _PLANES) - 1:]
+    crc32 = zlib.crc32
+    p0 = p1 = p2 = p3 = p4 = p5 = 0  # _PLANES = 6 counter bit planes
     for shingle in shingles:
-        carry = _hash64(shingle)
-        for j in range(_PLANES):
-            if not carry:
-                break
-            overflow = planes[j] & carry
-            planes[j] ^= carry
-            carry = overflow
+        raw = shingle.encode()
+        c = crc32(raw) << 32 | crc32(raw[::-1])  # _hash64, inlined
+        t = p0 & c
+        p0 ^= c
+        t, p1 = p1 & t, p1 ^ t
+        t, p2 = p2 & t, p2 ^ t
+        t, p3 = p3 & t, p3 ^ t
+        t, p4 = p4 & t, p4 ^ t
+        p5 ^= t  # at most 63 shingles: the top plane never carries out
+    planes = (p0, p1, p2, p3, p4, p5)
     # Bit i of the result is set when count_i >= threshold (a strict majority of shingles).
     threshold = len(shingles) // 2 + 1
     greater, equal = 0, _MASK64
-    for j in reversed(range(_PLANES)):
+    for j in range(_PLANES - 1, -1, -1):
         plane = planes[j]
         if threshold >> j & 1:
             equal &= plane
@@ -116,20 +126,25 @@ def _segment_id(segment: str) -> str | None:
     return f"{simhash(tokens):016x}"
 
 
-def fingerprint(system: str, user: str) -> Fingerprint:
-    """Template candidates for a system prompt and the newest user turn."""
+def fingerprint(system: str, user: str, memo: Memo[str | None] | None = None) -> Fingerprint:
+    """Template candidates for a system prompt and the newest user turn.
+
+    With a ``memo``, the id of each segment (system prompt, head and tail sentence) is remembered
+    by its text: templates repeat exactly those segments.
+    """
+    segment_id = _segment_id if memo is None else partial(memo, fn=_segment_id)
     found: list[tuple[str, str]] = []
     if system:
-        sys_id = _segment_id(system)
+        sys_id = segment_id(system)
         if sys_id is not None:
             found.append(("sys", sys_id))
     sentences = [s for s in _SENTENCE.split(user.strip()) if s]
     if sentences:
-        head = _segment_id(sentences[0])
+        head = segment_id(sentences[0])
         if head is not None:
             found.append(("head", head))
         if len(sentences) > 1:
-            tail = _segment_id(sentences[-1])
+            tail = segment_id(sentences[-1])
             if tail is not None and tail != head:
                 found.append(("tail", tail))
-    return Fingerprint(tuple(found))
+    return Fingerprint(tuple(found)) if found else NO_FINGERPRINT

@@ -9,6 +9,7 @@ optimise a large alternation, so scanning whole prompts with it cost ~100 µs pe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,23 +33,60 @@ class PatternHit:
 NO_HIT = PatternHit((), 0.0)
 
 
+def _non_capturing(phrase: str) -> str:
+    """``phrase`` with its capturing groups made non-capturing: the same language, but the regex
+    engine's per-alternative first-character checks only apply to branches without group marks
+    (about 2x faster on the big alternation)."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(phrase):
+        c = phrase[i]
+        if c == "\\":
+            out.append(phrase[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if phrase.startswith("[]", i) or phrase.startswith("[^]", i):  # literal ] first
+                out.append(phrase[i:i + 2])
+                i += 2
+                continue
+        elif c == "(" and not phrase.startswith("(?", i):
+            out.append("(?:")
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    converted = "".join(out)
+    try:
+        re.compile(converted)
+    except re.error:  # cannot happen for a valid phrase; keep the original rather than fail
+        return phrase
+    return converted
+
+
 class PatternSet:
     """Compiled families; immutable and shared by all requests."""
 
-    __slots__ = ("_regex", "_groups", "_weights", "_max_chars", "_anchors", "families")
+    __slots__ = ("_regex", "_families", "_weights", "_max_chars", "_anchors", "families")
 
     def __init__(self, families: dict[str, tuple[float, tuple[str, ...]]],
                  max_chars: int = DEFAULT_MAX_CHARS, anchors: tuple[str, ...] = ()) -> None:
         parts: list[str] = []
-        groups: dict[str, str] = {}
-        for index, (name, (_weight, phrases)) in enumerate(families.items()):
-            group = f"f{index}"
-            groups[group] = name
-            body = "|".join(f"(?:{p})" for p in phrases)
-            parts.append(f"(?P<{group}>{body})")
-        # One alternation: the regex engine walks the text once for every family together.
+        per_family: list[tuple[str, re.Pattern[str]]] = []
+        for name, (_weight, phrases) in families.items():
+            if not phrases:  # an empty alternative would match the empty string everywhere
+                continue
+            body = "|".join(f"(?:{_non_capturing(p)})" for p in phrases)
+            parts.append(body)
+            per_family.append((name, re.compile(f"(?:{body})(?![0-9a-z])")))
+        # One alternation: the regex engine walks the text once for every family together. It has
+        # no groups (see _non_capturing); the family of a hit is the first family whose own
+        # alternation matches at the hit's start (the same alternative the big one chose).
         self._regex = re.compile(r"(?<![0-9a-z])(?:" + "|".join(parts) + r")(?![0-9a-z])") if parts else None
-        self._groups = groups
+        self._families = tuple(per_family)
         self._weights = {name: weight for name, (weight, _p) in families.items()}
         self._max_chars = max_chars
         self._anchors = tuple(sorted(set(anchors)))
@@ -58,13 +96,35 @@ class PatternSet:
         """Scan already-extracted prompt text (raw; it is normalised here)."""
         if self._regex is None or not text:
             return NO_HIT
-        folded = normalize(text[: self._max_chars * 2])[: self._max_chars]
+        return self._match_folded(normalize(text[: self._max_chars * 2])[: self._max_chars])
+
+    def match_prompt(self, system: str, user: str,
+                     fold_system: Callable[[str], str] = normalize) -> PatternHit:
+        """``match(system + "\\n" + user)``, with the system text folded by ``fold_system`` (a
+        memoised :func:`normalize`: system prompts repeat). Normalising the two parts apart and
+        joining them with one space gives the same text: the newline between them is a separator
+        that no Unicode normalisation composes across."""
+        if self._regex is None or not (system or user):
+            return NO_HIT
+        if len(system) + len(user) + 1 > self._max_chars * 2:  # huge prompts: exactly as match()
+            return self.match(f"{system}\n{user}" if system else user)
+        fs = fold_system(system) if system else ""
+        fu = normalize(user) if user else ""
+        folded = f"{fs} {fu}" if fs and fu else fs or fu
+        return self._match_folded(folded[: self._max_chars])
+
+    def _match_folded(self, folded: str) -> PatternHit:
+        regex = self._regex
+        if regex is None:
+            return NO_HIT
         found: set[str] = set()
         for start, end in self._windows(folded):
-            for m in self._regex.finditer(folded, start, end):
-                group = m.lastgroup
-                if group is not None:
-                    found.add(self._groups[group])
+            for m in regex.finditer(folded, start, end):
+                at = m.start()
+                for name, family in self._families:
+                    if family.match(folded, at, end) is not None:
+                        found.add(name)
+                        break
         if not found:
             return NO_HIT
         names = tuple(sorted(found))

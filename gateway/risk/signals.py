@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from gateway.context import RequestContext
 from gateway.risk.extract import extract_prompt
-from gateway.risk.fingerprint import NO_FINGERPRINT, Fingerprint, fingerprint
+from gateway.risk.fingerprint import MAX_SEGMENT_CHARS, NO_FINGERPRINT, Fingerprint, fingerprint
+from gateway.risk.memo import Memo
+from gateway.risk.normalize import normalize
 from gateway.risk.patterns import PatternSet
 from gateway.risk.settings import RiskSettings
 from gateway.risk.sigstore import AccountState, AccountTouch, BatchResult, DecayAdd, HllAdd, Op, StateGet
@@ -76,11 +79,39 @@ class Plan:
     asn_evidence: tuple[int, str] | None = None
 
 
+class _SegmentMemo(Memo[str | None]):
+    """Template id per segment, keyed by the segment's first ``MAX_SEGMENT_CHARS`` (all that the
+    id depends on), so a long system prompt costs at most that much key memory."""
+
+    __slots__ = ()
+
+    def __call__(self, text: str, fn: Callable[[str], str | None]) -> str | None:
+        return super().__call__(text[:MAX_SEGMENT_CHARS], fn)
+
+
+@dataclass(slots=True)
+class TextMemos:
+    """Bounded caches of pure functions of prompt text, owned by one :class:`RiskStage`.
+
+    ``folded``: normalised system prompts (pattern matching); ``segments``: template id per
+    system prompt / head / tail sentence. Worst case about 4 MB and 5 MB; typically far less
+    (sentences are short, system prompts few)."""
+
+    folded: Memo[str] = field(default_factory=lambda: Memo(256, 8192))
+    segments: Memo[str | None] = field(default_factory=lambda: _SegmentMemo(8192, MAX_SEGMENT_CHARS))
+
+    def fold_system(self, text: str) -> str:
+        return self.folded(text, normalize)
+
+
 def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSettings,
-                  out: dict[str, float]) -> LocalSignals:
+                  out: dict[str, float], memos: TextMemos | None = None) -> LocalSignals:
     view = ctx.request
     prompt = extract_prompt(view)
-    hit = patterns.match(prompt.combined)
+    if memos is None:
+        hit = patterns.match(prompt.combined)
+    else:
+        hit = patterns.match_prompt(prompt.system, prompt.user, memos.fold_system)
     flags = {
         "logprobs": 1.0 if view.logprobs or view.top_logprobs else 0.0,
         "logit_bias": 1.0 if view.logit_bias else 0.0,
@@ -95,7 +126,8 @@ def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSetti
     out["cot"] = hit.strength
     out["shape"] = shape
     out["single_turn"] = 1.0 if single else 0.0
-    fp = fingerprint(prompt.system, prompt.user) if prompt.user or prompt.system else NO_FINGERPRINT
+    fp = (fingerprint(prompt.system, prompt.user, memos.segments if memos is not None else None)
+          if prompt.user or prompt.system else NO_FINGERPRINT)
     return LocalSignals(hit.strength, hit.families, shape, single, fp)
 
 
@@ -111,7 +143,10 @@ def _effort_high(body: object) -> bool:
 
 def _prefix(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     # /24 and /48 are the usual allocation granularity: one customer or one hosting block.
-    return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 48), strict=False))
+    if ip.version == 4:  # what str(ip_network((ip, 24), strict=False)) gives, without building one
+        n = int(ip)
+        return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.0/24"
+    return str(ipaddress.ip_network((ip, 48), strict=False))
 
 
 def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Plan:

@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from gateway.risk.hll import HyperLogLog
+from gateway.risk.hll import HyperLogLog, index_rank
+from gateway.risk.memo import Memo
 
 Clock = Callable[[], float]
 MAX_GAP = 6 * 3600.0  # gaps longer than this are sessions apart, not request cadence
@@ -156,9 +157,12 @@ def touch_account(acc: _Account | None, op: AccountTouch, now: float) -> tuple[_
     else:
         previous = acc.last
         elapsed = now - acc.last
-        acc.counts = [decay(c, elapsed, op.half_life) for c in acc.counts]
-        acc.counts += [0.0] * (len(op.amounts) - len(acc.counts))
-        acc.top_count = decay(acc.top_count, elapsed, op.half_life)
+        if elapsed > 0:  # decay(), with the factor computed once for every counter
+            factor = math.pow(2.0, -elapsed / op.half_life)
+            acc.counts = [c * factor for c in acc.counts]
+            acc.top_count *= factor
+        if len(acc.counts) < len(op.amounts):
+            acc.counts += [0.0] * (len(op.amounts) - len(acc.counts))
         if 0 < elapsed <= MAX_GAP:
             if acc.gaps == 0:
                 acc.gap_mean, acc.gap_var = elapsed, 0.0
@@ -168,8 +172,9 @@ def touch_account(acc: _Account | None, op: AccountTouch, now: float) -> tuple[_
                 acc.gap_var = (1 - GAP_ALPHA) * (acc.gap_var + GAP_ALPHA * diff * diff)
             acc.gaps = min(acc.gaps + 1, 1000)
         acc.last = now
+    counts = acc.counts
     for i, amount in enumerate(op.amounts):
-        acc.counts[i] += amount
+        counts[i] += amount
     if now - acc.hours_start > DAY:
         acc.hours, acc.hours_start = 0, now
     acc.hours |= 1 << int(now // 3600 % 24)
@@ -193,6 +198,11 @@ class MemorySignalStore:
     sweep_every: int = 10_000
     _data: dict[str, _Entry] = field(default_factory=dict)
     _ops: int = 0
+    # Register hashes of HLL members (accounts/orgs: a request adds the same one to several keys).
+    _hashes: Memo[tuple[int, int]] = field(default_factory=lambda: Memo(16384, 256))
+
+    def _hash(self, member: str) -> tuple[int, int]:
+        return self._hashes(member, index_rank)
 
     def _get(self, key: str, now: float) -> Any:
         entry = self._data.get(key)
@@ -214,44 +224,72 @@ class MemorySignalStore:
         if self._ops >= self.sweep_every:
             self._ops = 0
             self._sweep(now)
-        return BatchResult(now, tuple(self._one(op, now) for op in ops))
+        one = self._one
+        return BatchResult(now, tuple([one(op, now) for op in ops]))
 
     def _one(self, op: Op, now: float) -> Any:
-        if isinstance(op, HllAdd):
-            bucket = int(now // op.window)
-            cur_key, prev_key = f"{op.key}:{bucket}", f"{op.key}:{bucket - 1}"
-            cur = self._get(cur_key, now)
-            if cur is None:
-                cur = HyperLogLog(self._get(prev_key, now))
-                self._data[cur_key] = _Entry(now + 2 * op.window + 1, cur)
-            cur.add(op.member)
-            return cur.count()
-        if isinstance(op, DecayAdd):
-            entry = self._get(op.key, now)
-            last, values = entry if entry is not None else (now, (0.0,) * len(op.amounts))
-            elapsed = now - last
-            out = tuple(decay(v, elapsed, op.half_life) + a for v, a in zip(values, op.amounts, strict=False))
-            self._data[op.key] = _Entry(now + 8 * op.half_life, (now, out))
-            return out
+        kind = type(op)
+        if kind is HllAdd:
+            return self._hll_add(op, now)  # type: ignore[arg-type]
+        if kind is DecayAdd:
+            return self._decay_add(op, now)  # type: ignore[arg-type]
         if isinstance(op, AccountTouch):
-            acc, state = touch_account(self._get(op.key, now), op, now)
-            self._data[op.key] = _Entry(now + op.ttl, acc)
+            entry = self._data.get(op.key)
+            acc = entry.value if entry is not None and entry.expires > now else None
+            acc, state = touch_account(acc, op, now)
+            if entry is not None and entry.value is acc:
+                entry.expires = now + op.ttl
+            else:
+                self._data[op.key] = _Entry(now + op.ttl, acc)
             return state
         if isinstance(op, StateGet):
             fields: dict[str, tuple[float, str]] = self._get(op.key, now) or {}
-            return {f: v for f, (exp, v) in fields.items() if exp > now}
+            return {f: v for f, (exp, v) in fields.items() if exp > now} if fields else {}
         if isinstance(op, StatePut):
             fields = self._get(op.key, now) or {}
             fields[op.field] = (now + op.ttl, op.value)
             expires = max(exp for exp, _v in fields.values())
             self._data[op.key] = _Entry(expires, fields)
             return None
-        fields = self._get(op.key, now) or {}
-        if op.field is None:
-            self._data.pop(op.key, None)
-        else:
-            fields.pop(op.field, None)
+        if isinstance(op, StateDelete):
+            fields = self._get(op.key, now) or {}
+            if op.field is None:
+                self._data.pop(op.key, None)
+            else:
+                fields.pop(op.field, None)
         return None
+
+    def _hll_add(self, op: HllAdd, now: float) -> int:
+        # One entry per key holds its current bucket; the previous bucket is only ever read when
+        # the next one starts (its members are copied into the new bucket's view), so it need not
+        # be kept under a key of its own.
+        bucket = int(now // op.window)
+        entry = self._data.get(op.key)
+        if entry is None or entry.expires <= now or entry.value[0] != bucket:
+            previous = entry.value[1] if (entry is not None and entry.expires > now
+                                          and entry.value[0] == bucket - 1) else None
+            entry = _Entry(now + 2 * op.window + 1, (bucket, HyperLogLog(previous)))
+            self._data[op.key] = entry
+        hll: HyperLogLog = entry.value[1]
+        hll.add(op.member, self._hash)
+        return hll.count()
+
+    def _decay_add(self, op: DecayAdd, now: float) -> tuple[float, ...]:
+        entry = self._data.get(op.key)
+        if entry is None or entry.expires <= now:
+            out = op.amounts
+            self._data[op.key] = _Entry(now + 8 * op.half_life, (now, out))
+            return out
+        last, values = entry.value
+        elapsed = now - last
+        if elapsed > 0:
+            factor = math.pow(2.0, -elapsed / op.half_life)
+            out = tuple([v * factor + a for v, a in zip(values, op.amounts, strict=False)])
+        else:
+            out = tuple([v + a for v, a in zip(values, op.amounts, strict=False)])
+        entry.expires = now + 8 * op.half_life
+        entry.value = (now, out)
+        return out
 
     async def close(self) -> None:
         self._data.clear()

@@ -16,7 +16,7 @@ from gateway.context import Decision, RequestContext
 from gateway.risk import score
 from gateway.risk.patterns import PatternSet, load_patterns
 from gateway.risk.settings import RiskSettings, StoreSettings
-from gateway.risk.signals import Candidate, local_signals, plan, read
+from gateway.risk.signals import Candidate, TextMemos, local_signals, plan, read
 from gateway.risk.sigstore import MemorySignalStore, SignalStore
 from gateway.store.base import StoreError
 
@@ -41,6 +41,7 @@ class RiskStage:
         self._settings = settings
         self._store = store
         self._patterns = patterns if patterns is not None else load_patterns(settings.patterns)
+        self._memos = TextMemos()
         self.store_errors = 0
 
     @property
@@ -53,7 +54,7 @@ class RiskStage:
             return None
         risk = ctx.risk
         signals = risk.signals
-        local = local_signals(ctx, self._patterns, settings, signals)
+        local = local_signals(ctx, self._patterns, settings, signals, self._memos)
         ops = plan(ctx, local, settings)
         template_id: str | None = None
         candidates: list[Candidate] = []

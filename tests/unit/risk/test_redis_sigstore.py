@@ -1,0 +1,181 @@
+"""``SignalStore`` contract: the same cases against ``MemorySignalStore`` and ``RedisSignalStore``.
+
+The memory store runs on an injected clock (``advance`` moves it); the Redis store takes time
+from Redis ``TIME`` and its TTLs are Redis's own, so there ``advance`` waits for real time to
+pass over short windows (tenths of a second), never a frozen Python clock. HyperLogLog counts
+are exact below a few dozen members in both stores; the assertions allow Redis's estimator ±1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.risk.redis_sigstore import RedisSignalStore
+from gateway.risk.settings import RiskSettings
+from gateway.risk.sigstore import (
+    AccountTouch,
+    DecayAdd,
+    HllAdd,
+    MemorySignalStore,
+    SignalStore,
+    StateDelete,
+    StateGet,
+    StatePut,
+)
+from gateway.stages.risk import RiskStage
+from tests.support.redis_servers import RedisServer, start_server
+from tests.unit.risk.helpers import FakeClock, chat_ctx
+
+WINDOW = 0.4  # seconds: short enough for real time on Redis
+
+
+@dataclass
+class Harness:
+    store: SignalStore
+    clock: FakeClock | None  # None: Redis owns time
+
+    async def advance(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+    async def align(self, window: float) -> None:
+        """Start just after a ``window`` boundary, so a test's first steps share one bucket."""
+        now = (await self.store.batch([])).now
+        phase = now % window
+        if phase > window * 0.1:
+            await self.advance(window - phase + 0.01)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_server(Path(tmp_path_factory.mktemp("redis")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        clock = FakeClock()
+        store: SignalStore = MemorySignalStore(clock)
+        yield Harness(store, clock)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisSignalStore.from_url(server.url, prefix=f"t:{request.node.name}:", deadline=2.0)
+        yield Harness(store, None)
+    await store.close()
+
+
+def near(value: int, expected: int) -> bool:
+    return abs(value - expected) <= 1
+
+
+async def test_hll_counts_this_window_and_the_previous_one(harness: Harness) -> None:
+    store = harness.store
+    await harness.align(WINDOW)
+    result = await store.batch([HllAdd("k", f"m{i}", WINDOW) for i in range(30)])
+    assert [int(r) for r in result.results][-1] == 30 or near(result.results[-1], 30)
+    assert near((await store.batch([HllAdd("k", "m0", WINDOW)])).results[0], 30)  # a repeat
+    await harness.advance(WINDOW)  # next bucket: the previous one still counts
+    assert near((await store.batch([HllAdd("k", "new", WINDOW)])).results[0], 31)
+    await harness.advance(2 * WINDOW)  # both old buckets gone
+    assert (await store.batch([HllAdd("k", "new2", WINDOW)])).results[0] == 1
+
+
+async def test_hll_keys_are_independent(harness: Harness) -> None:
+    store = harness.store
+    await harness.align(WINDOW)
+    res = (await store.batch([HllAdd("a", "x", WINDOW), HllAdd("b", "x", WINDOW), HllAdd("a", "y", WINDOW),
+                              HllAdd("a", "x", WINDOW)])).results
+    assert list(res) == [1, 1, 2, 2]
+
+
+async def test_decaying_sums_halve_per_half_life(harness: Harness) -> None:
+    store = harness.store
+    first = (await store.batch([DecayAdd("d", (4.0, 2.0), 0.3)])).results[0]
+    assert first == (4.0, 2.0)
+    await harness.advance(0.3)
+    second = (await store.batch([DecayAdd("d", (0.0, 1.0), 0.3)])).results[0]
+    # exactly one half-life with an injected clock; a little more in real time
+    assert 1.5 <= second[0] <= 2.0 + 1e-6 and 1.75 <= second[1] <= 2.0 + 1e-6
+    assert math.isclose(second[1] - 1.0, second[0] / 2, rel_tol=1e-6)
+
+
+async def test_account_state_gaps_template_and_expiry(harness: Harness) -> None:
+    store = harness.store
+    touch = AccountTouch("a:x", (1.0, 0.5), "tpl", 3600.0, 1.0)
+    first = (await store.batch([touch])).results[0]
+    assert first.previous is None and first.gaps == 0 and first.gap_cv is None
+    assert first.counts == (1.0, 0.5) and first.top_template == "tpl" and first.top_count == 1.0
+    state = first
+    for _ in range(6):
+        await harness.advance(0.05)
+        state = (await store.batch([touch])).results[0]
+    assert state.previous is not None and state.first_seen == first.first_seen
+    assert state.gaps == 6 and 0.0499 <= state.gap_mean < 0.08
+    assert state.gap_cv is not None and state.gap_cv < 0.5
+    assert 6.9 < state.counts[0] <= 7.0 and state.top_template == "tpl" and state.top_count > 6.9
+    assert state.hours.bit_count() == 1
+    other = (await store.batch([AccountTouch("a:x", (1.0, 0.0), "other", 3600.0, 1.0)])).results[0]
+    assert other.top_template == "tpl" and other.top_count < state.top_count  # heavy hitter holds
+    await harness.advance(1.1)  # ttl passed: first seen again
+    assert (await store.batch([touch])).results[0].previous is None
+
+
+async def test_friction_state_put_get_expire_delete(harness: Harness) -> None:
+    store = harness.store
+    await store.batch([StatePut("fr:x", "rule", '{"a":1}', 0.3), StatePut("fr:x", "long", "{}", 5.0)])
+    assert (await store.batch([StateGet("fr:x")])).results[0] == {"rule": '{"a":1}', "long": "{}"}
+    await harness.advance(0.35)
+    assert (await store.batch([StateGet("fr:x")])).results[0] == {"long": "{}"}
+    await store.batch([StateDelete("fr:x", "long")])
+    assert (await store.batch([StateGet("fr:x")])).results[0] == {}
+    await store.batch([StatePut("fr:x", "a", "1", 5.0), StatePut("fr:x", "b", "2", 5.0)])
+    await store.batch([StateDelete("fr:x")])
+    assert (await store.batch([StateGet("fr:x")])).results[0] == {}
+    assert (await store.batch([StateGet("fr:never")])).results[0] == {}
+
+
+async def test_one_batch_keeps_results_in_op_order(harness: Harness) -> None:
+    result = await harness.store.batch([
+        StatePut("fr:o", "f", "v", 5.0), HllAdd("h", "m", WINDOW), DecayAdd("d2", (1.0,), 60.0),
+        AccountTouch("a:o", (1.0,), "", 60.0, 60.0), StateGet("fr:o"), StateDelete("fr:o", "f"),
+        StateGet("fr:o")])
+    put, hll, dec, acc, got, deleted, gone = result.results
+    assert put is None and hll == 1 and dec == (1.0,) and acc.counts == (1.0,) and acc.top_template == ""
+    assert got == {"f": "v"} and deleted is None and gone == {}
+    assert result.now > 1_600_000_000
+
+
+async def test_risk_stage_hydra_cluster_on_either_store(harness: Harness) -> None:
+    stage = RiskStage(RiskSettings(), harness.store)
+    template = "Solve the following problem carefully. {q} Think step by step and show your work."
+    ctx = None
+    for i in range(40):
+        ctx = chat_ctx(template.format(q=f"Item {i} costs {i * 3} dollars. What do {i} items cost?"),
+                       account=f"hydra{i}", ip=f"198.51.100.{i + 1}", asn=64999)
+        await stage(ctx)
+        await harness.advance(0.001)
+    assert ctx is not None and "store_error" not in ctx.risk.signals
+    assert ctx.risk.signals["template_accounts"] >= 39 and ctx.risk.cluster_size >= 39
+    assert ctx.risk.cluster_score > 0.8 and ctx.risk.score > 0.8
+
+
+@pytest.mark.redis
+async def test_redis_script_reloaded_after_flush(redis_server: RedisServer) -> None:
+    store = RedisSignalStore.from_url(redis_server.url, prefix="t:flush:", deadline=2.0)
+    try:
+        assert (await store.batch([HllAdd("k", "a", 60.0)])).results == (1,)
+        await store._client.script_flush()
+        assert (await store.batch([HllAdd("k", "b", 60.0)])).results == (2,)
+        assert store.script_reloads >= 1
+    finally:
+        await store.close()
