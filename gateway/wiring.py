@@ -73,6 +73,9 @@ def check_deployment(settings: Settings) -> None:
         problems.append(f"--workers {settings.workers} with risk.store.backend: memory would give each "
                         "worker its own risk signals and challenge replay set; configure "
                         "risk.store.backend: redis")
+    if settings.workers > 1 and risk is not None and risk.enabled and not risk.challenge.secret:
+        problems.append(f"--workers {settings.workers} needs a shared proof-of-work secret: set the "
+                        "variable named by risk.challenge.secret_env (default TOLLGATE_CHALLENGE_SECRET)")
     if problems:
         raise ConfigError([Issue(Mark(settings.source, 1, 1), "workers", p) for p in problems])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,9 +96,12 @@ def test_invalid_policy_at_start_exits_non_zero(tmp_path: Path) -> None:
 def test_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
     path = config(tmp_path, free_port())
     proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path), "--workers", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "TOLLGATE_CHALLENGE_SECRET"})
     assert proc.returncode == 2
     assert "--workers 2 with the memory store" in proc.stderr
+    assert "risk.store.backend: memory" in proc.stderr
+    assert "needs a shared proof-of-work secret" in proc.stderr
 
 
 async def test_sighup_reloads_and_sigterm_drains_with_every_audit_record(tmp_path: Path) -> None:
@@ -137,12 +141,13 @@ def redis_for_workers(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.mark.redis
-async def test_workers_share_the_port_and_stop_together(tmp_path: Path,
-                                                        redis_for_workers: RedisServer) -> None:
+async def test_workers_share_the_port_and_stop_together(tmp_path: Path, redis_for_workers: RedisServer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     extra = (f"store: {{backend: redis, redis: {{url: '{redis_for_workers.url}'}}}}\n"
              f"risk: {{store: {{backend: redis, url: '{redis_for_workers.url}'}}}}\n")
+    monkeypatch.setenv("TOLLGATE_CHALLENGE_SECRET", "shared-secret-for-the-test")
     proc = gateway("run", "--config", str(config(tmp_path, port, extra)), "--workers", "2", cwd=REPO,
                    log=tmp_path / "gw.log")
     try:
