@@ -27,203 +27,28 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
 
 import uvloop
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
-PROMPT = "Say hello to the benchmark in a few words."
-TICK = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-# -- the raw client ----------------------------------------------------------------------------
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection; ``request`` writes pre-encoded bytes and awaits the last byte."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.done: asyncio.Future[tuple[int, bool]] | None = None
-        self.first: asyncio.Future[None] | None = None  # set when the first body bytes arrive
-        self._reset()
-
-    def _reset(self) -> None:
-        self.buf.clear()
-        self.status = 0
-        self.body_start = -1
-        self.length = -1  # -1: chunked, else Content-Length
-        self.pos = 0  # chunked parse position
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCPTransport implements asyncio.Transport without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        for fut in (self.done, self.first):
-            if fut is not None and not fut.done():
-                fut.set_exception(ConnectionError("connection lost"))
-
-    def _finish(self) -> None:
-        assert self.done is not None
-        self.done.set_result((self.status, b"[DONE]" in self.buf))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.done is None or self.done.done():
-            return
-        if self.body_start < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buf[:end]).lower()
-            self.status = int(head[9:12])
-            self.body_start = self.pos = end + 4
-            at = head.find(b"\ncontent-length:")
-            if at >= 0:
-                eol = head.find(b"\r", at + 1)
-                self.length = int(head[at + 16 : eol if eol > 0 else None])
-            elif b"transfer-encoding: chunked" not in head:
-                self.length = 0
-        if self.first is not None and not self.first.done() and len(self.buf) > self.body_start:
-            self.first.set_result(None)
-        if self.length >= 0:
-            if len(self.buf) >= self.body_start + self.length:
-                self._finish()
-            return
-        while True:  # chunked: walk the complete chunks received so far
-            eol = self.buf.find(b"\r\n", self.pos)
-            if eol < 0:
-                return
-            size = int(self.buf[self.pos : eol].split(b";")[0], 16)
-            if size == 0:
-                if len(self.buf) >= eol + 4:
-                    self._finish()
-                return
-            if len(self.buf) < eol + size + 4:
-                return
-            self.pos = eol + size + 4
-
-    async def request(self, payload: bytes, want_first: bool = False) -> tuple[int, bool]:
-        """Send one request; returns (status, saw ``[DONE]``)."""
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._reset()
-        self.done = loop.create_future()
-        self.first = loop.create_future() if want_first else None
-        self.transport.write(payload)
-        return await self.done
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def _connect(port: int) -> _Conn:
-    transport, conn = await asyncio.get_running_loop().create_connection(_Conn, "127.0.0.1", port)
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
-
-
-def _payload(port: int, stream: bool, extra: dict[str, str]) -> bytes:
-    body = json.dumps(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
-    ).encode()
-    headers = {
-        "Host": f"127.0.0.1:{port}",
-        "Content-Type": "application/json",
-        "Authorization": os.environ.get("BENCH_AUTH", "Bearer tg_bench_key_0001"),  # bench/bench-keys.yaml
-        "Content-Length": str(len(body)),
-        **extra,
-    }
-    head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return head.encode() + b"\r\n" + body
-
-
-# -- /proc accounting --------------------------------------------------------------------------
-def _tree(pid: int) -> Iterator[int]:
-    """``pid`` and its descendants (a gateway with --workers forks children)."""
-    yield pid
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in tids:
-        try:
-            children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            yield from _tree(int(child))
-
-
-def cpu_seconds(pid: int) -> float:
-    ticks = 0
-    for p in _tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return ticks * TICK
-
-
-def rss_kib(pid: int) -> int:
-    total = 0
-    for p in _tree(pid):
-        try:
-            lines = Path(f"/proc/{p}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
-    return total
-
-
-# -- processes ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Target:
-    name: str
-    port: int
-    pid: int  # the process whose CPU and memory are measured
-
-
-async def _ready(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = await _connect(port)
-            try:
-                status, _ = await asyncio.wait_for(conn.request(_payload(port, False, {})), 5)
-            finally:
-                conn.close()
-            if status == 200:
-                return True
-        except (OSError, TimeoutError):
-            pass
-        await asyncio.sleep(0.2)
-    return False
-
-
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # Output goes to a file: the gateway's access log costs here what it costs in production.
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadkit import (  # noqa: E402
+    PY,
+    ROOT,
+    Conn,
+    Target,
+    connect,
+    cpu_seconds,
+    free_port,
+    ready,
+    request_bytes,
+    rss_kib,
+    spawn,
+)
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -242,11 +67,11 @@ class Cell:
     mock_cpu_us: float
 
 
-async def _drive(conns: list[_Conn], payload: bytes, until: float, lat: list[float] | None) -> int:
+async def _drive(conns: list[Conn], payload: bytes, until: float, lat: list[float] | None) -> int:
     loop = asyncio.get_running_loop()
     errors = 0
 
-    async def one(conn: _Conn) -> None:
+    async def one(conn: Conn) -> None:
         nonlocal errors
         clock = time.perf_counter
         while loop.time() < until:
@@ -267,8 +92,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argparse.Namespace) -> Cell:
-    payload = _payload(t.port, stream, {"x-mock-chunks": str(args.chunks)})
-    conns = [await _connect(t.port) for _ in range(conc)]
+    payload = request_bytes(t.port, stream, {"x-mock-chunks": str(args.chunks)})
+    conns = [await connect(t.port) for _ in range(conc)]
     loop = asyncio.get_running_loop()
     try:
         await _drive(conns, payload, loop.time() + args.warmup, None)
@@ -309,11 +134,11 @@ class SlowResult:
 
 async def run_slow(t: Target, n: int, chunks: int) -> SlowResult:
     """Hold ``n`` streams open through the target, one 1-second chunk at a time."""
-    payload = _payload(t.port, True, {"x-mock-chunks": str(chunks), "x-mock-chunk-delay-ms": "1000"})
+    payload = request_bytes(t.port, True, {"x-mock-chunks": str(chunks), "x-mock-chunk-delay-ms": "1000"})
     before = rss_kib(t.pid)
-    conns: list[_Conn] = []
+    conns: list[Conn] = []
     for start in range(0, n, 100):  # in batches: a burst of 1,000 SYNs can overflow a listen backlog
-        conns.extend(await asyncio.gather(*(_connect(t.port) for _ in range(min(100, n - start)))))
+        conns.extend(await asyncio.gather(*(connect(t.port) for _ in range(min(100, n - start)))))
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(c.request(payload, want_first=True)) for c in conns]
     peak = before
@@ -414,13 +239,13 @@ async def main(args: argparse.Namespace) -> int:
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     logs = ROOT / "bench" / "results"  # git-ignored
     logs.mkdir(parents=True, exist_ok=True)
-    up = _free_port()
+    up = free_port()
     upstream = f"http://127.0.0.1:{up}"
-    procs = {"mock": _spawn([PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log")}
+    procs = {"mock": spawn([PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log")}
     targets: list[Target] = []
     redis_url: str | None = None
     try:
-        if not await _ready(up, 15):
+        if not await ready(up, 15):
             print("mock upstream did not start; see bench/results/mock.log", file=sys.stderr)
             return 1
         mock_pid = procs["mock"].pid
@@ -428,10 +253,10 @@ async def main(args: argparse.Namespace) -> int:
             if name == "direct":
                 targets.append(Target("direct", up, mock_pid))
                 continue
-            port = _free_port()
+            port = free_port()
             if "redis" in name and redis_url is None:
-                rport = _free_port()
-                procs["redis"] = _spawn(["redis-server", "--port", str(rport), "--save", "", "--appendonly",
+                rport = free_port()
+                procs["redis"] = spawn(["redis-server", "--port", str(rport), "--save", "", "--appendonly",
                                          "no"], logs / "redis.log")
                 redis_url = f"redis://127.0.0.1:{rport}/0"
                 await asyncio.sleep(0.3)
@@ -439,8 +264,8 @@ async def main(args: argparse.Namespace) -> int:
             if cmd is None:
                 print(f"unknown target {name!r}", file=sys.stderr)
                 return 2
-            procs[name] = _spawn(cmd, logs / f"{name}.log")
-            if await _ready(port, 20):
+            procs[name] = spawn(cmd, logs / f"{name}.log")
+            if await ready(port, 20):
                 targets.append(Target(name, port, procs[name].pid))
             else:
                 print(

@@ -29,16 +29,16 @@ import aiohttp
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (the raw keep-alive client and process helpers)
+import loadkit as load  # noqa: E402  (the raw keep-alive client and process helpers)
 
 QUOTA_FILE = "20-quota.yaml"
 
 
 async def drive(port: int, conc: int, until: float, samples: list[tuple[float, float, int]]) -> None:
-    conns = [await load._connect(port) for _ in range(conc)]
-    payload = load._payload(port, False, {})
+    conns = [await load.connect(port) for _ in range(conc)]
+    payload = load.request_bytes(port, False, {})
 
-    async def one(conn: load._Conn) -> None:
+    async def one(conn: load.Conn) -> None:
         while time.monotonic() < until:
             started = time.monotonic()
             try:
@@ -97,7 +97,7 @@ async def main(args: argparse.Namespace) -> int:
         policy_dir = work / "policies"
         shutil.copytree(load.ROOT / "bench" / "policies" / "full", policy_dir)
         shutil.copy(load.ROOT / "bench" / "bench-keys.yaml", work / "bench-keys.yaml")
-        up, gw, admin_port = load._free_port(), load._free_port(), load._free_port()
+        up, gw, admin_port = load.free_port(), load.free_port(), load.free_port()
         config = (load.ROOT / "bench" / "gateway-bench.yaml").read_text()
         config = config.replace("admin: {enabled: false}", f"admin: {{enabled: true, port: {admin_port}}}")
         config = config.replace(
@@ -107,8 +107,8 @@ async def main(args: argparse.Namespace) -> int:
         logs = load.ROOT / "bench" / "results"
         logs.mkdir(parents=True, exist_ok=True)
         procs = [
-            load._spawn([load.PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log"),
-            load._spawn(
+            load.spawn([load.PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log"),
+            load.spawn(
                 [
                     load.PY,
                     "-m",
@@ -125,7 +125,7 @@ async def main(args: argparse.Namespace) -> int:
             ),
         ]
         try:
-            if not (await load._ready(up, 15) and await load._ready(gw, 20)):
+            if not (await load.ready(up, 15) and await load.ready(gw, 20)):
                 print("servers did not start; see bench/results/*.log", file=sys.stderr)
                 return 1
             warm: list[tuple[float, float, int]] = []
