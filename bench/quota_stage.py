@@ -1,6 +1,7 @@
 """Cost of the quota stage per request, with MemoryStore and with a real Redis on loopback.
 
     .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
+                                          [--concurrency 16]
 
 For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
 total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
@@ -10,9 +11,15 @@ Wall time per call is ``perf_counter_ns``; CPU is ``process_time_ns`` of this pr
 whole measured loop divided by the requests, so for Redis it excludes redis-server's own work
 and the loopback wait. Contexts rotate over 2,000 accounts, 200 orgs and 500 addresses.
 
+A concurrent run (``--concurrency`` tasks, 3 limits, charge + settle request after request) is
+closer to the gateway under load: round trips overlap, commands share writes on the lean
+connection and reconciles are batched. It compares MemoryStore, RedisStore (lean connection,
+deferred reconciles; the mean batch size is shown) and RedisStore on redis-py (``lean=False``).
+
 With Redis a ``redis-server`` is started on a free port (persistence off) and killed at the end;
-a micro benchmark also reports redis-py's own CPU per sequential call (PING, EVALSHA of the
-charge script for one key), which is the floor under every store round trip.
+a micro benchmark also reports the client CPU per sequential call (PING through redis-py, one
+EVALSHA of the charge script through the lean connection and through redis-py), the floor under
+every store round trip.
 """
 
 from __future__ import annotations
@@ -124,6 +131,29 @@ async def measure(store: Store, limits: int, requests: int, warmup: int = 2000) 
             "total_p50": statistics.median(total), "total_p99": _pct(total, 0.99), "cpu_mean": cpu}
 
 
+async def measure_concurrent(store: Store, limits: int, requests: int, concurrency: int = 16,
+                             warmup: int = 2000) -> dict[str, float]:
+    """Like the gateway under load: ``concurrency`` tasks, each charging and settling request
+    after request, so round trips overlap, commands pipeline and reconciles batch."""
+    stage = QuotaStage(store, QuotaSettings())
+    contexts = _contexts(requests + warmup, _actions(limits))
+
+    async def worker(share: list[RequestContext]) -> None:
+        for ctx in share:
+            assert await stage(ctx) is None
+            _finish(ctx)
+            await stage.settle(ctx)
+
+    await asyncio.gather(*(worker(contexts[i:warmup:concurrency]) for i in range(concurrency)))
+    measured = contexts[warmup:]
+    cpu0 = time.process_time_ns()
+    t0 = time.perf_counter_ns()
+    await asyncio.gather(*(worker(measured[i::concurrency]) for i in range(concurrency)))
+    wall = (time.perf_counter_ns() - t0) / 1e9
+    cpu = (time.process_time_ns() - cpu0) / 1000.0 / requests
+    return {"cpu_mean": cpu, "rps": requests / wall}
+
+
 async def _per_call(fn: Callable[[], Awaitable[Any]], calls: int) -> tuple[float, float]:
     """(CPU µs, wall p50 µs) per sequential call."""
     for _ in range(200):
@@ -139,19 +169,22 @@ async def _per_call(fn: Callable[[], Awaitable[Any]], calls: int) -> tuple[float
 
 
 async def redis_client_cost(url: str, calls: int) -> dict[str, tuple[float, float]]:
-    """redis-py's own cost per call: PING, and one EVALSHA of charge.lua (one GCRA key)."""
+    """Client cost per sequential call: PING through redis-py, and one EVALSHA of charge.lua (one
+    GCRA key) through RedisStore.charge on the lean connection and on redis-py."""
     from gateway.store.redis import RedisStore
 
-    store = RedisStore.from_url(url, deadline=1.0)
-    client = store.client
+    lean = RedisStore.from_url(url, deadline=1.0)
+    plain = RedisStore.from_url(url, deadline=1.0, lean=False)
     try:
         charge = Charge("bench|probe", Algorithm.GCRA, 1_000_000_000, 60_000, 1, burst=1_000_000)
-        out = {"PING": await _per_call(lambda: client.ping(), calls),
-               "EVALSHA charge (1 key, via RedisStore.charge)": await _per_call(
-                   lambda: store.charge([charge]), calls)}
-        return out
+        return {"PING (redis-py)": await _per_call(lambda: lean.client.ping(), calls),
+                "EVALSHA charge via RedisStore.charge, lean connection": await _per_call(
+                    lambda: lean.charge([charge]), calls),
+                "EVALSHA charge via RedisStore.charge, redis-py": await _per_call(
+                    lambda: plain.charge([charge]), calls)}
     finally:
-        await store.close()
+        await lean.close()
+        await plain.close()
 
 
 class RedisServer:
@@ -195,10 +228,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--redis-calls", type=int, default=5000, help="calls in the redis-py micro benchmark")
     parser.add_argument("--no-redis", action="store_true", help="MemoryStore only")
+    parser.add_argument("--concurrency", type=int, default=16, help="tasks in the concurrent run")
     args = parser.parse_args()
     use_redis = not args.no_redis and shutil.which("redis-server") is not None
     rows: list[str] = []
     client_cost: dict[str, tuple[float, float]] = {}
+    concurrent: list[tuple[str, dict[str, float]]] = []
     server = RedisServer() if use_redis else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -215,6 +250,20 @@ def main() -> None:
                         runner.run(store.close())
                     rows.append(_row("redis", limits, result))
                 client_cost = runner.run(redis_client_cost(server.url, args.redis_calls))
+            concurrent.append(("memory", runner.run(measure_concurrent(MemoryStore(), 3, args.requests,
+                                                                       args.concurrency))))
+            if server is not None:
+                for name, options in (("redis, lean connection + batched reconciles", {}),
+                                      ("redis, redis-py (lean=False)", {"lean": False})):
+                    store = RedisStore.from_url(server.url, deadline=1.0, **options)
+                    try:
+                        result = runner.run(measure_concurrent(store, 3, args.requests, args.concurrency))
+                        queue = store.reconcile
+                        if queue is not None and queue.batches:
+                            name += f" (mean batch {queue.adjustments / queue.batches:.1f})"
+                    finally:
+                        runner.run(store.close())
+                    concurrent.append((name, result))
     finally:
         if server is not None:
             server.stop()
@@ -224,6 +273,11 @@ def main() -> None:
           "| CPU mean |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    print(f"\nConcurrent: {args.concurrency} tasks, 3 limits, charge + settle per request:\n")
+    print("| store | CPU µs / request | requests/s |")
+    print("|---|---:|---:|")
+    for name, r in concurrent:
+        print(f"| {name} | {r['cpu_mean']:.1f} | {r['rps']:,.0f} |")
     if client_cost:
         try:
             import hiredis  # noqa: F401
@@ -231,7 +285,7 @@ def main() -> None:
             parser_name = "hiredis"
         except ImportError:
             parser_name = "pure-Python parser"
-        print(f"\nredis-py per sequential call ({args.redis_calls} calls, {parser_name}):\n")
+        print(f"\nRedis client per sequential call ({args.redis_calls} calls, {parser_name}):\n")
         print("| call | client CPU µs | wall p50 µs |")
         print("|---|---:|---:|")
         for name, (cpu, wall) in client_cost.items():

@@ -249,7 +249,9 @@ class QuotaStage:
                     adjustments.append(Adjustment(receipt, delta))
         audit = ctx.audit.setdefault("quota", {})
         audit["settled"] = {"input_tokens": actual_in, "output_tokens": actual_out}
-        if adjustments:  # nothing to reconcile (request rates, exact reservations): no round trip
+        # Nothing to reconcile (request rates, exact reservations): no round trip. Otherwise
+        # queued when the store can batch it (see docs/quotas.md for the delay bound).
+        if adjustments and not self.guard.adjust_soon(adjustments, backend):
             await self.guard.adjust(adjustments, backend)
 
     @staticmethod

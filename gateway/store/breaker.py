@@ -134,6 +134,10 @@ def _indices(n: int) -> tuple[int, ...]:
     return _RANGES[n] if n < len(_RANGES) else tuple(range(n))
 
 
+# ``RedisStore.adjust_soon``: queue adjustments, report the outcome to a callback later.
+_AdjustSoon = Callable[[Sequence[Adjustment], Callable[[StoreError | None], None]], bool]
+
+
 class GuardedStore:
     """The shared store behind a breaker, with failure modes and a local fallback limiter."""
 
@@ -145,6 +149,8 @@ class GuardedStore:
         self.replicas = max(1, replicas)
         self.stats = StoreStats()
         self.breaker = CircuitBreaker(breaker, self.stats, monotonic)
+        # Optional: a store that can queue reconciles (RedisStore on a single Redis).
+        self._adjust_soon: _AdjustSoon | None = getattr(primary, "adjust_soon", None)
 
     async def call(self, fn: Callable[[Store], Awaitable[T]]) -> T:
         """Run ``fn(primary)`` through the breaker; raises ``StoreError`` when it cannot."""
@@ -230,6 +236,26 @@ class GuardedStore:
                 await self.call(lambda s: s.adjust(adjustments))
         except StoreError:
             self.stats.settle_failures += 1
+
+    def adjust_soon(self, adjustments: Sequence[Adjustment], backend: str) -> bool:
+        """Settle against the shared store without waiting, when the store can queue it
+        (``RedisStore.adjust_soon``) and the breaker is closed; False means: await
+        :meth:`adjust` instead. Counted exactly like :meth:`adjust` once the batch is answered."""
+        if backend != "store" or self.stats.breaker_state is not BreakerState.CLOSED:
+            return False
+        queue = self._adjust_soon
+        if queue is None or not queue(adjustments, self._settled):
+            return False
+        self.stats.calls += 1
+        return True
+
+    def _settled(self, error: StoreError | None) -> None:
+        if error is None:
+            self.breaker.success()
+        else:
+            self.stats.errors += 1
+            self.stats.settle_failures += 1
+            self.breaker.failure()
 
     async def close(self) -> None:
         await self.primary.close()

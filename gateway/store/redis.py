@@ -10,9 +10,13 @@
 * Every public call runs under a deadline (default 50 ms); any failure becomes ``StoreError``.
 * Client-side retries are disabled: re-sending a charge after an ambiguous connection error
   could charge twice; the circuit breaker and failure modes deal with errors instead.
-* Hot path (single Redis): scripts go out on a pooled connection directly, packed by hiredis,
-  skipping redis-py's per-command retry wrapper and instrumentation (most of its CPU per call);
-  the pool, connection health checks and disconnect-on-error stay redis-py's.
+* Hot path (single Redis over TCP): scripts go out on one lean pipelined connection
+  (``gateway/store/resp.py``: an asyncio Protocol, hiredis-parsed replies, replies matched to
+  calls in order), skipping redis-py's pool, stream reader and per-command wrappers, which cost
+  several times the wire work. redis-py still serves a Cluster and every non-script command.
+* Reconciles can be deferred (``adjust_soon``): settles queued since the lean connection's last
+  write go out together in one EVALSHA, ahead of anything written after them, so the next charge
+  always sees them (``gateway/store/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
-from hiredis import pack_command
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -43,6 +46,8 @@ from gateway.store.base import (
     StoreError,
     state_from_ms,
 )
+from gateway.store.reconcile import Done, ReconcileQueue
+from gateway.store.resp import RespConnection, pack
 
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
@@ -71,7 +76,8 @@ class RedisStoreStats:
 class RedisStore:
     """:class:`~gateway.store.base.Store` on a ``redis.asyncio`` ``Redis`` or ``RedisCluster``."""
 
-    def __init__(self, client: RedisClient, *, prefix: str = "tg:", deadline: float = 0.05) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "tg:", deadline: float = 0.05,
+                 lean: bool = True, settle_batch: int = 128) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self._prefix = prefix
@@ -80,14 +86,15 @@ class RedisStore:
         self._adjust = _Script.load("adjust.lua")
         self._signals = _Script.load("signals.lua")
         self.stats = RedisStoreStats()
-        # Direct pooled path: a plain single Redis (not Cluster, not a single-connection client).
-        self._pool: ConnectionPool | None = (
-            client.connection_pool if isinstance(client, Redis) and client.connection is None
-            and not client.single_connection_client else None)
+        self._lean = _lean_connection(client, deadline, [
+            pack("SCRIPT", "LOAD", script.body) for script in (self._charge, self._adjust, self._signals)
+        ]) if lean else None
+        self._reconcile = None if self._lean is None else ReconcileQueue(
+            self._lean, self._pack_adjust, self._adjust_now, deadline=deadline, max_batch=settle_batch)
 
     @classmethod
     def from_url(cls, url: str | Sequence[str], *, cluster: bool = False, prefix: str = "tg:",
-                 deadline: float = 0.05, max_connections: int = 256) -> RedisStore:
+                 deadline: float = 0.05, max_connections: int = 256, **options: Any) -> RedisStore:
         """Single Redis from one URL, or a Cluster from one or more startup-node URLs."""
         urls = [url] if isinstance(url, str) else list(url)
         no_retry = Retry(NoBackoff(), 0)
@@ -101,7 +108,7 @@ class RedisStore:
         else:
             client = Redis.from_url(urls[0], retry=no_retry, max_connections=max_connections,
                                     socket_connect_timeout=max(deadline, 0.5))
-        return cls(client, prefix=prefix, deadline=deadline)
+        return cls(client, prefix=prefix, deadline=deadline, **options)
 
     @property
     def client(self) -> RedisClient:
@@ -130,24 +137,38 @@ class RedisStore:
             return await self._evalsha(script.sha, keys, args)
 
     async def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        pool = self._pool
-        if pool is None:
+        lean = self._lean
+        if lean is None:
             return await self._client.evalsha(sha, len(keys), *keys, *args)
-        # What Redis.execute_command does for EVALSHA (no response callback), minus the retry
-        # wrapper (retries are off) and the metrics hooks: send_packed_command/read_response
-        # disconnect the connection on any error or cancellation, release() returns it.
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return await lean.call(pack("EVALSHA", sha, len(keys), *keys, *args))
+
+    async def _lean_eval(self, lean: RespConnection, script: _Script, packed: bytes) -> Any:
+        """EVALSHA on the lean connection: the connection enforces the deadline (no
+        ``asyncio.timeout`` per call); NOSCRIPT loads the script there and retries once, all
+        within the one deadline; failures become ``StoreError`` as in :meth:`_guard`."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._deadline
         try:
-            command: tuple[Any, ...] = ("EVALSHA", sha, len(keys), *keys, *args)
-            await conn.send_packed_command(pack_command(command))
-            return await conn.read_response()
-        finally:
-            await pool.release(conn)
+            try:
+                return await lean.call(packed, self._deadline)
+            except NoScriptError:
+                self.stats.script_reloads += 1
+                await lean.call(pack("SCRIPT", "LOAD", script.body), until - loop.time())
+                return await lean.call(packed, until - loop.time())
+        except TimeoutError as exc:
+            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"store error: {exc}") from exc
 
     # ---- quota --------------------------------------------------------------------------
     async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
         if not charges:
             return ChargeResult(True, await self.now(), (), ())
+        lean = self._lean
+        if lean is not None:  # single Redis: one slot group, the hot path
+            keys, args = self._charge_args(charges)
+            packed = pack("EVALSHA", self._charge.sha, len(keys), *keys, *args)
+            return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
         groups = self._groups([c.key for c in charges])
         if len(groups) == 1:
             return await self._guard(lambda: self._charge_group(charges))
@@ -167,22 +188,33 @@ class RedisStore:
     async def _charge_group_idle(self, charges: Sequence[Charge]
                                  ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
         """One EVALSHA for charges in one slot; also returns the states as if not applied."""
+        keys, args = self._charge_args(charges)
+        raw = await self._eval(self._charge, keys, args)
+        idle = tuple(state_from_ms(bool(raw[2 + 7 * i]), c.limit, int(raw[7 + 7 * i]), int(raw[8 + 7 * i]),
+                                   int(raw[5 + 7 * i])) for i, c in enumerate(charges))
+        return self._charge_result(charges, raw), idle
+
+    def _charge_args(self, charges: Sequence[Charge]) -> tuple[list[str], list[str | int]]:
         args: list[str | int] = []
         for c in charges:
             param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
             args += [c.algorithm.value, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
-        raw = await self._eval(self._charge, [self.key(c.key) for c in charges], args)
-        allowed, now_ms = bool(int(raw[0])), int(raw[1])
+        prefix = self._prefix
+        return [f"{prefix}{{{c.key}}}" for c in charges], args
+
+    @staticmethod
+    def _charge_result(charges: Sequence[Charge], raw: Any) -> ChargeResult:
+        """Parse charge.lua's reply: allowed, now_ms, then 7 integers per charge."""
+        allowed = bool(raw[0])
         states: list[LimitState] = []
-        idle: list[LimitState] = []
         receipts: list[Receipt] = []
-        for i, c in enumerate(charges):
-            ok, remaining, reset, retry, bucket, idle_rem, idle_reset = (
-                int(x) for x in raw[2 + 7 * i: 9 + 7 * i])
-            states.append(state_from_ms(bool(ok), c.limit, remaining, reset, retry))
-            idle.append(state_from_ms(bool(ok), c.limit, idle_rem, idle_reset, retry))
-            receipts.append(Receipt(c, bucket, allowed and bool(ok)))
-        return ChargeResult(allowed, now_ms / 1000.0, tuple(states), tuple(receipts)), tuple(idle)
+        at = 2
+        for c in charges:
+            ok, remaining, reset, retry, bucket = raw[at:at + 5]  # hiredis: Lua numbers are ints
+            at += 7
+            states.append(state_from_ms(bool(ok), c.limit, int(remaining), int(reset), int(retry)))
+            receipts.append(Receipt(c, int(bucket), allowed and bool(ok)))
+        return ChargeResult(allowed, int(raw[1]) / 1000.0, tuple(states), tuple(receipts))
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,
@@ -222,19 +254,45 @@ class RedisStore:
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
         if todo:
-            await self._guard(lambda: self._adjust_all(todo))
+            await self._adjust_now(todo)
+
+    def adjust_soon(self, adjustments: Sequence[Adjustment], done: Done) -> bool:
+        """Queue a reconcile without waiting for it (single Redis only; False: not possible,
+        use :meth:`adjust`). ``done(error)`` is called once it was applied (``None``) or failed
+        (a ``StoreError``). Queued reconciles are written within one event-loop iteration, ahead of
+        every script call made after this one (charges included); :meth:`close` sends them."""
+        reconcile = self._reconcile
+        if reconcile is None:
+            return False
+        todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
+        if todo:
+            reconcile.submit(todo, done)
+        else:
+            done(None)
+        return True
+
+    async def _adjust_now(self, adjustments: Sequence[Adjustment]) -> None:
+        await self._guard(lambda: self._adjust_all(adjustments))
+
+    def _pack_adjust(self, adjustments: Sequence[Adjustment]) -> bytes:
+        keys, args = self._adjust_args(adjustments)
+        return pack("EVALSHA", self._adjust.sha, len(keys), *keys, *args)
 
     async def _adjust_all(self, adjustments: Sequence[Adjustment]) -> None:
         groups = self._groups([a.receipt.charge.key for a in adjustments])
         await asyncio.gather(*(self._adjust_group([adjustments[i] for i in g]) for g in groups))
 
     async def _adjust_group(self, adjustments: Sequence[Adjustment]) -> None:
+        keys, args = self._adjust_args(adjustments)
+        await self._eval(self._adjust, keys, args)
+
+    def _adjust_args(self, adjustments: Sequence[Adjustment]) -> tuple[list[str], list[str | int]]:
         args: list[str | int] = []
         for a in adjustments:
             c = a.receipt.charge
             ref = c.lease_id if c.algorithm is Algorithm.LEASE else str(a.receipt.bucket_ms)
             args += [c.algorithm.value, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
-        await self._eval(self._adjust, [self.key(a.receipt.charge.key) for a in adjustments], args)
+        return [self.key(a.receipt.charge.key) for a in adjustments], args
 
     async def now(self) -> float:
         async def call() -> float:
@@ -275,7 +333,35 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        """Send queued reconciles and wait for them (each within the deadline), then close."""
+        if self._reconcile is not None:
+            await self._reconcile.drain()
+        if self._lean is not None:
+            await self._lean.close()
         await self._client.aclose()
+
+    @property
+    def reconcile(self) -> ReconcileQueue | None:
+        """The deferred-reconcile queue (single Redis), for stats and tests."""
+        return self._reconcile
+
+
+def _lean_connection(client: RedisClient, deadline: float,
+                     on_connect: Sequence[bytes]) -> RespConnection | None:
+    """A lean connection for a plain single Redis over TCP with RESP2 (TLS, Unix sockets,
+    credential providers and RESP3 stay on redis-py)."""
+    if not isinstance(client, Redis) or client.connection is not None or client.single_connection_client:
+        return None
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
+            or kw.get("protocol") not in (None, 2, "2"):
+        return None
+    return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
+                          db=int(kw.get("db", 0) or 0), username=kw.get("username"),
+                          password=kw.get("password"), deadline=deadline,
+                          connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
+                          stale_after=max(1.0, 4 * deadline), on_connect=on_connect)
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.quota.stage import QuotaStage
+from gateway.store.base import Adjustment, StoreError
 from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
@@ -177,3 +179,34 @@ async def test_failure_modes_with_an_unreachable_store(mode: FailureMode, clock:
     assert stats.errors == 3 and stats.breaker_state is BreakerState.OPEN
     assert stats.snapshot()["breaker_opened"] == 2  # opened, then re-opened after the probe
     await stage.guard.close()
+
+
+class QueueingStore(MemoryStore):
+    """A store that can queue reconciles (as RedisStore does); the test answers them."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.queued: list[tuple[list[Adjustment], Callable[[StoreError | None], None]]] = []
+
+    def adjust_soon(self, adjustments: Sequence[Adjustment],
+                    done: Callable[[StoreError | None], None]) -> bool:
+        self.queued.append((list(adjustments), done))
+        return True
+
+
+async def test_settle_queues_reconciles_and_counts_their_outcome(clock: FakeClock) -> None:
+    store = QueueingStore(clock)
+    stage = QuotaStage(store, SETTINGS, clock)
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
+    ctxs = [make_ctx(action, input_tokens=100, max_tokens=200) for _ in range(2)]
+    for ctx in ctxs:
+        assert await stage(ctx) is None
+        ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 100, 20, True
+        ctx.upstream_started, ctx.upstream_status = 1.0, 200
+        await stage.settle(ctx)  # returns without the store having answered
+    assert [[a.delta for a in adjustments] for adjustments, _ in store.queued] == [[-180], [-180]]
+    stats = stage.guard.stats
+    store.queued[0][1](None)
+    store.queued[1][1](StoreError("store error: connection lost"))
+    assert stats.calls == 4 and stats.errors == 1 and stats.settle_failures == 1
+    assert stats.breaker_state is BreakerState.CLOSED  # one failure does not open it

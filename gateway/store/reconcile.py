@@ -1,0 +1,149 @@
+"""Deferred reconciles: settles queued and sent together, one EVALSHA per batch.
+
+Every request with a token or spend limit reconciles its reservation when it ends. Awaiting a
+round trip per settle doubles the store traffic of the hot path, so ``RedisStore.adjust_soon``
+queues the adjustments here and returns at once. The queue rides on the lean connection's next
+write (:class:`~gateway.store.resp.Prelude`): everything queued since the last write goes out as
+one EVALSHA of ``adjust.lua`` (split every ``max_batch`` adjustments), *ahead* of every other
+command in that write. Hence:
+
+* a reconcile is written at most one event-loop iteration after its settle returned, and applied
+  one round trip later (the same latency an awaited reconcile had, minus the wait);
+* any command this process sends after a settle returned (the next charge especially) is executed
+  by Redis after that reconcile: Redis runs one connection's commands in order;
+* ``drain`` (``RedisStore.close``) sends what is queued and waits for every batch.
+
+Each batch has the store deadline. Its outcome goes to every settle in it through the ``done``
+callback given to :meth:`ReconcileQueue.submit` (``None``, or the ``StoreError``), where the
+breaker and ``settle_failures`` count it one settle at a time, as for an awaited reconcile. A
+batch refused with NOSCRIPT, or queued while the connection is down, takes the awaited path
+(script reload, reconnect) in a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from gateway.store.base import Adjustment, StoreError
+from gateway.store.resp import RespConnection
+
+# What a settle is told when its batch is done: None (applied) or the StoreError.
+Done = Callable[[StoreError | None], None]
+
+
+class ReconcileQueue:
+    """Adjustments queued by settles, written ahead of the connection's next write."""
+
+    def __init__(self, conn: RespConnection, pack: Callable[[Sequence[Adjustment]], bytes],
+                 resend: Callable[[Sequence[Adjustment]], Awaitable[None]], *, deadline: float,
+                 max_batch: int = 128) -> None:
+        self._conn = conn
+        self._pack = pack  # a batch as one packed EVALSHA
+        self._resend = resend  # the awaited path (connects, reloads scripts); raises StoreError
+        self._deadline = deadline
+        self._max_batch = max(1, max_batch)
+        self._queue: list[tuple[Sequence[Adjustment], Done]] = []  # one entry per settle
+        self._pending = 0
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self.batches = 0  # batches sent (stats: adjustments / batches = mean batch size)
+        self.adjustments = 0
+        conn.prelude = self
+
+    @property
+    def pending(self) -> int:
+        """Adjustments queued and not yet written."""
+        return self._pending
+
+    def submit(self, adjustments: Sequence[Adjustment], done: Done) -> None:
+        """Queue one settle's adjustments; ``done`` is called once with the outcome."""
+        proto = self._conn.ready
+        if proto is None:  # not connected (first use, or Redis went away): connect, then send
+            self._spawn(list(adjustments), [done])
+            return
+        self._queue.append((adjustments, done))
+        self._pending += len(adjustments)
+        proto.schedule_write()
+
+    def take(self) -> list[tuple[bytes, asyncio.Future[Any]]]:
+        """The queue as packed EVALSHAs with their reply futures (the connection writes them).
+        A batch closes once it holds ``max_batch`` adjustments; a settle is never split."""
+        if not self._queue:
+            return []
+        queue, self._queue, self._pending = self._queue, [], 0
+        loop = asyncio.get_running_loop()
+        out: list[tuple[bytes, asyncio.Future[Any]]] = []
+        batch: list[Adjustment] = []
+        waiters: list[Done] = []
+        for i, (adjustments, done) in enumerate(queue):
+            batch.extend(adjustments)
+            waiters.append(done)
+            if len(batch) < self._max_batch and i + 1 < len(queue):
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()  # the connection applies the deadline
+            fut.add_done_callback(partial(self._answered, batch, waiters))
+            self._inflight.add(fut)
+            self.batches += 1
+            self.adjustments += len(batch)
+            out.append((self._pack(batch), fut))
+            batch, waiters = [], []
+        return out
+
+    def lost(self) -> None:
+        """The connection died before the queue was written: send it the awaited way."""
+        queue, self._queue, self._pending = self._queue, [], 0
+        for adjustments, done in queue:
+            self._spawn(list(adjustments), [done])
+
+    def _answered(self, batch: list[Adjustment], waiters: list[Done], fut: asyncio.Future[Any]) -> None:
+        self._inflight.discard(fut)
+        if fut.cancelled():  # only by close()
+            error: StoreError | None = StoreError("store closed")
+        else:
+            exc = fut.exception()
+            if isinstance(exc, NoScriptError):  # flushed scripts: the awaited path reloads them
+                self._spawn(batch, waiters)
+                return
+            if exc is None:
+                error = None
+            elif isinstance(exc, TimeoutError):
+                error = StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded")
+            else:
+                error = StoreError(f"store error: {exc}")
+        _notify(waiters, error)
+
+    def _spawn(self, batch: list[Adjustment], waiters: list[Done]) -> None:
+        task = asyncio.ensure_future(self._send_awaited(batch, waiters))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _send_awaited(self, batch: list[Adjustment], waiters: list[Done]) -> None:
+        try:
+            await self._resend(batch)
+        except StoreError as exc:
+            _notify(waiters, exc)
+        else:
+            _notify(waiters, None)
+
+    async def drain(self) -> None:
+        """Send what is queued and wait until every batch is answered or has failed."""
+        if self._queue:
+            proto = self._conn.ready
+            if proto is not None:
+                proto.schedule_write()
+            else:
+                self.lost()
+        while self._queue or self._inflight:
+            if self._inflight:
+                await asyncio.wait(list(self._inflight))
+            else:
+                await asyncio.sleep(0)  # the write scheduled above takes the queue
+
+
+def _notify(waiters: list[Done], error: StoreError | None) -> None:
+    for done in waiters:
+        done(error)

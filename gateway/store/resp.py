@@ -1,0 +1,308 @@
+"""A lean pipelined RESP2 connection for the quota hot path on a single Redis.
+
+redis-py spends most of its per-call CPU outside the wire work: pool checkout and release,
+connection health checks, stream reader plumbing, a task wake-up per read. The hot path sends
+only pre-packed EVALSHA commands, so this module speaks RESP directly: one ``asyncio.Protocol``
+connection, hiredis parsing the replies, any number of commands in flight (Redis answers in
+order, so replies resolve a FIFO of futures). One connection also means commands issued by this
+process run in the order they were written, which the deferred reconcile relies on
+(``RedisStore.adjust_soon``: a queued reconcile is written before the next charge).
+
+Errors use redis-py's exception classes (``ConnectionError``, ``ResponseError``,
+``NoScriptError``) so ``RedisStore`` maps them to ``StoreError`` exactly as it does redis-py's.
+Deadlines are swept by one timer per connection (not an ``asyncio.timeout`` per call): a call
+past its deadline fails with ``TimeoutError``; it, like a cancelled call, keeps its reply slot in
+the FIFO (the reply, when it comes, is dropped). If that reply is still missing ``stale_after``
+seconds later the connection is taken to be dead and aborted, failing every call on it, and the
+next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol, cast
+
+import hiredis
+from hiredis import pack_command
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+
+def pack(*parts: str | int | bytes) -> bytes:
+    """One command in RESP (hiredis' packer)."""
+    command: tuple[Any, ...] = parts  # hiredis' stub types a 1-tuple; it takes any length
+    return bytes(pack_command(command))
+
+
+def reply_error(error: hiredis.ReplyError) -> ResponseError:
+    """redis-py's exception for an error reply (NOSCRIPT gets its own class)."""
+    text = str(error)
+    return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+
+
+class Prelude(Protocol):
+    """Commands that must go out ahead of whatever else is written next (queued reconciles)."""
+
+    def take(self) -> list[tuple[bytes, asyncio.Future[Any]]]:
+        """Packed commands and their reply futures, to be written first; called once per write."""
+        ...
+
+    def lost(self) -> None:
+        """The connection is gone: commands not yet taken need another way to Redis."""
+        ...
+
+
+class RespProtocol(asyncio.Protocol):
+    """One connection: write packed commands, resolve one future per reply, in order."""
+
+    def __init__(self, deadline: float = 0.05, stale_after: float = 1.0) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiting: deque[asyncio.Future[Any]] = deque()  # written or buffered, reply pending
+        self.closed = False
+        self.prelude: Prelude | None = None
+        self.deadline = deadline  # for prelude commands
+        self._stale_after = stale_after
+        self._out: list[bytes] = []  # commands buffered for the next write
+        self._write_scheduled = False
+        # (expiry in loop time, future), in send order: one timer sweeps them all (cheaper than a
+        # timer per call); answered entries are dropped lazily by the sweep.
+        self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._stale_check: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, packed: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
+        """Buffer one packed command; the future resolves with its reply, or fails with
+        ``TimeoutError`` once ``timeout`` seconds have passed. What is buffered in one event-loop
+        iteration goes out in one write (one syscall, one wake-up of Redis), in order."""
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("connection to Redis closed")
+        loop = self._loop
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._out.append(packed)
+        self.waiting.append(fut)
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            loop.call_soon(self._write)
+        if timeout is not None:
+            self._expire_at(loop.time() + timeout, fut)
+        return fut
+
+    def _expire_at(self, at: float, fut: asyncio.Future[Any]) -> None:
+        self._deadlines.append((at, fut))
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_at(at, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail the calls whose deadline passed; their replies, if they come, are dropped."""
+        self._sweeper = None
+        deadlines = self._deadlines
+        now = self._loop.time()
+        while deadlines:
+            at, fut = deadlines[0]
+            if not fut.done():
+                if at > now:
+                    self._sweeper = self._loop.call_at(at, self._sweep)
+                    return
+                fut.set_exception(TimeoutError("Redis reply overdue"))
+                fut.exception()  # retrieved: the caller may be gone already
+                self.watch(fut)
+            deadlines.popleft()
+
+    def watch(self, fut: asyncio.Future[Any]) -> None:
+        """A caller gave up on ``fut``: if its reply has not come ``stale_after`` seconds later,
+        the connection is presumed dead and aborted (one check at a time is enough)."""
+        if self._stale_check is None and not self.closed:
+            self._stale_check = self._loop.call_later(self._stale_after, self._abort_if_pending, fut)
+
+    def _abort_if_pending(self, fut: asyncio.Future[Any]) -> None:
+        self._stale_check = None
+        if not self.closed and fut in self.waiting:
+            self.abort(RedisConnectionError("Redis stopped answering"))
+
+    def schedule_write(self) -> None:
+        """Make sure a write happens on the next loop iteration (the prelude has commands)."""
+        if not self._write_scheduled and not self.closed:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_scheduled = False
+        if self.closed or self.transport is None:
+            return
+        out = self._out
+        if self.prelude is not None:
+            first = self.prelude.take()
+            if first:  # ahead of everything buffered: their futures go before the buffered ones
+                waiting = self.waiting
+                at = len(waiting) - len(out)
+                expiry = self._loop.time() + self.deadline
+                for i, (_, fut) in enumerate(first):
+                    waiting.insert(at + i, fut)
+                    self._expire_at(expiry, fut)
+                out[:0] = [packed for packed, _ in first]
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:  # a corrupt stream cannot be resynchronised
+                self.abort(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if len(waiting) <= len(self._out):  # a reply nobody asked for: the stream is out of step
+                self.abort(RedisConnectionError("unexpected reply from Redis"))
+                return
+            fut = waiting.popleft()
+            if fut.done():  # its caller gave up (deadline): drop the reply, keep the order
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(reply_error(reply))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"connection to Redis lost: {exc}" if exc
+                                        else "connection to Redis closed"))
+
+    def abort(self, error: Exception) -> None:
+        """Drop the connection now and fail every call waiting on it."""
+        self._fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, error: Exception) -> None:
+        if self.closed and not self.waiting:
+            return
+        self.closed = True
+        self._out.clear()
+        for timer in (self._sweeper, self._stale_check):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._stale_check = None
+        self._deadlines.clear()
+        waiting, self.waiting = self.waiting, deque()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: a queued reconcile nobody awaits must not warn
+        if self.prelude is not None:
+            self.prelude.lost()
+
+
+class RespConnection:
+    """A single pipelined connection to one Redis, reconnected on demand.
+
+    ``call`` may be used by any number of tasks at once. Connecting (TCP, then ``AUTH`` and
+    ``SELECT`` when configured, then the ``on_connect`` commands) happens on first use and after
+    the connection was lost; callers arriving meanwhile share that attempt.
+    """
+
+    def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
+                 password: str | None = None, deadline: float = 0.05, connect_timeout: float = 0.5,
+                 stale_after: float = 1.0, on_connect: Sequence[bytes] = ()) -> None:
+        self.host = host
+        self.port = port
+        setup: list[tuple[str, ...] | tuple[str, int]] = []
+        if password:
+            setup.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            setup.append(("SELECT", db))
+        # after AUTH/SELECT, e.g. SCRIPT LOAD: a fresh connection (restart, failover) never
+        # starts with NOSCRIPT
+        self._setup = [pack(*command) for command in setup] + list(on_connect)
+        self.deadline = deadline  # default for call(); prelude commands get it too
+        self._connect_timeout = connect_timeout
+        self._stale_after = stale_after
+        self._proto: RespProtocol | None = None
+        self._connecting: asyncio.Task[RespProtocol] | None = None
+        self._closed = False
+        self.prelude: Prelude | None = None  # written ahead of each write (see RespProtocol)
+        self.connects = 0  # successful (re)connections, for tests and stats
+
+    @property
+    def ready(self) -> RespProtocol | None:
+        """The live connection, or None if a call would have to connect first."""
+        proto = self._proto
+        return proto if proto is not None and not proto.closed else None
+
+    async def call(self, packed: bytes, timeout: float | None = None) -> Any:
+        """Send one packed command and return its reply. Error replies raise redis-py's
+        exceptions; no reply within ``timeout`` (default: the connection's deadline, connecting
+        included) raises ``TimeoutError``."""
+        timeout = self.deadline if timeout is None else timeout
+        proto = self._proto
+        if proto is None or proto.closed:
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(timeout):
+                proto = await self.connect()
+            timeout -= asyncio.get_running_loop().time() - started
+        fut = proto.send(packed, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            proto.watch(fut)
+            raise
+
+    async def connect(self) -> RespProtocol:
+        """The live connection, connecting first if needed (one attempt shared by all callers)."""
+        if self._closed:
+            raise RedisConnectionError("Redis connection closed")
+        proto = self.ready
+        if proto is not None:
+            return proto
+        task = self._connecting
+        if task is None or task.done():
+            task = self._connecting = asyncio.ensure_future(self._open())
+            task.add_done_callback(_retrieve)  # every waiter may have given up by the time it fails
+        # shield: one caller's deadline must not cancel the attempt the others share
+        return await asyncio.shield(task)
+
+    async def _open(self) -> RespProtocol:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            _, proto = await loop.create_connection(
+                lambda: RespProtocol(self.deadline, self._stale_after), self.host, self.port)
+            try:
+                for reply in [proto.send(command) for command in self._setup]:  # pipelined
+                    await reply
+            except BaseException:
+                proto.abort(RedisConnectionError("Redis connection set-up failed"))
+                raise
+        if self._closed:
+            proto.abort(RedisConnectionError("Redis connection closed"))
+            raise RedisConnectionError("Redis connection closed")
+        proto.prelude = self.prelude  # only now: nothing may go out ahead of AUTH and SELECT
+        self._proto = proto
+        self.connects += 1
+        return proto
+
+    async def close(self) -> None:
+        """Close the connection; calls still waiting fail with ``ConnectionError``."""
+        self._closed = True
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # cancelled or failed: either way the attempt is over
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            proto.abort(RedisConnectionError("Redis connection closed"))
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

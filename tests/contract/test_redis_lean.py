@@ -1,0 +1,175 @@
+"""The lean hot-path connection and deferred reconciles of RedisStore, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from gateway.quota.limits import LimitKind
+from gateway.quota.settings import QuotaSettings
+from gateway.quota.stage import QuotaStage
+from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
+from gateway.store.redis import RedisStore
+from gateway.store.resp import RespConnection, pack
+from tests.support.quota_ctx import limit, make_ctx, quota
+from tests.support.redis_servers import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+def window(key: str, n: int, cost: int) -> Charge:
+    return Charge(key, Algorithm.WINDOW, n, 60_000, cost)
+
+
+def pause(server: RedisServer, ms: int) -> None:
+    subprocess.run(["redis-cli", "-p", str(server.port), "client", "pause", str(ms), "all"], check=True,
+                   capture_output=True)
+
+
+class Outcomes:
+    """Collects ``done`` callbacks of adjust_soon."""
+
+    def __init__(self) -> None:
+        self.errors: list[StoreError | None] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, error: StoreError | None) -> None:
+        self.errors.append(error)
+        self.event.set()
+
+
+async def used(server: RedisServer, store: RedisStore, key: str) -> int:
+    """Units counted in a window key, read over a separate redis-py connection."""
+    client = Redis.from_url(server.url)
+    try:
+        values = await client.hvals(store.key(key))  # type: ignore[misc]
+        return sum(int(v) for v in values)
+    finally:
+        await client.aclose()
+
+
+async def test_pipelined_replies_resolve_in_order(redis_server: RedisServer) -> None:
+    conn = RespConnection("127.0.0.1", redis_server.port, deadline=2.0)
+    try:
+        calls = [conn.call(pack("ECHO", f"m{i}")) for i in range(300)]
+        calls.insert(150, conn.call(pack("EVALSHA", "0" * 40, 0)))  # an error reply mid-stream
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(replies.pop(150), NoScriptError)
+        assert replies == [f"m{i}".encode() for i in range(300)]
+        assert conn.connects == 1  # all of them on one connection
+    finally:
+        await conn.close()
+
+
+async def test_replies_stay_in_step_after_a_deadline(redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    store = RedisStore.from_url(server.url, deadline=0.05)
+    try:
+        assert (await store.charge([window("late", 10, 1)])).allowed
+        pause(server, 300)
+        with pytest.raises(StoreError, match="deadline of 50 ms"):
+            await store.charge([window("late", 10, 1)])
+        await asyncio.sleep(0.4)  # the late reply arrives and must be dropped, not handed on
+        result = await store.charge([window("late", 10, 0)])
+        assert result.allowed and result.states[0].remaining == 8  # both charges were applied
+    finally:
+        await store.close()
+
+
+async def test_a_connection_that_stops_answering_is_aborted(
+        redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    conn = RespConnection("127.0.0.1", server.port, deadline=0.05, stale_after=0.2)
+    try:
+        assert await conn.call(pack("PING")) == b"PONG"
+        pause(server, 1500)
+        with pytest.raises(TimeoutError):
+            await conn.call(pack("PING"))
+        await asyncio.sleep(0.4)
+        assert conn.ready is None  # presumed dead and dropped: the next call reconnects
+    finally:
+        await conn.close()
+
+
+async def test_reconnects_after_a_redis_restart(redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    store = RedisStore.from_url(server.url, deadline=0.5)
+    try:
+        assert (await store.charge([window("rs", 5, 1)])).allowed
+        server.kill()
+        with pytest.raises(StoreError):
+            await store.charge([window("rs", 5, 1)])
+        server.restart()  # state and scripts are gone: reconnect (which loads the scripts again)
+        result = await store.charge([window("rs", 5, 1)])
+        assert result.allowed and result.states[0].remaining == 4
+        assert store.stats.script_reloads == 0
+    finally:
+        await store.close()
+
+
+async def test_deferred_reconcile_goes_before_the_next_charge(redis_server: RedisServer,
+                                                              redis_store: RedisStore) -> None:
+    first = await redis_store.charge([window("rc", 150, 100)])
+    outcomes = Outcomes()
+    assert redis_store.adjust_soon([Adjustment(first.receipts[0], -90)], outcomes)
+    # No await in between: the charge is sent after the queued reconcile and sees it applied.
+    second = await redis_store.charge([window("rc", 150, 100)])
+    assert second.allowed and second.states[0].remaining == 40  # 150 - 10 - 100
+    await asyncio.wait_for(outcomes.event.wait(), 2)
+    assert outcomes.errors == [None]
+
+
+async def test_deferred_reconcile_delay_bound(redis_server: RedisServer, redis_store: RedisStore) -> None:
+    """Written on the next event-loop iteration, answered one round trip later."""
+    first = await redis_store.charge([window("db", 1000, 100)])
+    queue = redis_store.reconcile
+    assert queue is not None
+    outcomes = Outcomes()
+    for _ in range(5):  # several settles of one iteration: one batch
+        redis_store.adjust_soon([Adjustment(first.receipts[0], -10)], outcomes)
+    assert queue.pending == 5
+    batches = queue.batches
+    await asyncio.sleep(0)
+    assert queue.pending == 0 and queue.batches == batches + 1
+    await asyncio.wait_for(outcomes.event.wait(), 1)
+    assert outcomes.errors == [None] * 5
+    assert await used(redis_server, redis_store, "db") == 50
+
+
+async def test_close_sends_queued_reconciles(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, deadline=2.0)
+    first = await store.charge([window("cl", 1000, 300)])
+    outcomes = Outcomes()
+    store.adjust_soon([Adjustment(first.receipts[0], -200)], outcomes)
+    await store.close()
+    assert outcomes.errors == [None]
+    assert await used(redis_server, store, "cl") == 100
+
+
+async def test_settle_failures_are_counted_when_redis_is_gone(
+        redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    store = RedisStore.from_url(server.url, deadline=0.2)
+    stage = QuotaStage(store, QuotaSettings(backend="redis"))
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 100_000, 60))
+    try:
+        ctxs = [make_ctx(action, input_tokens=100, max_tokens=100) for _ in range(3)]
+        for ctx in ctxs:
+            assert await stage(ctx) is None
+        server.kill()
+        for ctx in ctxs:
+            ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 100, 10, True
+            await stage.settle(ctx)  # queued: returns at once
+        stats = stage.guard.stats
+        for _ in range(100):
+            if stats.settle_failures == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert stats.settle_failures == 3 and stats.errors == 3
+    finally:
+        await stage.guard.close()
