@@ -130,6 +130,13 @@ class MessagesStream:
             return self._renumber(raw)
         return raw
 
+    def on_chunk(self, chunk: bytes) -> bool:
+        # message_start / message_delta carry usage: those chunks take the event path.
+        if self._shaping.active or b"event: message_" in chunk:
+            return False
+        self._deltas += chunk.count(b"event: content_block_delta\n")
+        return True
+
     def _renumber(self, raw: bytes) -> bytes | None:
         payload = _loads(event_data(raw))
         if payload is None or not isinstance(payload.get("index"), int):

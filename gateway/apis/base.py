@@ -36,6 +36,11 @@ class StreamHandler(Protocol):
         to drop it. Returning ``raw`` unchanged lets the relay forward the upstream's bytes as-is."""
         ...
 
+    def on_chunk(self, chunk: bytes) -> bool:
+        """Account a chunk of whole events that needs no rewriting and return True, so the relay
+        forwards it untouched without splitting it; False sends it through ``on_event``."""
+        ...
+
     def finish(self) -> None:
         """The stream ended (completely or not): settle the usage estimate."""
         ...

@@ -176,6 +176,12 @@ class ChatStream:
             return self._shape(raw)
         return raw
 
+    def on_chunk(self, chunk: bytes) -> bool:
+        if self._shaping.active or b'"usage"' in chunk or b'"error"' in chunk:
+            return False
+        self._deltas += chunk.count(b"data: {")
+        return True
+
     def _shape(self, raw: bytes) -> bytes | None:
         chunk = _loads(event_data(raw))
         if chunk is None:
@@ -214,6 +220,12 @@ class ResponsesStream:
         self._usage = usage
         self._shaping = shaping
         self._deltas = 0
+
+    def on_chunk(self, chunk: bytes) -> bool:
+        if self._shaping.active or b'"usage"' in chunk:
+            return False
+        self._deltas += chunk.count(b"event: response.output_text.delta\n")
+        return True
 
     def on_event(self, raw: bytes) -> bytes | None:
         name = event_name(raw) or b""

@@ -133,3 +133,29 @@ def test_messages_stream_drops_thinking_and_renumbers_blocks() -> None:
     assert [b["index"] for b in blocks] == [0, 0, 0]
     assert all(b.get("content_block", {}).get("type") != "thinking" for b in blocks)
     assert (usage.input_tokens, usage.output_tokens, usage.complete) == (5, 9, True)
+
+
+def test_whole_chunks_without_usage_take_the_fast_path() -> None:
+    usage = Usage()
+    handler = ChatStream(usage, NO_SHAPING, hide_usage=True)
+    assert handler.on_chunk(chat_chunk("a") + chat_chunk("b"))
+    assert not handler.on_chunk(chat_chunk(usage={"prompt_tokens": 1, "completion_tokens": 2}, choices=False))
+    assert not ChatStream(Usage(), Shaping(strip_logprobs=True), hide_usage=False).on_chunk(chat_chunk("a"))
+    handler.finish()
+    assert usage.output_tokens == 2  # counted from the fast path when the stream is cut short
+
+
+def test_anthropic_usage_events_never_take_the_fast_path() -> None:
+    usage = Usage()
+    handler = MessagesStream(usage, NO_SHAPING)
+    delta = anthropic_event(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+    )
+    assert handler.on_chunk(delta + b"\n\n" + delta + b"\n\n")
+    start = anthropic_event(
+        "message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 5}}}
+    )
+    assert not handler.on_chunk(start + b"\n\n")
+    handler.finish()
+    assert usage.output_tokens == 2
