@@ -26,7 +26,9 @@ class Metrics:
         self.active_streams = Gauge("tollgate_active_streams", "Streams being relayed now.", registry=r)
         self.tokens = Counter("tollgate_tokens", "Tokens accounted, by direction.", ["direction"],
                               registry=r)
-        self.decisions = Counter("tollgate_decisions", "Policy decisions, by outcome.",
+        self.decisions = Counter("tollgate_decisions",
+                                 "Requests by outcome: forwarded, or the kind of refusal (permission, "
+                                 "rate_limit, authentication, challenge, invalid_request...).",
                                  ["decision"], registry=r)
         self.upstream_errors = Counter("tollgate_upstream_errors",
                                        "Upstream failures, by kind (connect, timeout, reset).",
@@ -37,6 +39,7 @@ class Metrics:
                                ["what", "result"], registry=r)
         self._requests_by: dict[tuple[str, int], Counter] = {}
         self._duration_by: dict[str, Histogram] = {}
+        self._decisions_by: dict[str, Counter] = {}
         self._tokens_in = self.tokens.labels("input")
         self._tokens_out = self.tokens.labels("output")
 
@@ -56,6 +59,12 @@ class Metrics:
             self._tokens_in.inc(input_tokens)
         if output_tokens:
             self._tokens_out.inc(output_tokens)
+
+    def observe_decision(self, decision: str) -> None:
+        counter = self._decisions_by.get(decision)
+        if counter is None:
+            counter = self._decisions_by[decision] = self.decisions.labels(decision)
+        counter.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

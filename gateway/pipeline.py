@@ -152,6 +152,7 @@ class Pipeline:
                                       usage.input_tokens, usage.output_tokens)
         if ctx.client_disconnected:
             self._metrics.client_disconnects.inc()
+        self._metrics.observe_decision(ctx.decision.error_type if ctx.decision is not None else "forwarded")
         self._access_log.log(ctx)
         if self._audit is not None and self._audit_builder is not None:
             try:

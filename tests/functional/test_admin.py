@@ -58,6 +58,7 @@ async def test_metrics_status_reload_and_explain(
             async with s.get(url + "/metrics") as r:
                 text = await r.text()
                 assert 'tollgate_requests_total{route="chat.completions",status="400"} 1.0' in text
+                assert 'tollgate_decisions_total{decision="invalid_request"} 1.0' in text
             async with s.get(url + "/admin/status") as r:
                 status = await r.json()
                 assert status["policy"]["rules"] == 1 and status["ready"] is True
