@@ -109,11 +109,20 @@ class Forwarder:
     async def _relay_body(
         self, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
     ) -> web.Response:
-        if up.content_length is not None and up.content_length > self._max_response:
-            raise UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
-        data = await up.content.read(self._max_response + 1)
-        if len(data) > self._max_response:
-            raise UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
+        too_large = UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
+        if up.content_length is not None:
+            if up.content_length > self._max_response:
+                raise too_large
+            data = await up.read()  # bounded by the declared length
+        else:
+            parts: list[bytes] = []
+            size = 0
+            async for part in up.content.iter_any():
+                size += len(part)
+                if size > self._max_response:
+                    raise too_large
+                parts.append(part)
+            data = b"".join(parts)
         if up.status == 200 and up.content_type == "application/json" and data:
             data = self._account_body(ctx, route, data)
         headers = self._response_headers(ctx, up)

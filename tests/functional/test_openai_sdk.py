@@ -157,3 +157,13 @@ async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: Runni
     assert seen > 0  # some content arrived before the failure
     record = gateway.access_records()[-1]
     assert record["output_tokens"] >= 1  # the part that was produced is accounted
+
+
+async def test_large_responses_are_relayed_whole(gateway: RunningGateway) -> None:
+    # About 2 MB of JSON: many TCP reads between the upstream and the gateway.
+    inputs = [f"text number {i}" for i in range(400)]
+    async with client(gateway) as c:
+        emb = await c.embeddings.create(model="emb-test", input=inputs, dimensions=512)
+    assert len(emb.data) == 400 and all(len(d.embedding) == 512 for d in emb.data)
+    record = gateway.access_records()[-1]
+    assert record["status"] == 200 and record["input_tokens"] == emb.usage.prompt_tokens
