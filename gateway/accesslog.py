@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from typing import IO, Any
 
 import orjson
@@ -24,6 +25,9 @@ class AccessLog:
         self._interval = interval
         self._max = max_buffer
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -37,6 +41,7 @@ class AccessLog:
         else:
             self._stream = open(self._target, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
             self._owns_stream = True
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._flush_loop(), name="access-log")
 
     def log(self, ctx: RequestContext) -> None:
@@ -65,28 +70,47 @@ class AccessLog:
             record["client_disconnected"] = True
         if ctx.decision is not None and ctx.decision.rule_id:
             record["rule_id"] = ctx.decision.rule_id
+        if self._size >= self._max * 8:
+            # The writer is stuck (a blocked pipe, a full disk): shed lines rather than grow memory.
+            self.dropped += 1
+            return
         line = orjson.dumps(record).decode()
         self._buffer.append(line)
         self._size += len(line)
-        if self._size >= self._max:
-            self.flush()
+        if self._size >= self._max and self._wake is not None:
+            self._wake.set()
+
+    def _take(self) -> str:
+        data = "\n".join(self._buffer) + "\n" if self._buffer else ""
+        self._buffer = []
+        self._size = 0
+        return data
+
+    def _write(self, data: str) -> None:
+        """Blocking write; runs in a worker thread so a slow stdout never stalls the event loop."""
+        stream = self._stream
+        if not data or stream is None:
+            return
+        with self._lock:
+            try:
+                stream.write(data)
+                stream.flush()
+            except (OSError, ValueError):
+                self.dropped += data.count("\n")  # a closed or full sink must not break requests
 
     def flush(self) -> None:
-        if not self._buffer or self._stream is None:
-            return
-        data = "\n".join(self._buffer) + "\n"
-        self._buffer.clear()
-        self._size = 0
-        try:
-            self._stream.write(data)
-            self._stream.flush()
-        except OSError:
-            pass  # a full disk must not take the request path down; lines are dropped
+        """Write what is buffered now (blocking: for shutdown and tests)."""
+        self._write(self._take())
 
     async def _flush_loop(self) -> None:
+        assert self._wake is not None
         while True:
-            await asyncio.sleep(self._interval)
-            self.flush()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await asyncio.to_thread(self._write, self._take())
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
