@@ -13,7 +13,7 @@ quota:
   on_store_failure: local        # default for rules: open | closed | local
   replicas: 4                    # gateway replicas; the local fallback holds limit / replicas
   default_output_tokens: 4096    # output reservation when a request has no max_tokens
-  lease_ttl: 10m                 # concurrency lease TTL (longest expected stream)
+  lease_ttl: 10m                 # concurrency lease TTL; renewed every lease_ttl/3 while in flight
   prices:                        # USD per million tokens; 'prefix*' patterns allowed
     gpt-4o: {input: 2.5, output: 10}
     "claude-*": {input: 3, output: 15}

@@ -5,14 +5,23 @@
 lease) and sets the rate-limit headers. ``settle`` runs in the pipeline's ``finally``: it
 reconciles token/spend reservations with ``ctx.usage`` (an abandoned stream pays for what was
 produced; a request that never reached the upstream pays nothing) and releases leases.
+
+Concurrency leases have a TTL so that a crashed gateway cannot leak slots; a stream may outlive
+it. The stage therefore keeps the leases of the requests in flight and one background task renews
+all of them in one store call every ``lease_ttl / 3`` (the shortest lease TTL seen, if a limit sets
+its own), so a lease only expires once its gateway stopped renewing it (crash, store unreachable
+for longer than the TTL). The task starts with the first lease and stops in ``guard.close()``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.context import Decision, RequestContext
@@ -22,6 +31,12 @@ from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.store.base import Adjustment, Charge, Clock, LimitState, Receipt, Store
 from gateway.store.breaker import FailureMode, GuardedStore
+
+log = logging.getLogger(__name__)
+
+# Renewals per lease TTL: a lease is renewed when at most a third of its TTL has passed, so one
+# failed or late round still leaves it live until the next one.
+RENEWALS_PER_TTL = 3
 
 # Bound on the per-stage memo of store keys (one entry per rule × limit × key values seen
 # recently); when full the oldest entry goes, so a flood of distinct keys costs a rebuild each.
@@ -67,7 +82,8 @@ class QuotaStage:
     """Pipeline stage for ``quota`` actions; one instance per gateway process."""
 
     def __init__(self, store: Store | GuardedStore, settings: QuotaSettings, clock: Clock = time.time,
-                 monotonic: Clock = time.monotonic) -> None:
+                 monotonic: Clock = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.settings = settings
         self.guard = store if isinstance(store, GuardedStore) else GuardedStore(
             store, breaker=settings.breaker, replicas=settings.replicas, clock=clock, monotonic=monotonic)
@@ -80,11 +96,30 @@ class QuotaStage:
         self._lease_nonce = os.urandom(6).hex()
         self._lease_seq = itertools.count(1)
         self._prices: dict[str | None, Price | None] = {}  # settings.price_for, memoised per model
+        # Lease renewal: the applied lease receipts of each request in flight (keyed like
+        # _pending) with the backend that holds them; one task renews them all.
+        self._leases: dict[int, tuple[tuple[Receipt, ...], str]] = {}
+        self._sleep = sleep  # injected: tests drive the renewal loop without waiting
+        self._lease_basis = settings.lease_ttl  # shortest lease TTL seen (s): cadence = this / 3
+        self._renewer: asyncio.Task[None] | None = None
+        self._renewing = False
+        self._closed = False
+        self.guard.on_close(self.stop_renewal)
 
     @property
     def pending(self) -> int:
         """Requests charged and not yet settled (a gauge; growth means settle is not called)."""
         return len(self._pending)
+
+    @property
+    def renewal_interval(self) -> float:
+        """Seconds between lease renewal rounds."""
+        return self._lease_basis / RENEWALS_PER_TTL
+
+    @property
+    def leases(self) -> int:
+        """Requests in flight holding leases that are being renewed."""
+        return len(self._leases)
 
     async def __call__(self, ctx: RequestContext) -> Decision | None:
         matched = getattr(ctx.outcome, "actions", None)
@@ -117,6 +152,7 @@ class QuotaStage:
         items: list[HeaderItem] = []
         denied: list[tuple[_Planned, LimitState]] = []
         applied: list[tuple[LimitKind, Receipt]] = []
+        leases: list[Receipt] = []
         if result is not None:
             states, receipts = result.states, result.receipts
             for k, i in enumerate(guarded.indices):
@@ -137,6 +173,8 @@ class QuotaStage:
                         denied.append((p, state))
                 if receipt.applied:
                     applied.append((lim.kind, receipt))
+                    if lim.kind is LimitKind.CONCURRENCY:
+                        leases.append(receipt)
             if len(items) > 1:
                 items = _qualify(items, [planned[i][0] for i in guarded.indices if not planned[i][2]])
         if would_deny:
@@ -148,7 +186,84 @@ class QuotaStage:
             return self._deny(denied, headers)
         if applied:
             self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price)
+            if leases:
+                self._track(id(ctx), tuple(leases), guarded.backend)
         return None
+
+    # ---- lease renewal ------------------------------------------------------------------
+    def _track(self, key: int, leases: tuple[Receipt, ...], backend: str) -> None:
+        self._leases[key] = (leases, backend)
+        shortest = min(r.charge.period_ms for r in leases) / 1000.0
+        task = self._renewer
+        if shortest < self._lease_basis:  # a limit with its own, shorter lease_ttl
+            self._lease_basis = shortest
+            if task is not None and not task.done() and not self._renewing:
+                task.cancel()  # asleep on the longer cadence: start over on the new one
+                task = None
+            # (a round in progress goes on; its loop sleeps the new interval afterwards)
+        if task is None or task.done():
+            self._start_renewal()
+
+    def _start_renewal(self) -> None:
+        if not self._closed:
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_loop(), name="quota-lease-renewal")
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await self._sleep(self.renewal_interval)
+            try:
+                await self.renew_leases()
+            except Exception:  # a bug must not stop renewals; store errors never get here
+                self.guard.stats.renew_failures += 1
+                log.exception("lease renewal round failed")
+
+    async def renew_leases(self) -> None:
+        """One renewal round: every lease of every request in flight, in one store call per
+        backend (``Store.renew``). A store failure is counted (``renew_failures``) and the leases
+        run out their TTL; a lease the store reports gone while its request still runs (it
+        expired during an outage) is counted in ``leases_lost`` and no longer renewed."""
+        if not self._leases:
+            return
+        batches: dict[str, list[tuple[int, Receipt]]] = {}
+        for key, (leases, backend) in self._leases.items():
+            batch = batches.setdefault(backend, [])
+            batch.extend((key, r) for r in leases)
+        self._renewing = True
+        try:
+            for backend, batch in batches.items():
+                renewed = await self.guard.renew([r for _, r in batch], backend)
+                if renewed is None:
+                    continue
+                for (key, receipt), ok in zip(batch, renewed, strict=True):
+                    if not ok:
+                        self._lost(key, receipt)
+        finally:
+            self._renewing = False
+
+    def _lost(self, key: int, receipt: Receipt) -> None:
+        entry = self._leases.get(key)
+        if entry is None or not any(r is receipt for r in entry[0]):
+            return  # settled meanwhile: released, not lost
+        self.guard.stats.leases_lost += 1
+        rest = tuple(r for r in entry[0] if r is not receipt)
+        if rest:
+            self._leases[key] = (rest, entry[1])
+        else:
+            del self._leases[key]
+
+    async def stop_renewal(self) -> None:
+        """Cancel the renewal task for good (run by ``guard.close()``); leases left open then
+        expire after their TTL."""
+        self._closed = True
+        task, self._renewer = self._renewer, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def close(self) -> None:
+        """Stop renewing and close the store (``guard.close()``)."""
+        await self.guard.close()
 
     def _price(self, model: str | None) -> Price | None:
         try:
@@ -235,6 +350,9 @@ class QuotaStage:
         ticket = self._pending.pop(id(ctx), None)
         if ticket is None:
             return
+        # Before the release: no later renewal round includes this lease (one already in flight
+        # cannot revive it: Store.renew only extends leases still held).
+        self._leases.pop(id(ctx), None)
         applied, backend, input_reserved, price = ticket
         actual_in, actual_out = self._actual_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []

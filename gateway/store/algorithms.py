@@ -126,3 +126,13 @@ def lease_check(leases: dict[str, int], now: int, c: Charge) -> Verdict:
         return Verdict(True, c.limit - used - c.cost, 0, 0, idle_remaining=c.limit - used)
     retry = -1 if c.cost > c.limit else min(LEASE_RETRY_MS, active[0] - now)
     return Verdict(False, max(0, c.limit - used), 0, retry, idle_remaining=c.limit - used)
+
+
+def lease_renew(leases: dict[str, int], now: int, lease_id: str, ttl_ms: int) -> bool:
+    """Extend one lease to ``now + ttl_ms`` (never shorter) if it is still held; an expired or
+    released lease stays gone. True if it was extended."""
+    expires = leases.get(lease_id)
+    if expires is None or expires <= now:
+        return False
+    leases[lease_id] = max(expires, now + ttl_ms)
+    return True

@@ -14,6 +14,11 @@ contract, in short:
 * :meth:`Store.adjust` changes what a :class:`Receipt` charged: reconcile a token reservation
   (``delta = actual - reserved``, applied to the window bucket it was charged in, dropped if that
   bucket already left the window), refund (``delta = -cost``) or release a lease (``delta < 0``).
+* :meth:`Store.renew` extends concurrency leases still held (expiry > store now) to
+  ``now + period_ms`` of each lease's own charge (an expiry is never shortened), so a request that
+  outlives its lease TTL keeps its slot while its gateway renews it. A lease that already expired or
+  was released is *not* resurrected: renewal never adds a slot, so it may race a release in either
+  order, and after an outage longer than the TTL it finds the lease gone rather than reviving it.
 * Keys expire on their own: nothing a crashed gateway leaves behind outlives its window/TTL.
 """
 
@@ -130,6 +135,13 @@ class Store(Protocol):
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         """Reconcile, refund or release earlier charges (idempotence is not promised)."""
+        ...
+
+    async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:
+        """Extend each live lease (receipt of an applied ``LEASE`` charge) to store now + its
+        charge's ``period_ms``, in one round trip (per Cluster slot). True where the lease was
+        still held and was extended; False where it had expired or been released (left alone).
+        Receipts of other algorithms, or not applied, are answered False."""
         ...
 
     async def now(self) -> float:

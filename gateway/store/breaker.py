@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, Store, StoreError
+from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, Receipt, Store, StoreError
 from gateway.store.memory import MemoryStore
 
 T = TypeVar("T")
@@ -54,12 +54,17 @@ class StoreStats:
     breaker_state: BreakerState = BreakerState.CLOSED
     fallbacks: dict[str, int] = field(default_factory=lambda: {m.value: 0 for m in FailureMode})
     settle_failures: int = 0  # reconcile/release that could not reach the store
+    lease_renewals: int = 0  # renewal rounds the store answered
+    renew_failures: int = 0  # renewal rounds that could not reach the store (leases left to their TTL)
+    leases_lost: int = 0  # leases of requests still running found expired by a renewal
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy for readiness detail."""
         return {"calls": self.calls, "errors": self.errors, "short_circuited": self.short_circuited,
                 "breaker_opened": self.breaker_opened, "breaker_state": self.breaker_state.value,
-                "fallbacks": dict(self.fallbacks), "settle_failures": self.settle_failures}
+                "fallbacks": dict(self.fallbacks), "settle_failures": self.settle_failures,
+                "lease_renewals": self.lease_renewals, "renew_failures": self.renew_failures,
+                "leases_lost": self.leases_lost}
 
 
 class CircuitBreaker:
@@ -151,6 +156,7 @@ class GuardedStore:
         self.breaker = CircuitBreaker(breaker, self.stats, monotonic)
         # Optional: a store that can queue reconciles (RedisStore on a single Redis).
         self._adjust_soon: _AdjustSoon | None = getattr(primary, "adjust_soon", None)
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
 
     async def call(self, fn: Callable[[Store], Awaitable[T]]) -> T:
         """Run ``fn(primary)`` through the breaker; raises ``StoreError`` when it cannot."""
@@ -257,6 +263,29 @@ class GuardedStore:
             self.stats.settle_failures += 1
             self.breaker.failure()
 
+    async def renew(self, leases: Sequence[Receipt], backend: str) -> tuple[bool, ...] | None:
+        """Renew leases in the backend that charged them (see :meth:`Store.renew`); None when the
+        shared store could not be reached: counted in ``renew_failures``, never raised (the
+        leases then run out their TTL)."""
+        if not leases:
+            return ()
+        if backend == "local":
+            return await self.local.renew(leases)
+        try:
+            renewed = await self.call(lambda s: s.renew(leases))
+        except StoreError:
+            self.stats.renew_failures += 1
+            return None
+        self.stats.lease_renewals += 1
+        return renewed
+
+    def on_close(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``stop`` first in :meth:`close` (a stage's background task, before the store goes)."""
+        self._on_close.append(stop)
+
     async def close(self) -> None:
+        stoppers, self._on_close = self._on_close, []
+        for stop in stoppers:
+            await stop()
         await self.primary.close()
         await self.local.close()

@@ -190,6 +190,22 @@ class MemoryStore:
                 if leases is not None:
                     leases.pop(c.lease_id, None)
 
+    async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:
+        now = self._now_ms()
+        self._sweep(now)
+        out: list[bool] = []
+        for r in leases:
+            c = r.charge
+            held: dict[str, int] | None = self._get(c.key, now) if r.applied else None
+            if held is None or c.algorithm is not Algorithm.LEASE:
+                out.append(False)
+                continue
+            renewed = alg.lease_renew(held, now, c.lease_id, c.period_ms)
+            if renewed:  # the key lives until its latest lease ends, as after a charge
+                self._put(c.key, held, max(held.values()) + 1)
+            out.append(renewed)
+        return tuple(out)
+
     async def now(self) -> float:
         return self._clock()
 

@@ -14,6 +14,8 @@
   (``gateway/store/resp.py``: an asyncio Protocol, hiredis-parsed replies, replies matched to
   calls in order), skipping redis-py's pool, stream reader and per-command wrappers, which cost
   several times the wire work. redis-py still serves a Cluster and every non-script command.
+* Concurrency leases are renewed by ``renew.lua`` (extended only while still held, never
+  resurrected), batched per slot like every other call.
 * Reconciles can be deferred (``adjust_soon``): settles queued since the lean connection's last
   write go out together in one EVALSHA, ahead of anything written after them, so the next charge
   always sees them (``gateway/store/reconcile.py``).
@@ -52,6 +54,10 @@ from gateway.store.resp import RespConnection, pack
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
 
+# Leases per renew.lua call: a renewal round for thousands of open streams goes out as several
+# scripts (pipelined, still one round trip) so that no single script holds Redis for long.
+RENEW_BATCH = 512
+
 
 @dataclass(frozen=True, slots=True)
 class _Script:
@@ -85,9 +91,11 @@ class RedisStore:
         self._charge = _Script.load("charge.lua")
         self._adjust = _Script.load("adjust.lua")
         self._signals = _Script.load("signals.lua")
+        self._renew = _Script.load("renew.lua")
         self.stats = RedisStoreStats()
+        scripts = (self._charge, self._adjust, self._signals, self._renew)
         self._lean = _lean_connection(client, deadline, [
-            pack("SCRIPT", "LOAD", script.body) for script in (self._charge, self._adjust, self._signals)
+            pack("SCRIPT", "LOAD", script.body) for script in scripts
         ]) if lean else None
         self._reconcile = None if self._lean is None else ReconcileQueue(
             self._lean, self._pack_adjust, self._adjust_now, deadline=deadline, max_batch=settle_batch)
@@ -293,6 +301,40 @@ class RedisStore:
             ref = c.lease_id if c.algorithm is Algorithm.LEASE else str(a.receipt.bucket_ms)
             args += [c.algorithm.value, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
         return [self.key(a.receipt.charge.key) for a in adjustments], args
+
+    async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:
+        todo = [i for i, r in enumerate(leases) if r.applied and r.charge.algorithm is Algorithm.LEASE]
+        renewed = [False] * len(leases)
+        if not todo:
+            return tuple(renewed)
+        # Chunks of one slot each (a Cluster script may only touch one slot), all sent at once.
+        groups = [[todo[i] for i in g] for g in self._groups([leases[i].charge.key for i in todo])]
+        chunks = [g[at:at + RENEW_BATCH] for g in groups for at in range(0, len(g), RENEW_BATCH)]
+        lean = self._lean
+        if lean is not None:  # single Redis: EVALSHA on the lean connection, as charges
+            replies = await asyncio.gather(*(
+                self._lean_eval(lean, self._renew, self._pack_renew([leases[i] for i in chunk]))
+                for chunk in chunks))
+        else:
+            async def call() -> list[Any]:
+                return await asyncio.gather(*(
+                    self._eval(self._renew, *self._renew_args([leases[i] for i in chunk]))
+                    for chunk in chunks))
+            replies = await self._guard(call)
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for i, ok in zip(chunk, reply, strict=True):
+                renewed[i] = bool(int(ok))
+        return tuple(renewed)
+
+    def _renew_args(self, leases: Sequence[Receipt]) -> tuple[list[str], list[str | int]]:
+        args: list[str | int] = []
+        for r in leases:
+            args += [r.charge.lease_id, r.charge.period_ms]
+        return [self.key(r.charge.key) for r in leases], args
+
+    def _pack_renew(self, leases: Sequence[Receipt]) -> bytes:
+        keys, args = self._renew_args(leases)
+        return pack("EVALSHA", self._renew.sha, len(keys), *keys, *args)
 
     async def now(self) -> float:
         async def call() -> float:

@@ -164,3 +164,29 @@ async def test_processes_sharing_one_redis_admit_exactly_n(algo: str, redis_serv
             if p.poll() is None:
                 p.kill()
     assert sum(counts) == n
+
+
+async def test_long_stream_keeps_its_lease_with_a_real_ttl(redis_store: RedisStore) -> None:
+    """lease_ttl 1 s, renewed every ~0.33 s by the stage's task: a stream of 2 s keeps its slot
+    in Redis (Redis owns the TTL, so this runs in real time), and settle frees it at once."""
+    stage = QuotaStage(redis_store, QuotaSettings(backend="redis", lease_ttl=1.0))
+    assert abs(stage.renewal_interval - 1 / 3) < 1e-9
+    action = quota("r1", limit("conc", LimitKind.CONCURRENCY, 1))
+    stream = make_ctx(action)
+    key = redis_store.key(action.value.limits[0].identity("r1", stream))
+    try:
+        assert await stage(stream) is None
+        for _ in range(4):  # 2 s: twice the TTL
+            await asyncio.sleep(0.5)
+            refused = await stage(make_ctx(action))
+            assert refused is not None and refused.status == 429
+            (_, expires), = await redis_store.client.zrange(key, 0, -1, withscores=True)
+            assert expires - (await redis_store.now()) * 1000 > 300  # renewed ~0.33 s ago at most
+        stats = stage.guard.stats
+        assert stats.lease_renewals >= 5 and stats.renew_failures == stats.leases_lost == 0
+        await stage.settle(stream)  # the release is queued and written before the next charge
+        third = make_ctx(action)
+        assert await stage(third) is None
+        await stage.settle(third)
+    finally:
+        await stage.guard.close()

@@ -138,6 +138,45 @@ async def test_concurrency_leases(harness: StoreHarness) -> None:
     assert e.allowed and e.states[0].remaining == 1
 
 
+async def test_renew_extends_live_leases(harness: StoreHarness) -> None:
+    """A lease renewed before its TTL keeps its slot past the TTL, on every key in the batch."""
+    store = harness.store
+    a = await store.charge([lease("rn-a", 1, 0.4, "a"), lease("rn-b", 1, 0.4, "a")])
+    tokens = await store.charge([window("rn-w", 10, 10, 1)])
+    assert a.allowed
+    if isinstance(store, RedisStore) and harness.kind == "cluster":  # one batch, two slots
+        from redis.crc import key_slot
+        assert key_slot(store.key("rn-a").encode()) != key_slot(store.key("rn-b").encode())
+    batch = [a.receipts[0], tokens.receipts[0], a.receipts[1]]
+    for _ in range(2):  # 0.5 s in all: past the 0.4 s TTL, renewed every 0.25 s
+        await harness.advance(0.25)
+        assert await store.renew(batch) == (True, False, True)  # not a lease: False, untouched
+    for key in ("rn-a", "rn-b"):
+        assert not (await store.charge([lease(key, 1, 0.4, "b")])).allowed  # still held
+    await store.adjust([Adjustment(a.receipts[0], -1)])  # released: the slot is free at once
+    assert (await store.charge([lease("rn-a", 1, 0.4, "b")])).allowed
+    assert await remaining(store, "rn-w", 10, 10) == 9
+
+
+async def test_renew_never_resurrects_a_lease(harness: StoreHarness) -> None:
+    """An expired or released lease stays gone: renewal cannot add a slot."""
+    store = harness.store
+    a = await store.charge([lease("rx", 3, 0.4, "a")])
+    b = await store.charge([lease("rx", 3, 0.4, "b")])
+    await store.adjust([Adjustment(b.receipts[0], -1)])  # released (a renewal raced the settle)
+    await harness.advance(0.2)
+    d = await store.charge([lease("rx", 3, 0.4, "d")])  # keeps the key alive past a's expiry
+    await harness.advance(0.25)  # a expired (its gateway stopped renewing), d has not
+    assert await store.renew([a.receipts[0], b.receipts[0], d.receipts[0]]) == (False, False, True)
+    c = await store.charge([lease("rx", 3, 0.4, "c")])
+    assert c.allowed and c.states[0].remaining == 1  # d and c: neither a nor b came back
+    gone = await store.charge([lease("rx-gone", 1, 0.1, "z")])
+    await harness.advance(0.15)  # the whole key expired
+    assert await store.renew(gone.receipts) == (False,)
+    assert (await store.charge([lease("rx-gone", 1, 0.1, "y")])).allowed
+    assert await store.renew([]) == ()
+
+
 async def test_cost_above_limit_never_fits(harness: StoreHarness) -> None:
     result = await harness.store.charge([window("big", 100, 10, 101)])
     assert not result.allowed and math.isinf(result.states[0].retry_after)
