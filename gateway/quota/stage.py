@@ -6,11 +6,7 @@ lease) and sets the rate-limit headers. ``settle`` runs in the pipeline's ``fina
 reconciles token/spend reservations with ``ctx.usage`` (an abandoned stream pays for what was
 produced; a request that never reached the upstream pays nothing) and releases leases.
 
-Concurrency leases have a TTL so that a crashed gateway cannot leak slots; a stream may outlive
-it. The stage therefore keeps the leases of the requests in flight and one background task renews
-all of them in one store call every ``lease_ttl / 3`` (the shortest lease TTL seen, if a limit sets
-its own), so a lease only expires once its gateway stopped renewing it (crash, store unreachable
-for longer than the TTL). The task starts with the first lease and stops in ``guard.close()``.
+Concurrency leases of the requests in flight are renewed by :mod:`gateway.quota.renewal`.
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from gateway.context import Decision, RequestContext
 from gateway.policy.registry import MatchedAction
 from gateway.quota.headers import HeaderBuilder, HeaderItem
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
+from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.store.base import Adjustment, Charge, Clock, LimitState, Receipt, Store
 from gateway.store.breaker import FailureMode, GuardedStore
@@ -36,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # Renewals per lease TTL: a lease is renewed when at most a third of its TTL has passed, so one
 # failed or late round still leaves it live until the next one.
-RENEWALS_PER_TTL = 3
 
 # Bound on the per-stage memo of store keys (one entry per rule × limit × key values seen
 # recently); when full the oldest entry goes, so a flood of distinct keys costs a rebuild each.
@@ -96,15 +92,9 @@ class QuotaStage:
         self._lease_nonce = os.urandom(6).hex()
         self._lease_seq = itertools.count(1)
         self._prices: dict[str | None, Price | None] = {}  # settings.price_for, memoised per model
-        # Lease renewal: the applied lease receipts of each request in flight (keyed like
-        # _pending) with the backend that holds them; one task renews them all.
-        self._leases: dict[int, tuple[tuple[Receipt, ...], str]] = {}
-        self._sleep = sleep  # injected: tests drive the renewal loop without waiting
-        self._lease_basis = settings.lease_ttl  # shortest lease TTL seen (s): cadence = this / 3
-        self._renewer: asyncio.Task[None] | None = None
-        self._renewing = False
-        self._closed = False
-        self.guard.on_close(self.stop_renewal)
+        # Leases of the requests in flight (keyed like _pending), renewed in the background.
+        self.renewer = LeaseRenewer(self.guard, settings.lease_ttl, sleep)
+        self.guard.on_close(self.renewer.stop)
 
     @property
     def pending(self) -> int:
@@ -114,12 +104,19 @@ class QuotaStage:
     @property
     def renewal_interval(self) -> float:
         """Seconds between lease renewal rounds."""
-        return self._lease_basis / RENEWALS_PER_TTL
+        return self.renewer.interval
 
     @property
     def leases(self) -> int:
         """Requests in flight holding leases that are being renewed."""
-        return len(self._leases)
+        return self.renewer.tracked
+
+    async def renew_leases(self) -> None:
+        """One renewal round now (see :meth:`LeaseRenewer.renew`)."""
+        await self.renewer.renew()
+
+    async def stop_renewal(self) -> None:
+        await self.renewer.stop()
 
     async def __call__(self, ctx: RequestContext) -> Decision | None:
         matched = getattr(ctx.outcome, "actions", None)
@@ -187,79 +184,8 @@ class QuotaStage:
         if applied:
             self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price)
             if leases:
-                self._track(id(ctx), tuple(leases), guarded.backend)
+                self.renewer.track(id(ctx), tuple(leases), guarded.backend)
         return None
-
-    # ---- lease renewal ------------------------------------------------------------------
-    def _track(self, key: int, leases: tuple[Receipt, ...], backend: str) -> None:
-        self._leases[key] = (leases, backend)
-        shortest = min(r.charge.period_ms for r in leases) / 1000.0
-        task = self._renewer
-        if shortest < self._lease_basis:  # a limit with its own, shorter lease_ttl
-            self._lease_basis = shortest
-            if task is not None and not task.done() and not self._renewing:
-                task.cancel()  # asleep on the longer cadence: start over on the new one
-                task = None
-            # (a round in progress goes on; its loop sleeps the new interval afterwards)
-        if task is None or task.done():
-            self._start_renewal()
-
-    def _start_renewal(self) -> None:
-        if not self._closed:
-            self._renewer = asyncio.get_running_loop().create_task(
-                self._renew_loop(), name="quota-lease-renewal")
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await self._sleep(self.renewal_interval)
-            try:
-                await self.renew_leases()
-            except Exception:  # a bug must not stop renewals; store errors never get here
-                self.guard.stats.renew_failures += 1
-                log.exception("lease renewal round failed")
-
-    async def renew_leases(self) -> None:
-        """One renewal round: every lease of every request in flight, in one store call per
-        backend (``Store.renew``). A store failure is counted (``renew_failures``) and the leases
-        run out their TTL; a lease the store reports gone while its request still runs (it
-        expired during an outage) is counted in ``leases_lost`` and no longer renewed."""
-        if not self._leases:
-            return
-        batches: dict[str, list[tuple[int, Receipt]]] = {}
-        for key, (leases, backend) in self._leases.items():
-            batch = batches.setdefault(backend, [])
-            batch.extend((key, r) for r in leases)
-        self._renewing = True
-        try:
-            for backend, batch in batches.items():
-                renewed = await self.guard.renew([r for _, r in batch], backend)
-                if renewed is None:
-                    continue
-                for (key, receipt), ok in zip(batch, renewed, strict=True):
-                    if not ok:
-                        self._lost(key, receipt)
-        finally:
-            self._renewing = False
-
-    def _lost(self, key: int, receipt: Receipt) -> None:
-        entry = self._leases.get(key)
-        if entry is None or not any(r is receipt for r in entry[0]):
-            return  # settled meanwhile: released, not lost
-        self.guard.stats.leases_lost += 1
-        rest = tuple(r for r in entry[0] if r is not receipt)
-        if rest:
-            self._leases[key] = (rest, entry[1])
-        else:
-            del self._leases[key]
-
-    async def stop_renewal(self) -> None:
-        """Cancel the renewal task for good (run by ``guard.close()``); leases left open then
-        expire after their TTL."""
-        self._closed = True
-        task, self._renewer = self._renewer, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
 
     async def close(self) -> None:
         """Stop renewing and close the store (``guard.close()``)."""
@@ -352,7 +278,7 @@ class QuotaStage:
             return
         # Before the release: no later renewal round includes this lease (one already in flight
         # cannot revive it: Store.renew only extends leases still held).
-        self._leases.pop(id(ctx), None)
+        self.renewer.forget(id(ctx))
         applied, backend, input_reserved, price = ticket
         actual_in, actual_out = self._actual_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []
