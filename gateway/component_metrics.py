@@ -47,7 +47,15 @@ def _store(stats: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     settle = CounterMetricFamily("tollgate_store_settle_failures",
                                  "Reconciliations or lease releases that could not reach the store.",
                                  value=stats.settle_failures)
-    yield from (calls, errors, fallbacks, state, settle)
+    leases = CounterMetricFamily("tollgate_store_lease_renewal_rounds",
+                                 "Lease renewal rounds the store answered.", value=stats.lease_renewals)
+    renew_failed = CounterMetricFamily("tollgate_store_renew_failures",
+                                       "Lease renewal rounds that could not reach the store.",
+                                       value=stats.renew_failures)
+    lost = CounterMetricFamily("tollgate_store_leases_lost",
+                               "Leases that expired while their request still ran (store outage).",
+                               value=stats.leases_lost)
+    yield from (calls, errors, fallbacks, state, settle, leases, renew_failed, lost)
 
 
 def _policy(holder: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

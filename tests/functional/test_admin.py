@@ -83,6 +83,7 @@ async def test_metrics_status_reload_and_explain(
             assert "tollgate_policy_last_reload_failed 1.0" in text
             assert "tollgate_store_calls_total" in text
             assert 'tollgate_store_fallbacks_total{mode="local"} 0.0' in text
+            assert "tollgate_store_leases_lost_total 0.0" in text
             async with s.post(url + "/admin/explain", headers=auth, json={"request": {"n": 6}}) as r:
                 explained = await r.json()
                 assert explained["decision"] == "deny" and explained["rule_id"] == "no-big-n"
