@@ -35,7 +35,11 @@ _QUOTED = re.compile(r"\"[^\"\n]{0,300}\"|“[^”\n]{0,300}”|«[^»\n]{0,300}
 _NUMBER = re.compile(r"[$€£¥]?\d[\d,]*(?:\.\d+)?%?")
 # A capitalised word that does not start a sentence is probably a name, place or product.
 _ENTITY = re.compile(r"(?<=[\w,;:)] )[A-Z][\w'’-]*")
-_SENTENCE = re.compile(r"(?<=[.?!:])\s+|\n+")
+_SENTENCE = re.compile(r"(?<=[.?!:])\s+|\n+")  # the definition; head_tail() finds its first/last match
+_FIRST_BOUNDARY = re.compile(r"[.?!:](?=\s)|\n")
+# In the reversed text: whitespace that follows .?!: (forward), or a newline.
+_LAST_BOUNDARY_REV = re.compile(r"\s(?=[.?!:])|\n")
+_SPACES = re.compile(r"\s*")
 MIN_TOKENS = 4  # shorter segments ("Thanks!", "Hi") are shared by everyone: not a template
 MAX_SEGMENT_CHARS = 600
 _MASK64 = (1 << 64) - 1
@@ -138,13 +142,47 @@ def fingerprint(system: str, user: str, memo: Memo[str | None] | None = None) ->
         sys_id = segment_id(system)
         if sys_id is not None:
             found.append(("sys", sys_id))
-    sentences = [s for s in _SENTENCE.split(user.strip()) if s]
-    if sentences:
-        head = segment_id(sentences[0])
+    first, last = head_tail(user.strip())
+    if first is not None:
+        head = segment_id(first)
         if head is not None:
             found.append(("head", head))
-        if len(sentences) > 1:
-            tail = segment_id(sentences[-1])
+        if last is not None:
+            tail = segment_id(last)
             if tail is not None and tail != head:
                 found.append(("tail", tail))
     return Fingerprint(tuple(found)) if found else NO_FINGERPRINT
+
+
+def head_tail(text: str) -> tuple[str | None, str | None]:
+    """The first and last non-empty pieces of ``_SENTENCE.split(text)`` for a stripped ``text``
+    (the last is None when there is one piece), without splitting all of it.
+
+    A boundary lies inside one maximal run of whitespace (``text`` neither starts nor ends with
+    one): a run right after ``.?!:`` is a boundary as a whole, any other run holds one boundary
+    per stretch of newlines. So the first piece ends at the first ``.?!:`` followed by whitespace
+    or the first newline; the last piece starts after the last such run, or after the last
+    newline when its run does not follow ``.?!:``. The last one is searched from the end, in the
+    reversed text: a few characters for a normal prompt.
+    """
+    if not text:
+        return None, None
+    first = _FIRST_BOUNDARY.search(text)
+    if first is None:
+        return text, None
+    head = text[:first.start()] if first.group() == "\n" else text[:first.start() + 1]
+    rev = text[::-1]
+    size = len(text)
+    hit = _LAST_BOUNDARY_REV.search(rev)  # a match exists: ``first`` is one
+    assert hit is not None
+    at = size - 1 - hit.start()  # forward index of the hit: a newline or whitespace after .?!:
+    start = size - _spaces_end(rev, hit.start())  # start of the whitespace run holding it
+    if text[at] == "\n" and text[start - 1] not in ".?!:":
+        return head, text[at + 1:]
+    return head, text[_spaces_end(text, at):]
+
+
+def _spaces_end(text: str, pos: int) -> int:
+    match = _SPACES.match(text, pos)
+    assert match is not None  # ``\s*`` matches everywhere
+    return match.end()

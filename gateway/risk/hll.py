@@ -39,14 +39,16 @@ def index_rank(member: str) -> tuple[int, int]:
 
 
 class _Registers:
-    """Dense registers with the estimator's running sums (zero registers, Σ 2^-register)."""
+    """Dense registers with the estimator's running sums (zero registers, Σ 2^-register) and the
+    last estimate (most adds change no register: the estimate is then reused)."""
 
-    __slots__ = ("regs", "zeros", "inv")
+    __slots__ = ("regs", "zeros", "inv", "_count")
 
     def __init__(self, regs: bytearray) -> None:
         self.regs = regs
         self.zeros = regs.count(0)
         self.inv = sum(regs.count(r) * math.ldexp(1.0, -r) for r in range(max(regs) + 1))
+        self._count = -1  # not computed yet
 
     @classmethod
     def of(cls, members: set[str]) -> _Registers:
@@ -64,8 +66,14 @@ class _Registers:
             if old == 0:
                 self.zeros -= 1
             self.inv += math.ldexp(1.0, -rank) - math.ldexp(1.0, -old)
+            self._count = -1
 
     def count(self) -> int:
+        if self._count < 0:
+            self._count = self._estimate()
+        return self._count
+
+    def _estimate(self) -> int:
         if self.zeros == _M:
             return 0
         raw = _ALPHA * _M * _M / self.inv
@@ -114,6 +122,16 @@ class HyperLogLog:
                 self.view = _Registers.of(view)
         else:
             view.update(index, rank)
+
+    def add_count(self, member: str, hasher: Callable[[str], tuple[int, int]] = index_rank) -> int:
+        """``add(member)`` then ``count()``, in one call for the common (exact) case."""
+        own, view = self.own, self.view
+        if type(own) is set and type(view) is set and len(view) < SPARSE_MAX:
+            own.add(member)  # view stays within SPARSE_MAX: no switch to registers can happen
+            view.add(member)
+            return len(view)
+        self.add(member, hasher)
+        return self.count()
 
     def count(self) -> int:
         """Distinct members added to this bucket or to the previous one."""

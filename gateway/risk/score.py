@@ -21,6 +21,7 @@ established customer in the same cloud as a campaign is not flagged.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from gateway.context import RiskInfo
 from gateway.risk.settings import RiskSettings
@@ -92,16 +93,63 @@ def _youth(age_days: float | None, settings: RiskSettings) -> float:
 
 def apply(risk: RiskInfo, candidates: list[Candidate], settings: RiskSettings) -> None:
     """Fill ``risk.score`` and the cluster fields from ``risk.signals``."""
-    signals = risk.signals
-    s = strengths(signals, settings)
-    cluster, cluster_score = best_cluster(candidates, settings)
-    if cluster is not None:
-        risk.cluster_id = cluster.cluster_id
-        risk.cluster_size = cluster.size
-        risk.cluster_score = round(cluster_score, 4)
-        likeness = max(s["cot_share"], s["shape_share"])
-        s["cluster"] = cluster_score * likeness * _youth(signals.get("account_age_days"), settings)
-    for name, value in s.items():
-        if value:
-            signals[f"s_{name}"] = round(value, 4)
-    risk.score = round(noisy_or(settings.weights, s), 4)
+    Scorer(settings).apply(risk, candidates)
+
+
+_NAMES = ("cot_share", "shape_share", "hydra", "fan_in", "new_accounts", "velocity", "single_turn", "focus",
+          "round_the_clock", "anonymiser", "hosting", "regularity", "young_volume", "cluster")
+_SIGNAL_NAMES = MappingProxyType({name: f"s_{name}" for name in _NAMES})
+
+
+class Scorer:
+    """:func:`apply` for one :class:`RiskSettings`, with its ramps and weights read once: the same
+    arithmetic in the same order (the strengths of :func:`strengths`, the noisy-OR of
+    :func:`noisy_or`, whose zero strengths multiply by exactly 1 and are skipped)."""
+
+    __slots__ = ("_settings", "_ramps", "_weights", "_young")
+
+    def __init__(self, settings: RiskSettings) -> None:
+        self._settings = settings
+        self._ramps = dict(settings.ramps)
+        self._weights = dict(settings.weights)
+        self._young = settings.new_account_age
+
+    def apply(self, risk: RiskInfo, candidates: list[Candidate]) -> None:
+        signals = risk.signals
+        get = signals.get
+        r = self._ramps
+        s = {
+            "cot_share": ramp(get("cot_share", get("cot", 0.0)), r["cot_share"]),
+            "shape_share": ramp(get("shape_share", get("shape", 0.0)), r["shape_share"]),
+            "hydra": ramp(get("template_accounts", 0.0), r["template_accounts"]),
+            "fan_in": max(ramp(get("ip_accounts", 0.0), r["ip_accounts"]),
+                          ramp(get("prefix_accounts", 0.0), r["prefix_accounts"])),
+            "new_accounts": ramp(get("new_accounts", 0.0), r["new_accounts"]),
+            "velocity": ramp(get("velocity", 0.0), r["velocity"]),
+            "single_turn": ramp(get("single_turn_share", 0.0), r["single_turn_share"]),
+            "focus": ramp(get("focus", 0.0), r["focus"]),
+            "round_the_clock": ramp(get("hours_active", 0.0), r["hours_active"]),
+            "anonymiser": get("anonymiser", 0.0),
+            "hosting": get("hosting", 0.0),
+        }
+        cv = get("gap_cv")
+        s["regularity"] = ramp(cv, r["gap_cv"]) if cv is not None else 0.0
+        age = get("account_age_days")
+        young = age is not None and age * 86400.0 < self._young
+        s["young_volume"] = ramp(get("requests", 0.0), r["young_requests"]) if young else 0.0
+        if candidates:
+            cluster, cluster_score = best_cluster(candidates, self._settings)
+            if cluster is not None:
+                risk.cluster_id = cluster.cluster_id
+                risk.cluster_size = cluster.size
+                risk.cluster_score = round(cluster_score, 4)
+                likeness = max(s["cot_share"], s["shape_share"])
+                s["cluster"] = cluster_score * likeness * _youth(age, self._settings)
+        weights = self._weights
+        names = _SIGNAL_NAMES
+        keep = 1.0
+        for name, value in s.items():
+            if value:
+                signals[names[name]] = round(value, 4)
+                keep *= 1.0 - weights.get(name, 0.0) * value
+        risk.score = round(1.0 - keep, 4)

@@ -27,6 +27,7 @@ import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gateway.context import RequestContext
 from gateway.risk.extract import extract_prompt
@@ -56,8 +57,7 @@ class LocalSignals:
         return max(self.cot, self.shape)
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A cluster a request may belong to: accounts sharing a template or a network."""
 
     cluster_id: str
@@ -67,16 +67,17 @@ class Candidate:
 
 @dataclass(slots=True)
 class Plan:
+    """The store operations of one request, in a fixed order that :func:`read` walks: per
+    template candidate an HLL add and a decay; with a network, the ip HLL, the prefix HLL and
+    evidence, the new-account HLL (young accounts), the ASN HLL and evidence (known ASN); with an
+    account, its touch and its friction state."""
+
     ops: list[Op]
-    templates: list[tuple[int, int, str]]  # (hll op index, decay op index, template id)
-    ip: int | None = None
-    prefix: int | None = None
-    asn: int | None = None
-    new: int | None = None
-    account: int | None = None
-    friction: int | None = None
-    prefix_evidence: tuple[int, str] | None = None
-    asn_evidence: tuple[int, str] | None = None
+    templates: list[str]  # template ids, in op order
+    prefix: str | None = None  # cluster id of the prefix (None: no network ops)
+    new: bool = False
+    asn: str | None = None  # cluster id of the ASN
+    account: bool = False
 
 
 class _SegmentMemo(Memo[str | None]):
@@ -141,12 +142,15 @@ def _effort_high(body: object) -> bool:
     return effort == "high"
 
 
-def _prefix(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    # /24 and /48 are the usual allocation granularity: one customer or one hosting block.
-    if ip.version == 4:  # what str(ip_network((ip, 24), strict=False)) gives, without building one
+def _network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, str]:
+    """``(str(ip), prefix)``. /24 and /48 are the usual allocation granularity: one customer or one
+    hosting block. IPv4 is formatted from the address integer: what ``str(ip)`` and
+    ``str(ip_network((ip, 24), strict=False))`` give, without the ``ipaddress`` machinery."""
+    if ip.version == 4:
         n = int(ip)
-        return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.0/24"
-    return str(ipaddress.ip_network((ip, 48), strict=False))
+        net = f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}"
+        return f"{net}.{n & 255}", f"{net}.0/24"
+    return str(ip), str(ipaddress.ip_network((ip, 48), strict=False))
 
 
 def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Plan:
@@ -154,39 +158,39 @@ def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Pl
     principal, client = ctx.principal, ctx.client
     entity = principal.org or principal.account or (f"ip:{client.ip}" if client.ip else "")
     window = settings.fan_in_window
-    p = Plan([], [])
-    ops = p.ops
-    evidence = local.evidence
+    cluster_hl = settings.cluster_half_life
+    ops: list[Op] = []
+    p = Plan(ops, [])
+    evidence = (1.0, local.evidence)
+    candidates = local.fingerprint.candidates
     if entity:
-        for _kind, tid in local.fingerprint.candidates:
+        templates = p.templates
+        for _kind, tid in candidates:
             ops.append(HllAdd(f"t:{tid}", entity, window))
-            ops.append(DecayAdd(f"tr:{tid}", (1.0, evidence), settings.cluster_half_life))
-            p.templates.append((len(ops) - 2, len(ops) - 1, tid))
-    if client.ip is not None and entity:
-        prefix = _prefix(client.ip)
-        p.ip = len(ops)
-        ops.append(HllAdd(f"ip:{client.ip}", entity, window))
-        p.prefix = len(ops)
-        ops.append(HllAdd(f"p:{prefix}", entity, window))
-        p.prefix_evidence = (len(ops), f"p:{prefix}")
-        ops.append(DecayAdd(f"ce:p:{prefix}", (1.0, evidence), settings.cluster_half_life))
-        created = principal.created_at
-        if created is not None and ctx.wall_time - created < settings.new_account_age:
-            p.new = len(ops)
-            ops.append(HllAdd(f"pn:{prefix}", entity, window))
-        if client.asn is not None:
-            p.asn = len(ops)
-            ops.append(HllAdd(f"asn:{client.asn}", entity, window))
-            p.asn_evidence = (len(ops), f"asn:{client.asn}")
-            ops.append(DecayAdd(f"ce:asn:{client.asn}", (1.0, evidence), settings.cluster_half_life))
+            ops.append(DecayAdd(f"tr:{tid}", evidence, cluster_hl))
+            templates.append(tid)
+        ip = client.ip
+        if ip is not None:
+            ip_text, prefix = _network(ip)
+            p.prefix = prefix_id = f"p:{prefix}"
+            ops.append(HllAdd(f"ip:{ip_text}", entity, window))
+            ops.append(HllAdd(prefix_id, entity, window))
+            ops.append(DecayAdd(f"ce:{prefix_id}", evidence, cluster_hl))
+            created = principal.created_at
+            if created is not None and ctx.wall_time - created < settings.new_account_age:
+                p.new = True
+                ops.append(HllAdd(f"pn:{prefix}", entity, window))
+            if client.asn is not None:
+                p.asn = asn_id = f"asn:{client.asn}"
+                ops.append(HllAdd(asn_id, entity, window))
+                ops.append(DecayAdd(f"ce:{asn_id}", evidence, cluster_hl))
     account = principal.account
     if account:
-        focus_id = next((tid for kind, tid in reversed(local.fingerprint.candidates)), "")
+        focus_id = candidates[-1][1] if candidates else ""
         amounts = (1.0, local.cot, 1.0 if local.single_turn else 0.0, local.shape)
-        p.account = len(ops)
+        p.account = True
         ops.append(AccountTouch(f"a:{account}", amounts, focus_id, settings.account_half_life,
                                 settings.account_ttl))
-        p.friction = len(ops)
         ops.append(StateGet(f"fr:{account}"))
     return p
 
@@ -202,30 +206,43 @@ def read(ctx: RequestContext, p: Plan, result: BatchResult, settings: RiskSettin
     candidates: list[Candidate] = []
     template_id: str | None = None
     best = 0
-    for hll_i, decay_i, tid in p.templates:
-        count = int(res[hll_i])
-        pair = res[decay_i]
+    i = 0
+    for tid in p.templates:
+        count = int(res[i])
+        pair = res[i + 1]
+        i += 2
         if count > best or template_id is None:
             best, template_id = count, tid
             out["template_rate"] = pair[0] * math.log(2) / settings.cluster_half_life * 3600.0
         candidates.append(Candidate(f"t:{tid}", count, _mean(pair)))
     if template_id is not None:
         out["template_accounts"] = float(best)
-    for name, index in (("ip_accounts", p.ip), ("prefix_accounts", p.prefix), ("asn_accounts", p.asn),
-                        ("new_accounts", p.new)):
-        if index is not None:
-            out[name] = float(res[index])
-    for evidence, size_index in ((p.prefix_evidence, p.prefix), (p.asn_evidence, p.asn)):
-        if evidence is not None and size_index is not None:
-            candidates.append(Candidate(evidence[1], int(res[size_index]), _mean(res[evidence[0]])))
+    prefix = p.prefix
+    if prefix is not None:
+        prefix_size, prefix_evidence = res[i + 1], res[i + 2]
+        out["ip_accounts"] = float(res[i])
+        out["prefix_accounts"] = float(prefix_size)
+        i += 3
+        new = res[i] if p.new else None
+        i += p.new
+        asn = p.asn
+        if asn is not None:
+            asn_size = res[i]
+            out["asn_accounts"] = float(asn_size)
+        if new is not None:
+            out["new_accounts"] = float(new)
+        candidates.append(Candidate(prefix, int(prefix_size), _mean(prefix_evidence)))
+        if asn is not None:
+            candidates.append(Candidate(asn, int(asn_size), _mean(res[i + 1])))
+            i += 2
     client = ctx.client
     out["anonymiser"] = 1.0 if (client.is_anonymous or client.is_anonymous_vpn or client.is_tor_exit_node
                                 or client.is_public_proxy or client.is_residential_proxy) else 0.0
     out["hosting"] = 1.0 if client.is_hosting_provider else 0.0
-    if p.account is not None:
-        _account(ctx, res[p.account], result.now, settings, out)
-    if p.friction is not None and res[p.friction]:
-        out["friction_active"] = 1.0
+    if p.account:
+        _account(ctx, res[i], result.now, settings, out)
+        if res[i + 1]:
+            out["friction_active"] = 1.0
     return template_id, candidates
 
 

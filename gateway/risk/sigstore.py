@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from gateway.risk.hll import HyperLogLog, index_rank
 from gateway.risk.memo import Memo
@@ -38,22 +38,23 @@ GAP_ALPHA = 0.2  # weight of the newest gap in the running mean/variance (~5-gap
 DAY = 86400.0
 
 
-@dataclass(frozen=True, slots=True)
-class HllAdd:
+# Operations and results are named tuples: immutable like frozen dataclasses, but built in a
+# third of the time (a request makes about ten of them; see docs/distillation.md).
+
+
+class HllAdd(NamedTuple):
     key: str
     member: str
     window: float
 
 
-@dataclass(frozen=True, slots=True)
-class DecayAdd:
+class DecayAdd(NamedTuple):
     key: str
     amounts: tuple[float, ...]
     half_life: float
 
 
-@dataclass(frozen=True, slots=True)
-class AccountTouch:
+class AccountTouch(NamedTuple):
     """``amounts[0]`` is conventionally the request count; ``template`` may be empty."""
 
     key: str
@@ -63,21 +64,18 @@ class AccountTouch:
     ttl: float
 
 
-@dataclass(frozen=True, slots=True)
-class StateGet:
+class StateGet(NamedTuple):
     key: str
 
 
-@dataclass(frozen=True, slots=True)
-class StatePut:
+class StatePut(NamedTuple):
     key: str
     field: str
     value: str
     ttl: float
 
 
-@dataclass(frozen=True, slots=True)
-class StateDelete:
+class StateDelete(NamedTuple):
     key: str
     field: str | None = None  # None: every field
 
@@ -85,8 +83,7 @@ class StateDelete:
 Op = HllAdd | DecayAdd | AccountTouch | StateGet | StatePut | StateDelete
 
 
-@dataclass(frozen=True, slots=True)
-class AccountState:
+class AccountState(NamedTuple):
     """One account's running state after the touch of the current request."""
 
     previous: float | None  # time of the previous request (None: first seen now)
@@ -107,8 +104,7 @@ class AccountState:
         return math.sqrt(max(self.gap_var, 0.0)) / self.gap_mean
 
 
-@dataclass(frozen=True, slots=True)
-class BatchResult:
+class BatchResult(NamedTuple):
     now: float
     results: tuple[Any, ...]  # per op: int | tuple[float, ...] | AccountState | dict[str, str] | None
 
@@ -151,38 +147,46 @@ class _Account:
 
 def touch_account(acc: _Account | None, op: AccountTouch, now: float) -> tuple[_Account, AccountState]:
     """The account update rule (mirrored by the Redis Lua script, keep them in step)."""
+    amounts = op.amounts
     if acc is None:
-        acc = _Account(last=now, first=now, counts=[0.0] * len(op.amounts), hours_start=now)
+        acc = _Account(last=now, first=now, counts=[0.0 + a for a in amounts], hours_start=now)
         previous = None
     else:
         previous = acc.last
-        elapsed = now - acc.last
+        elapsed = now - previous
+        counts = acc.counts
+        if len(counts) < len(amounts):
+            counts += [0.0] * (len(amounts) - len(counts))
         if elapsed > 0:  # decay(), with the factor computed once for every counter
             factor = math.pow(2.0, -elapsed / op.half_life)
-            acc.counts = [c * factor for c in acc.counts]
-            acc.top_count *= factor
-        if len(acc.counts) < len(op.amounts):
-            acc.counts += [0.0] * (len(op.amounts) - len(acc.counts))
-        if 0 < elapsed <= MAX_GAP:
-            if acc.gaps == 0:
-                acc.gap_mean, acc.gap_var = elapsed, 0.0
+            if len(counts) == len(amounts):
+                acc.counts = [c * factor + a for c, a in zip(counts, amounts, strict=True)]
             else:
-                diff = elapsed - acc.gap_mean
-                acc.gap_mean += GAP_ALPHA * diff
-                acc.gap_var = (1 - GAP_ALPHA) * (acc.gap_var + GAP_ALPHA * diff * diff)
-            acc.gaps = min(acc.gaps + 1, 1000)
+                acc.counts = [c * factor for c in counts]
+                for i, amount in enumerate(amounts):
+                    acc.counts[i] += amount
+            acc.top_count *= factor
+            if elapsed <= MAX_GAP:
+                if acc.gaps == 0:
+                    acc.gap_mean, acc.gap_var = elapsed, 0.0
+                else:
+                    diff = elapsed - acc.gap_mean
+                    acc.gap_mean += GAP_ALPHA * diff
+                    acc.gap_var = (1 - GAP_ALPHA) * (acc.gap_var + GAP_ALPHA * diff * diff)
+                acc.gaps = min(acc.gaps + 1, 1000)
+        else:
+            for i, amount in enumerate(amounts):
+                counts[i] += amount
         acc.last = now
-    counts = acc.counts
-    for i, amount in enumerate(op.amounts):
-        counts[i] += amount
     if now - acc.hours_start > DAY:
         acc.hours, acc.hours_start = 0, now
     acc.hours |= 1 << int(now // 3600 % 24)
-    if op.template:
-        if acc.top == op.template:
+    template = op.template
+    if template:
+        if acc.top == template:
             acc.top_count += 1.0
         elif acc.top_count <= 1.0:
-            acc.top, acc.top_count = op.template, 1.0
+            acc.top, acc.top_count = template, 1.0
         else:
             acc.top_count -= 1.0
     state = AccountState(previous, acc.first, tuple(acc.counts), acc.gap_mean, acc.gap_var, acc.gaps,
@@ -224,15 +228,19 @@ class MemorySignalStore:
         if self._ops >= self.sweep_every:
             self._ops = 0
             self._sweep(now)
-        one = self._one
-        return BatchResult(now, tuple([one(op, now) for op in ops]))
+        results: list[Any] = []
+        append = results.append
+        for op in ops:  # the two common kinds first, by exact type (cheaper than isinstance)
+            kind = type(op)
+            if kind is HllAdd:
+                append(self._hll_add(op, now))  # type: ignore[arg-type]
+            elif kind is DecayAdd:
+                append(self._decay_add(op, now))  # type: ignore[arg-type]
+            else:
+                append(self._other(op, now))
+        return BatchResult(now, tuple(results))
 
-    def _one(self, op: Op, now: float) -> Any:
-        kind = type(op)
-        if kind is HllAdd:
-            return self._hll_add(op, now)  # type: ignore[arg-type]
-        if kind is DecayAdd:
-            return self._decay_add(op, now)  # type: ignore[arg-type]
+    def _other(self, op: Op, now: float) -> Any:
         if isinstance(op, AccountTouch):
             entry = self._data.get(op.key)
             acc = entry.value if entry is not None and entry.expires > now else None
@@ -257,36 +265,45 @@ class MemorySignalStore:
                 self._data.pop(op.key, None)
             else:
                 fields.pop(op.field, None)
-        return None
+            return None
+        if isinstance(op, HllAdd):  # a subclass: not dispatched by exact type above
+            return self._hll_add(op, now)
+        return self._decay_add(op, now)
 
     def _hll_add(self, op: HllAdd, now: float) -> int:
         # One entry per key holds its current bucket; the previous bucket is only ever read when
         # the next one starts (its members are copied into the new bucket's view), so it need not
         # be kept under a key of its own.
-        bucket = int(now // op.window)
+        window = op.window
+        bucket = int(now // window)
         entry = self._data.get(op.key)
         if entry is None or entry.expires <= now or entry.value[0] != bucket:
             previous = entry.value[1] if (entry is not None and entry.expires > now
                                           and entry.value[0] == bucket - 1) else None
-            entry = _Entry(now + 2 * op.window + 1, (bucket, HyperLogLog(previous)))
+            entry = _Entry(now + 2 * window + 1, (bucket, HyperLogLog(previous)))
             self._data[op.key] = entry
         hll: HyperLogLog = entry.value[1]
-        hll.add(op.member, self._hash)
-        return hll.count()
+        return hll.add_count(op.member, self._hash)
 
     def _decay_add(self, op: DecayAdd, now: float) -> tuple[float, ...]:
         entry = self._data.get(op.key)
+        amounts = op.amounts
         if entry is None or entry.expires <= now:
-            out = op.amounts
-            self._data[op.key] = _Entry(now + 8 * op.half_life, (now, out))
-            return out
+            self._data[op.key] = _Entry(now + 8 * op.half_life, (now, amounts))
+            return amounts
         last, values = entry.value
         elapsed = now - last
-        if elapsed > 0:
+        if len(values) == 2 and len(amounts) == 2:  # (count, sum): every caller in the risk stage
+            if elapsed > 0:
+                factor = math.pow(2.0, -elapsed / op.half_life)
+                out: tuple[float, ...] = (values[0] * factor + amounts[0], values[1] * factor + amounts[1])
+            else:
+                out = (values[0] + amounts[0], values[1] + amounts[1])
+        elif elapsed > 0:
             factor = math.pow(2.0, -elapsed / op.half_life)
-            out = tuple([v * factor + a for v, a in zip(values, op.amounts, strict=False)])
+            out = tuple([v * factor + a for v, a in zip(values, amounts, strict=False)])
         else:
-            out = tuple([v + a for v, a in zip(values, op.amounts, strict=False)])
+            out = tuple([v + a for v, a in zip(values, amounts, strict=False)])
         entry.expires = now + 8 * op.half_life
         entry.value = (now, out)
         return out

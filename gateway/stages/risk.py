@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 
 from gateway.context import Decision, RequestContext
-from gateway.risk import score
 from gateway.risk.patterns import PatternSet, load_patterns
+from gateway.risk.score import Scorer
 from gateway.risk.settings import RiskSettings, StoreSettings
 from gateway.risk.signals import Candidate, TextMemos, local_signals, plan, read
 from gateway.risk.sigstore import MemorySignalStore, SignalStore
@@ -42,6 +42,7 @@ class RiskStage:
         self._store = store
         self._patterns = patterns if patterns is not None else load_patterns(settings.patterns)
         self._memos = TextMemos()
+        self._scorer = Scorer(settings)
         self.store_errors = 0
 
     @property
@@ -68,7 +69,7 @@ class RiskStage:
             else:
                 template_id, candidates = read(ctx, ops, result, settings, signals)
         risk.template_id = template_id or local.fingerprint.primary
-        score.apply(risk, candidates, settings)
+        self._scorer.apply(risk, candidates)
         ctx.audit["risk"] = {
             "score": risk.score,
             "cluster_id": risk.cluster_id,
