@@ -33,13 +33,13 @@ class AccessLog:
     def enabled(self) -> bool:
         return self._target is not None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._target is None:
             return
         if self._target == "-":
             self._stream = sys.stdout
         else:
-            self._stream = open(self._target, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
+            self._stream = await asyncio.to_thread(open, self._target, "a", encoding="utf-8")
             self._owns_stream = True
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._flush_loop(), name="access-log")
@@ -99,8 +99,12 @@ class AccessLog:
                 self.dropped += data.count("\n")  # a closed or full sink must not break requests
 
     def flush(self) -> None:
-        """Write what is buffered now (blocking: for shutdown and tests)."""
+        """Write what is buffered now (blocking: for shutdown)."""
         self._write(self._take())
+
+    async def flush_now(self) -> None:
+        """Write what is buffered now, from a worker thread."""
+        await asyncio.to_thread(self._write, self._take())
 
     async def _flush_loop(self) -> None:
         assert self._wake is not None
@@ -115,6 +119,9 @@ class AccessLog:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
         self.flush()
         if self._owns_stream and self._stream is not None:
             self._stream.close()

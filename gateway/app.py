@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -124,12 +125,15 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics, access_log=AccessLog(settings.logging.access_log),
-                      features=build_features(settings, metrics))
+                      features=Features())
     app[RUNTIME] = runtime
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # Loading policies, keys, patterns and scripts reads files: off the event loop. Errors
+        # (ConfigError, PolicyTestsFailed) propagate from here and stop the start-up.
+        runtime.features = await asyncio.to_thread(build_features, settings, metrics)
         runtime.settings, runtime.mock_runner = await _start_mock(runtime.settings)
-        runtime.access_log.start()
+        await runtime.access_log.start()
         await runtime.features.start()
         plans = _route_plans(runtime)
         stages: list[Stage] = list(runtime.features.stages)

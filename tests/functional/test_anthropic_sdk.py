@@ -19,7 +19,7 @@ async def test_message_content_and_usage(gateway: RunningGateway) -> None:
         )
     assert message.content[0].type == "text" and message.content[0].text
     assert message.usage.output_tokens == 6
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["route"] == "messages" and record["output_tokens"] == 6
     assert record["input_tokens"] == message.usage.input_tokens
 
@@ -33,7 +33,7 @@ async def test_stream_events_and_usage(gateway: RunningGateway) -> None:
             final = await stream.get_final_message()
     assert len(text.split()) == 6
     assert final.usage.output_tokens == 6 and final.stop_reason == "end_turn"
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["stream"] is True and record["output_tokens"] == 6
 
 

@@ -83,7 +83,7 @@ async def test_challenge_is_raised_then_solved_by_hand(
             await c.chat.completions.create(
                 model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution}
             )  # type: ignore[arg-type]
-        records = gw.access_records()
+        records = await gw.access_records()
     assert len(mock_upstream.state.requests) == 1
     assert [r["status"] for r in records] == [401, 200, 401]
 

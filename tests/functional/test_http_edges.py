@@ -162,7 +162,7 @@ async def test_client_disconnect_cancels_the_upstream_stream_promptly(start_gate
         assert upstream.state.streams_cancelled == 1
         assert upstream.state.cancel_times[-1] - closed_at < 0.1
         await asyncio.sleep(0.05)
-        record = gw.access_records()[-1]
+        record = (await gw.access_records())[-1]
     assert record["status"] == 499 and record["client_disconnected"] is True
     assert gw.runtime.metrics.active_streams._value.get() == 0
 

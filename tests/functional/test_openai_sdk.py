@@ -20,7 +20,7 @@ async def test_chat_completion_content_and_usage(gateway: RunningGateway) -> Non
         )
     assert result.choices[0].message.content
     assert result.usage is not None and result.usage.completion_tokens == 6
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["route"] == "chat.completions" and record["status"] == 200
     assert record["output_tokens"] == 6 and record["input_tokens"] == result.usage.prompt_tokens
 
@@ -41,7 +41,7 @@ async def test_stream_hides_usage_chunk_the_client_did_not_ask_for(
     # The gateway asked upstream for usage and accounted it.
     sent = mock_upstream.state.requests[-1].body
     assert sent["stream_options"] == {"include_usage": True}
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["output_tokens"] == 6 and record["stream"] is True
 
 
@@ -75,7 +75,7 @@ async def test_responses_api_stream_and_not(gateway: RunningGateway) -> None:
     types = [e.type for e in events]
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert any(t == "response.output_text.delta" for t in types)
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["route"] == "responses" and record["output_tokens"] == 6
 
 
@@ -85,7 +85,7 @@ async def test_embeddings_and_models(gateway: RunningGateway) -> None:
         models = await c.models.list()
     assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
     assert [m async for m in models]
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["route"] == "models"
 
 
@@ -155,7 +155,7 @@ async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: Runni
             async for _ in stream:
                 seen += 1
     assert seen > 0  # some content arrived before the failure
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["output_tokens"] >= 1  # the part that was produced is accounted
 
 
@@ -165,5 +165,5 @@ async def test_large_responses_are_relayed_whole(gateway: RunningGateway) -> Non
     async with client(gateway) as c:
         emb = await c.embeddings.create(model="emb-test", input=inputs, dimensions=512)
     assert len(emb.data) == 400 and all(len(d.embedding) == 512 for d in emb.data)
-    record = gateway.access_records()[-1]
+    record = (await gateway.access_records())[-1]
     assert record["status"] == 200 and record["input_tokens"] == emb.usage.prompt_tokens

@@ -186,7 +186,7 @@ async def test_abandoned_stream_is_charged_what_was_produced(
                 break
         await stream.close()  # the client walks away mid-stream
         await settled(gw)
-        abandoned = gw.access_records()[-1]
+        abandoned = (await gw.access_records())[-1]
         raw = await c.chat.completions.with_raw_response.create(
             model="gpt-test", messages=MESSAGES, max_tokens=100
         )

@@ -24,10 +24,11 @@ class RunningGateway:
     def runtime(self) -> Runtime:
         return self.app[RUNTIME]
 
-    def access_records(self) -> list[dict[str, object]]:
+    async def access_records(self) -> list[dict[str, object]]:
+        """Flush the access log (it buffers) and read it, oldest first."""
         import json
 
-        self.runtime.access_log.flush()
+        await self.runtime.access_log.flush_now()
         if not self.access_log.exists():
             return []
         return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]

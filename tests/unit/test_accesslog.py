@@ -27,7 +27,7 @@ def context() -> RequestContext:
 async def test_lines_are_json_with_the_request_facts_and_no_prompt(tmp_path: Path) -> None:
     path = tmp_path / "access.jsonl"
     log = AccessLog(str(path), interval=0.01)
-    log.start()
+    await log.start()
     for _ in range(3):
         log.log(context())
     await log.close()
@@ -42,7 +42,7 @@ async def test_lines_are_json_with_the_request_facts_and_no_prompt(tmp_path: Pat
 
 async def test_a_stuck_writer_sheds_lines_instead_of_growing(tmp_path: Path) -> None:
     log = AccessLog(str(tmp_path / "a.jsonl"), max_buffer=1024)
-    log.start()
+    await log.start()
     assert log._task is not None
     log._task.cancel()  # the writer never runs: as if stdout were a blocked pipe
     for _ in range(1000):
