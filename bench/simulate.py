@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.app import RUNTIME, create_app
+from gateway.app import create_app
 from gateway.context import Decision, RequestContext
 from gateway.geo.base import GeoRecord
 from gateway.geo.static import StaticGeoProvider
@@ -251,8 +251,7 @@ async def run_phase(events: list[Event], threshold: float | None, concurrency: i
             f"listen: {{host: 127.0.0.1, port: 0}}\nadmin: {{enabled: false}}\nupstreams:\n"
             f"  - name: mock\n    base_url: {mock.url}\nlogging: {{access_log: null, audit_log: null}}\n",
             "sim.yaml")
-        app = create_app(settings)
-        app[RUNTIME].features.stages[:] = stages
+        app = create_app(settings, stages=stages)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()

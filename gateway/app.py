@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -120,9 +120,13 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The proxy application. Components start in its cleanup context and stop in reverse."""
+def create_app(settings: Settings, stages: Sequence[Stage] | None = None) -> web.Application:
+    """The proxy application. Components start in its cleanup context and stop in reverse.
+
+    ``stages`` replaces the feature stages the settings would build (the traffic simulator drives
+    the pipeline with a simulated clock and its own identity stage)."""
     app = web.Application(client_max_size=settings.max_body_bytes)
+    override = stages
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics, access_log=AccessLog(settings.logging.access_log),
                       features=Features())
@@ -131,7 +135,10 @@ def create_app(settings: Settings) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Loading policies, keys, patterns and scripts reads files: off the event loop. Errors
         # (ConfigError, PolicyTestsFailed) propagate from here and stop the start-up.
-        runtime.features = await asyncio.to_thread(build_features, settings, metrics)
+        if override is None:
+            runtime.features = await asyncio.to_thread(build_features, settings, metrics)
+        else:
+            runtime.features = Features(stages=list(override))
         runtime.settings, runtime.mock_runner = await _start_mock(runtime.settings)
         await runtime.access_log.start()
         await runtime.features.start()

@@ -8,7 +8,6 @@ never sees a half-updated set and the cache can never serve an answer from the o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ import maxminddb
 from gateway.context import IPAddress
 from gateway.geo.base import EMPTY_RECORD, GeoDatabaseInfo, GeoRecord
 from gateway.geo.config import GeoIpConfig
+from gateway.tasks import cancel_and_wait
 from gateway.watch import FileWatcher
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,8 @@ class MaxMindGeoProvider:
         await self.reload()
 
     async def close(self) -> None:
-        if self._catch_up is not None:
-            self._catch_up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._catch_up
-            self._catch_up = None
+        await cancel_and_wait(self._catch_up)
+        self._catch_up = None
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None

@@ -10,7 +10,6 @@ dict probe, followed by a constant-time comparison of the stored hash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -24,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.context import Principal
+from gateway.tasks import cancel_and_wait
 from gateway.watch import FileWatcher
 from gateway.yamlsource import ConfigError, Issue, Issues, Mark, Node
 
@@ -251,11 +251,8 @@ class KeyRing:
         return True
 
     async def close(self) -> None:
-        if self._catch_up is not None:
-            self._catch_up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._catch_up
-            self._catch_up = None
+        await cancel_and_wait(self._catch_up)
+        self._catch_up = None
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None

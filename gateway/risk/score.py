@@ -35,9 +35,9 @@ def ramp(value: float, bounds: tuple[float, float]) -> float:
     return 0.0 if value >= lo else 1.0 if value <= hi else (lo - value) / (lo - hi)
 
 
-def strengths(signals: Mapping[str, float], settings: RiskSettings) -> dict[str, float]:
+def strengths(signals: Mapping[str, float], r: Mapping[str, tuple[float, float]],
+              new_account_age: float) -> dict[str, float]:
     """Behaviour strengths (0..1) keyed like ``settings.weights`` (``cluster`` excluded)."""
-    r = settings.ramps
     get = signals.get
     s = {
         "cot_share": ramp(get("cot_share", get("cot", 0.0)), r["cot_share"]),
@@ -53,10 +53,10 @@ def strengths(signals: Mapping[str, float], settings: RiskSettings) -> dict[str,
         "anonymiser": get("anonymiser", 0.0),
         "hosting": get("hosting", 0.0),
     }
-    cv = signals.get("gap_cv")
+    cv = get("gap_cv")
     s["regularity"] = ramp(cv, r["gap_cv"]) if cv is not None else 0.0
-    age = signals.get("account_age_days")
-    young = age is not None and age * 86400.0 < settings.new_account_age
+    age = get("account_age_days")
+    young = age is not None and age * 86400.0 < new_account_age
     s["young_volume"] = ramp(get("requests", 0.0), r["young_requests"]) if young else 0.0
     return s
 
@@ -116,27 +116,8 @@ class Scorer:
 
     def apply(self, risk: RiskInfo, candidates: list[Candidate]) -> None:
         signals = risk.signals
-        get = signals.get
-        r = self._ramps
-        s = {
-            "cot_share": ramp(get("cot_share", get("cot", 0.0)), r["cot_share"]),
-            "shape_share": ramp(get("shape_share", get("shape", 0.0)), r["shape_share"]),
-            "hydra": ramp(get("template_accounts", 0.0), r["template_accounts"]),
-            "fan_in": max(ramp(get("ip_accounts", 0.0), r["ip_accounts"]),
-                          ramp(get("prefix_accounts", 0.0), r["prefix_accounts"])),
-            "new_accounts": ramp(get("new_accounts", 0.0), r["new_accounts"]),
-            "velocity": ramp(get("velocity", 0.0), r["velocity"]),
-            "single_turn": ramp(get("single_turn_share", 0.0), r["single_turn_share"]),
-            "focus": ramp(get("focus", 0.0), r["focus"]),
-            "round_the_clock": ramp(get("hours_active", 0.0), r["hours_active"]),
-            "anonymiser": get("anonymiser", 0.0),
-            "hosting": get("hosting", 0.0),
-        }
-        cv = get("gap_cv")
-        s["regularity"] = ramp(cv, r["gap_cv"]) if cv is not None else 0.0
-        age = get("account_age_days")
-        young = age is not None and age * 86400.0 < self._young
-        s["young_volume"] = ramp(get("requests", 0.0), r["young_requests"]) if young else 0.0
+        s = strengths(signals, self._ramps, self._young)
+        age = signals.get("account_age_days")
         if candidates:
             cluster, cluster_score = best_cluster(candidates, self._settings)
             if cluster is not None:
