@@ -95,6 +95,28 @@ def geo_table() -> dict[str, GeoRecord]:
     return table
 
 
+def _synthetic_maths(rng: random.Random, n: int = 1000) -> list[str]:
+    """Stand-ins for GSM8K when ../shared/prompts is absent (results then differ from the docs)."""
+    shapes = ["A farmer has {a} cows and buys {b} more. How many cows does the farmer have now?",
+              "{name} reads {a} pages a day for {b} days. How many pages does {name} read?",
+              "A shop sells {a} apples in the morning and {b} in the afternoon. How many in total?",
+              "{name} had {a} dollars and spent {b}. How much money is left?",
+              "A train travels {a} miles an hour for {b} hours. How far does it go?"]
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana"]
+    return [rng.choice(shapes).format(a=rng.randint(2, 99), b=rng.randint(2, 99), name=rng.choice(names))
+            for _ in range(n)]
+
+
+def _synthetic_requests(rng: random.Random, n: int = 300) -> list[str]:
+    """Stand-ins for the human-written instructions when ../shared/prompts is absent."""
+    verbs = ["Write", "Summarise", "Translate into French", "Explain to a child", "Give three ideas for",
+             "Draft an email about", "List the pros and cons of", "Suggest a title for"]
+    topics = ["a trip to the mountains", "our quarterly budget", "how tides work", "a birthday party",
+              "learning the guitar", "a new coffee shop", "remote work", "composting at home",
+              "the history of the bicycle", "a job interview"]
+    return [f"{rng.choice(verbs)} {rng.choice(topics)}." for _ in range(n)]
+
+
 def _load(name: str) -> list[dict[str, Any]]:
     path = PROMPTS / name
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
@@ -105,8 +127,8 @@ class Builder:
         self.rng = random.Random(seed)
         users = _load("user-oriented-instructions.jsonl") + _load("self-instruct-seed-tasks.jsonl")
         self.user = [f"{u['instruction']}\n{u['instances'][0]['input'] if u.get('instances') else ''}".strip()
-                     for u in users] or ["Write a short poem about the sea."]
-        self.maths = [q["question"] for q in _load("gsm8k-test.jsonl")] or ["What is 12 times 7?"]
+                     for u in users] or _synthetic_requests(self.rng)
+        self.maths = [q["question"] for q in _load("gsm8k-test.jsonl")] or _synthetic_maths(self.rng)
         self.events: list[Event] = []
 
     def emit(self, t: float, account: str, pop: str, created: float, messages: list[dict[str, str]], ip: str,
@@ -138,7 +160,7 @@ class Builder:
         rng = self.rng
         for a in range(max(1, round(4 * scale))):  # enterprise eval harness in the cloud, CoT prompts
             t, ip = START + rng.uniform(0, 40000), f"52.0.7.{10 + a}"
-            for q in rng.sample(self.maths, 300):
+            for q in rng.sample(self.maths, min(300, len(self.maths))):
                 self.emit(t, f"evalcorp{a}", "heavy_eval", START - 300 * 86400,
                           [{"role": "user", "content": f"Q: {q}\nA: Let's think step by step."}], ip,
                           "enterprise", "evalcorp")
