@@ -9,7 +9,9 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /srv/tollgate --create-home tollgate
 COPY --from=build /install /usr/local
 WORKDIR /srv/tollgate
+# The example config with its demo key and policies: mount your own /etc/tollgate in production.
 COPY --chown=tollgate:tollgate config.example.yaml /etc/tollgate/config.yaml
+COPY --chown=tollgate:tollgate keys.example.yaml /etc/tollgate/keys.example.yaml
 COPY --chown=tollgate:tollgate policies /etc/tollgate/policies
 USER tollgate
 EXPOSE 8080 9090
