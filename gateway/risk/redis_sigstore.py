@@ -1,12 +1,20 @@
-"""``RedisSignalStore``: every signal operation of a request in one ``EVALSHA`` (one round trip).
+"""``RedisSignalStore``: a request's signal operations in one ``EVALSHA`` (one round trip).
 
 Time is Redis ``TIME``, so replicas with skewed clocks agree. Keys are hash-tagged
-(``prefix{base}``) so the current and previous HyperLogLog buckets of one key share a slot.
+(``prefix{base}``) so every Redis key of one logical key (a HyperLogLog's buckets and its union
+view) shares a slot.
 
-Redis Cluster: one script call must touch a single slot, and a request's keys (account, ip,
-prefix, ASN, template) live in different slots. This implementation targets a single Redis
-(or one shard dedicated to risk state); for a Cluster, group the operations by slot and send one
-call per slot in a pipeline (not implemented yet; see docs/distillation.md).
+Single Redis (the hot path): the script goes out packed by hiredis on the lean pipelined
+connection of :mod:`gateway.store.resp` (an asyncio Protocol; no redis-py pool checkout, health
+check, stream reader or per-call ``asyncio.timeout``: most of the client's CPU per call before).
+TLS, Unix sockets and RESP3 URLs fall back to redis-py.
+
+Redis Cluster (``cluster=True``): one script call must stay in one slot, and a request's keys
+(account, ip, prefix, ASN, template) hash to different slots. The operations are grouped by slot
+and each group is one ``EVALSHA`` (routed by redis-py's ``RedisCluster``), all sent concurrently
+(one round-trip time); results are put back in operation order. Every operation touches only its
+own key, so splitting a batch changes no result; the batch is then atomic per slot, not as a
+whole, which no signal relies on. ``BatchResult.now`` is the earliest of the groups' ``TIME``.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from hiredis import pack_command
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.risk.sigstore import (
     AccountState,
@@ -35,6 +45,7 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.store.base import StoreError
+from gateway.store.resp import RespConnection, pack
 
 
 def _encode(op: Op, args: list[str | float]) -> None:
@@ -52,99 +63,169 @@ def _encode(op: Op, args: list[str | float]) -> None:
         args += ["x", op.field or ""]
 
 
+def _text(value: Any) -> str:
+    return value.decode() if type(value) is bytes else str(value)
+
 
 def _decode(ops: Sequence[Op], raw: list[Any]) -> BatchResult:
-    values = [v.decode() if type(v) is bytes else str(v) for v in raw]
-    now = float(values[0])
+    """The script's reply: numbers come as bytes (floats, as Lua formats them) or integers, which
+    ``int``/``float`` take as they are; only strings handed on (templates, state) are decoded."""
+    now = float(raw[0])
     pos = 1
     results: list[Any] = []
+    append = results.append
     for op in ops:
         if isinstance(op, HllAdd):
-            results.append(int(values[pos]))
+            append(int(raw[pos]))
             pos += 1
         elif isinstance(op, DecayAdd):
             n = len(op.amounts)
-            results.append(tuple(float(v) for v in values[pos:pos + n]))
+            append(tuple([float(v) for v in raw[pos:pos + n]]))
             pos += n
         elif isinstance(op, AccountTouch):
             n = len(op.amounts)
-            prev, first, gm, gv, gk, hours, tp, tc = values[pos:pos + 8]
-            counts = tuple(float(v) for v in values[pos + 8:pos + 8 + n])
+            prev, first, gm, gv, gk, hours, tp, tc = raw[pos:pos + 8]
+            counts = tuple([float(v) for v in raw[pos + 8:pos + 8 + n]])
             pos += 8 + n
-            results.append(AccountState(float(prev) if prev else None, float(first), counts, float(gm),
-                                        float(gv), int(float(gk)), int(float(hours)), tp, float(tc)))
+            append(AccountState(float(prev) if prev else None, float(first), counts, float(gm), float(gv),
+                                int(float(gk)), int(float(hours)), _text(tp), float(tc)))
         elif isinstance(op, StateGet):
-            count = int(values[pos])
-            pairs = values[pos + 1:pos + 1 + 2 * count]
-            results.append(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+            count = int(raw[pos])
+            pairs = [_text(v) for v in raw[pos + 1:pos + 1 + 2 * count]]
+            append(dict(zip(pairs[::2], pairs[1::2], strict=True)))
             pos += 1 + 2 * count
         else:
-            results.append(None)
+            append(None)
     return BatchResult(now, tuple(results))
 
 
 class RedisSignalStore:
-    """:class:`~gateway.risk.sigstore.SignalStore` over a ``redis.asyncio`` client.
+    """:class:`~gateway.risk.sigstore.SignalStore` over a ``redis.asyncio`` ``Redis`` or
+    ``RedisCluster`` client (see the module docstring for the hot path and the Cluster split)."""
 
-    Hot path (a plain single-Redis client): the script goes out on a pooled connection directly,
-    packed by hiredis, skipping redis-py's per-command retry wrapper and instrumentation (most of
-    its client CPU per call), as :class:`gateway.store.redis.RedisStore` does."""
-
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "tg:risk:", deadline: float = 0.05,
-                 owns_client: bool = False) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, prefix: str = "tg:risk:",
+                 deadline: float = 0.05, owns_client: bool = False, lean: bool = True) -> None:
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
         self._prefix = prefix
         self._deadline = deadline
         self._owns = owns_client
         self._script = resources.files("gateway.risk").joinpath("signals.lua").read_text(encoding="utf-8")
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
-        self._pool: ConnectionPool | None = (
-            client.connection_pool if client.connection is None and not client.single_connection_client
-            else None)
+        self._lean = (_lean_connection(client, deadline, pack("SCRIPT", "LOAD", self._script))
+                      if lean else None)
         self.script_reloads = 0
+        self._ready = False
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisSignalStore:
+    def from_url(cls, url: str | Sequence[str], *, cluster: bool = False, deadline: float = 0.05,
+                 max_connections: int = 256, **kwargs: Any) -> RedisSignalStore:
+        """Single Redis from one URL, or a Cluster from one or more startup-node URLs."""
         # No client-side retries: a re-sent batch would count a request twice.
-        client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
-        return cls(client, owns_client=True, **kwargs)
+        urls = [url] if isinstance(url, str) else list(url)
+        connect_timeout = max(deadline, 0.5)
+        client: aioredis.Redis | RedisCluster
+        if cluster:
+            from redis.asyncio.cluster import ClusterNode
+
+            client = RedisCluster(startup_nodes=[ClusterNode(*_host_port(u)) for u in urls],
+                                  retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+                                  socket_connect_timeout=connect_timeout)
+        else:
+            client = aioredis.Redis.from_url(urls[0], retry=Retry(NoBackoff(), 0),
+                                             max_connections=max_connections,
+                                             socket_connect_timeout=connect_timeout)
+        return cls(client, owns_client=True, deadline=deadline, **kwargs)
 
     async def batch(self, ops: Sequence[Op]) -> BatchResult:
         prefix = self._prefix
         keys = [f"{prefix}{{{op.key}}}" for op in ops]
+        lean = self._lean
+        try:
+            if lean is not None:
+                args: list[str | float] = []
+                for op in ops:
+                    _encode(op, args)
+                command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *args)
+                return _decode(ops, await self._lean_eval(lean, pack_command(command)))
+            async with asyncio.timeout(self._deadline):
+                if not self._cluster:
+                    return await self._group(ops, keys)
+                return await self._slots(ops, keys)
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
+            raise StoreError(f"risk signal store: {exc!r}") from exc
+
+    async def _lean_eval(self, lean: RespConnection, packed: bytes) -> Any:
+        """EVALSHA on the lean connection under one deadline, NOSCRIPT reload included."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._deadline
+        try:
+            return await lean.call(packed, self._deadline)
+        except NoScriptError:  # a restart, SCRIPT FLUSH or a failover to a replica without it
+            self.script_reloads += 1
+            await lean.call(pack("SCRIPT", "LOAD", self._script), until - loop.time())
+            return await lean.call(packed, until - loop.time())
+
+    async def _group(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
+        """One EVALSHA through redis-py (all keys in one slot, or a single Redis)."""
         args: list[str | float] = []
         for op in ops:
             _encode(op, args)
         try:
-            async with asyncio.timeout(self._deadline):
-                raw = await self._eval(keys, args)
-        except (RedisError, TimeoutError, OSError) as exc:
-            raise StoreError(f"risk signal store: {exc!r}") from exc
+            raw = await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.script_reloads += 1
+            await self._client.script_load(self._script)  # a Cluster: on every primary
+            raw = await self._client.evalsha(self._sha, len(keys), *keys, *args)
         return _decode(ops, raw)
 
-    async def _eval(self, keys: list[str], args: list[str | float]) -> Any:
-        try:
-            return await self._evalsha(keys, args)
-        except NoScriptError:  # a restart, SCRIPT FLUSH or a failover to a replica without it
-            self.script_reloads += 1
-            await self._client.script_load(self._script)
-            return await self._evalsha(keys, args)
-
-    async def _evalsha(self, keys: list[str], args: list[str | float]) -> Any:
-        pool = self._pool
-        if pool is None:
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        # What Redis.execute_command does for EVALSHA (no response callback), minus the retry
-        # wrapper and the metrics hooks: send_packed_command/read_response disconnect the
-        # connection on any error or cancellation, release() returns it to the pool.
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *args)
-            await conn.send_packed_command(pack_command(command))
-            return await conn.read_response()
-        finally:
-            await pool.release(conn)
+    async def _slots(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
+        """Redis Cluster: one EVALSHA per slot, concurrently; results back in op order."""
+        by_slot: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_slot.setdefault(key_slot(key.encode()), []).append(i)
+        if len(by_slot) <= 1:
+            return await self._group(ops, keys)
+        groups = list(by_slot.values())
+        if not self._ready:  # concurrent first calls race redis-py's cluster set-up: one goes first
+            await self._client.initialize()
+            self._ready = True
+        parts = await asyncio.gather(*(self._group([ops[i] for i in g], [keys[i] for i in g])
+                                       for g in groups))
+        results: list[Any] = [None] * len(ops)
+        for group, part in zip(groups, parts, strict=True):
+            for i, value in zip(group, part.results, strict=True):
+                results[i] = value
+        return BatchResult(min(part.now for part in parts), tuple(results))
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
         if self._owns:
             await self._client.aclose()
+
+
+def _lean_connection(client: aioredis.Redis | RedisCluster, deadline: float,
+                     load: bytes) -> RespConnection | None:
+    """The lean connection for a plain single Redis over TCP with RESP2 (as
+    :class:`gateway.store.redis.RedisStore` uses for quotas), else None."""
+    if not isinstance(client, aioredis.Redis) or client.connection is not None \
+            or client.single_connection_client:
+        return None
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
+            or kw.get("protocol") not in (None, 2, "2"):
+        return None
+    return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
+                          db=int(kw.get("db", 0) or 0), username=kw.get("username"),
+                          password=kw.get("password"), deadline=deadline,
+                          connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
+                          stale_after=max(1.0, 4 * deadline), on_connect=[load])
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """``redis://host:port`` or ``host:port`` → (host, port)."""
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    return (host or "localhost").strip("[]"), int(port or 6379)

@@ -5,6 +5,7 @@ risk:
   enabled: true
   patterns: null                # a patterns YAML file; default: the packaged gateway/risk/patterns.yaml
   store: {backend: memory}      # or {backend: redis, url: redis://..., prefix: "tg:risk:", deadline: 50ms}
+                                # Redis Cluster: {backend: redis, cluster: true, nodes: [redis://h:7000, ...]}
   windows: {fan_in: 1h, account_half_life: 1h, account_ttl: 7d, template_half_life: 10m,
             cluster_half_life: 1h}
   ceilings: {max_tokens: 16384, reasoning_budget: 32000}
@@ -60,9 +61,16 @@ class ChallengeSettings:
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     backend: str = "memory"  # memory | redis
-    url: str | None = None
+    url: str | None = None  # single Redis (or, with cluster, one startup node)
     prefix: str = "tg:risk:"
     deadline: float = 0.05
+    cluster: bool = False
+    nodes: tuple[str, ...] = ()  # Redis Cluster startup nodes
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Where to connect: the startup nodes, else the one URL."""
+        return self.nodes or ((self.url,) if self.url else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +161,26 @@ def _store(node: Node | None) -> StoreSettings:
     if _mapping(node, "a mapping with 'backend'") is None:
         return StoreSettings()
     assert node is not None
-    node.check_keys({"backend", "url", "prefix", "deadline"})
+    node.check_keys({"backend", "url", "prefix", "deadline", "cluster", "nodes"})
     backend = node.get("backend", str, "memory") or "memory"
     if backend not in ("memory", "redis"):
         node.error(f"unknown backend '{backend}', expected memory or redis", "backend")
     url = node.get("url", str)
-    if backend == "redis" and not url:
-        node.error("the redis backend needs a 'url'", "backend")
+    cluster = bool(node.get("cluster", bool, False))
+    nodes: tuple[str, ...] = ()
+    child = node.child("nodes")
+    if child is not None:
+        if url:
+            node.error("set either 'url' or 'nodes', not both", "nodes")
+        if not cluster:
+            node.error("'nodes' are Redis Cluster startup nodes: set 'cluster: true'", "nodes")
+        if child.expect_list("a list of redis:// URLs"):
+            nodes = tuple(u for u in (n.as_type(str) for n in child.elements()) if u)
+    if backend == "redis" and not url and not nodes:
+        wanted = "'nodes' or a 'url'" if cluster else "a 'url'"
+        node.error(f"the redis backend needs {wanted}", "backend")
     return StoreSettings(backend, url, node.get("prefix", str, "tg:risk:") or "tg:risk:",
-                         read_duration(node, "deadline", 0.05))
+                         read_duration(node, "deadline", 0.05), cluster, nodes)
 
 
 def _challenge(node: Node | None) -> ChallengeSettings:

@@ -9,7 +9,8 @@ Operations and their state (all keys expire; nothing a crashed gateway leaves ou
 
 * :class:`HllAdd`: add a member to a HyperLogLog bucketed by ``window`` (current and previous
   bucket counted together: "distinct members over the last one to two windows"). Redis: 12 KiB
-  dense / a few hundred bytes sparse per bucket; memory: 8 KiB per bucket.
+  dense / a few hundred bytes sparse per bucket, plus the window's union view (bucket ∪ previous
+  bucket, at most as much again); memory: 8 KiB per bucket.
 * :class:`DecayAdd`: add to a tuple of exponentially decaying sums (rates, means). ~50 bytes per
   value.
 * :class:`AccountTouch`: one account's running state, updated in place: decayed counters

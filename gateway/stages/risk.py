@@ -28,8 +28,9 @@ def create_signal_store(settings: StoreSettings) -> SignalStore:
     if settings.backend == "redis":
         from gateway.risk.redis_sigstore import RedisSignalStore
 
-        assert settings.url is not None  # enforced by parse_risk_settings
-        return RedisSignalStore.from_url(settings.url, prefix=settings.prefix, deadline=settings.deadline)
+        assert settings.urls  # enforced by parse_risk_settings
+        return RedisSignalStore.from_url(settings.urls, cluster=settings.cluster, prefix=settings.prefix,
+                                         deadline=settings.deadline)
     return MemorySignalStore()
 
 

@@ -1,4 +1,5 @@
-"""``SignalStore`` contract: the same cases against ``MemorySignalStore`` and ``RedisSignalStore``.
+"""``SignalStore`` contract: the same cases against ``MemorySignalStore`` and ``RedisSignalStore``
+(a single Redis, and a 3-master Redis Cluster where a batch is split into one script per slot).
 
 The memory store runs on an injected clock (``advance`` moves it); the Redis store takes time
 from Redis ``TIME`` and its TTLs are Redis's own, so there ``advance`` waits for real time to
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from gateway.risk.redis_sigstore import RedisSignalStore
-from gateway.risk.settings import RiskSettings
+from gateway.risk.settings import RiskSettings, parse_risk_settings
 from gateway.risk.sigstore import (
     AccountTouch,
     DecayAdd,
@@ -29,7 +31,8 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.stages.risk import RiskStage
-from tests.support.redis_servers import RedisServer, start_server
+from gateway.yamlsource import Issues, Node
+from tests.support.redis_servers import RedisClusterServers, RedisServer, start_cluster, start_server
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 WINDOW = 0.4  # seconds: short enough for real time on Redis
@@ -61,15 +64,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("cluster", marks=[pytest.mark.redis, pytest.mark.cluster])])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock()
         store: SignalStore = MemorySignalStore(clock)
         yield Harness(store, clock)
-    else:
+    elif request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisSignalStore.from_url(server.url, prefix=f"t:{request.node.name}:", deadline=2.0)
+        yield Harness(store, None)
+    else:
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        store = RedisSignalStore.from_url(cluster.urls, cluster=True, prefix=f"t:{request.node.name}:",
+                                          deadline=2.0)
         yield Harness(store, None)
     await store.close()
 
@@ -179,3 +195,62 @@ async def test_redis_script_reloaded_after_flush(redis_server: RedisServer) -> N
         assert store.script_reloads >= 1
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_hll_view_counts_equal_the_two_bucket_merge(redis_server: RedisServer) -> None:
+    """The per-bucket union view gives exactly ``PFCOUNT current previous`` (the estimate of the
+    two-key merge), sparse and dense, with members repeating across buckets."""
+    window, prefix = 0.5, "t:view:"
+    store = RedisSignalStore.from_url(redis_server.url, prefix=prefix, deadline=2.0)
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    checked = 0
+    try:
+        harness = Harness(store, None)
+        await harness.align(window)
+        for bucket in range(3):
+            for step in range(30):  # 30 × 60 members per bucket: past the sparse encoding's limit
+                base = bucket * 900 + step * 60
+                result = await store.batch([HllAdd("k", f"m{base + i}", window) for i in range(60)]
+                                           + [HllAdd("k", f"m{i}", window) for i in range(step)])
+                b = math.floor(result.now / window)
+                if (result.now - b * window) > window - 0.01:
+                    continue  # so near the bucket's end that the rounded time may be in the next
+                expected = await client.pfcount(f"{prefix}{{k}}:{b}", f"{prefix}{{k}}:{b - 1}")
+                assert result.results[-1] == expected
+                checked += 1
+            await harness.advance(window - (result.now % window) + 0.01)  # the next bucket
+        assert checked > 60 and result.results[-1] > 1500
+        assert (await client.execute_command("OBJECT", "ENCODING", f"{prefix}{{k}}:u{b}")) == b"raw"
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+async def test_cluster_batch_spans_slots_and_keeps_op_order(redis_cluster: RedisClusterServers) -> None:
+    store = RedisSignalStore.from_url(redis_cluster.urls, cluster=True, prefix="t:slots:", deadline=2.0)
+    try:
+        ops = [HllAdd(f"h{i}", f"m{j}", 60.0) for i in range(20) for j in range(i % 3 + 1)]
+        results = (await store.batch(ops)).results
+        assert list(results) == [j + 1 for i in range(20) for j in range(i % 3 + 1)]
+        assert store._lean is None
+    finally:
+        await store.close()
+
+
+def test_parse_cluster_store_settings() -> None:
+    issues = Issues()
+    node = Node.parse("store: {backend: redis, cluster: true, nodes: [redis://a:7000, redis://b:7001]}\n",
+                      "r.yaml", issues)
+    settings = parse_risk_settings(node)
+    assert not issues.errors
+    assert settings.store.cluster and settings.store.urls == ("redis://a:7000", "redis://b:7001")
+    issues = Issues()
+    parse_risk_settings(Node.parse("store: {backend: redis, nodes: [redis://a:7000]}\n", "r.yaml", issues))
+    assert [str(i).split(": ", 1)[1] for i in issues.errors] == [
+        "store.nodes: 'nodes' are Redis Cluster startup nodes: set 'cluster: true'"]
+    single = parse_risk_settings(Node.parse("store: {backend: redis, url: redis://h:6379/0}\n", "r.yaml",
+                                            Issues()))
+    assert not single.store.cluster and single.store.urls == ("redis://h:6379/0",)
