@@ -28,7 +28,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from hiredis import pack_command
 from redis.asyncio import RedisCluster
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -45,7 +44,7 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.store.base import StoreError
-from gateway.store.resp import RespConnection, pack
+from gateway.store.resp import RespConnection, host_port, lean_connection, pack
 
 
 def _encode(op: Op, args: list[str | float]) -> None:
@@ -112,7 +111,7 @@ class RedisSignalStore:
         self._owns = owns_client
         self._script = resources.files("gateway.risk").joinpath("signals.lua").read_text(encoding="utf-8")
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
-        self._lean = (_lean_connection(client, deadline, pack("SCRIPT", "LOAD", self._script))
+        self._lean = (lean_connection(client, deadline, [pack("SCRIPT", "LOAD", self._script)])
                       if lean else None)
         self.script_reloads = 0
         self._ready = False
@@ -128,7 +127,7 @@ class RedisSignalStore:
         if cluster:
             from redis.asyncio.cluster import ClusterNode
 
-            client = RedisCluster(startup_nodes=[ClusterNode(*_host_port(u)) for u in urls],
+            client = RedisCluster(startup_nodes=[ClusterNode(*host_port(u)) for u in urls],
                                   retry=Retry(NoBackoff(), 0), max_connections=max_connections,
                                   socket_connect_timeout=connect_timeout)
         else:
@@ -203,29 +202,3 @@ class RedisSignalStore:
             await self._lean.close()
         if self._owns:
             await self._client.aclose()
-
-
-def _lean_connection(client: aioredis.Redis | RedisCluster, deadline: float,
-                     load: bytes) -> RespConnection | None:
-    """The lean connection for a plain single Redis over TCP with RESP2 (as
-    :class:`gateway.store.redis.RedisStore` uses for quotas), else None."""
-    if not isinstance(client, aioredis.Redis) or client.connection is not None \
-            or client.single_connection_client:
-        return None
-    pool = client.connection_pool
-    kw = pool.connection_kwargs
-    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
-            or kw.get("protocol") not in (None, 2, "2"):
-        return None
-    return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
-                          db=int(kw.get("db", 0) or 0), username=kw.get("username"),
-                          password=kw.get("password"), deadline=deadline,
-                          connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
-                          stale_after=max(1.0, 4 * deadline), on_connect=[load])
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    """``redis://host:port`` or ``host:port`` → (host, port)."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = rest.rpartition(":")
-    return (host or "localhost").strip("[]"), int(port or 6379)

@@ -32,7 +32,6 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -49,7 +48,7 @@ from gateway.store.base import (
     state_from_ms,
 )
 from gateway.store.reconcile import Done, ReconcileQueue
-from gateway.store.resp import RespConnection, pack
+from gateway.store.resp import RespConnection, host_port, lean_connection, pack
 
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
@@ -94,7 +93,7 @@ class RedisStore:
         self._renew = _Script.load("renew.lua")
         self.stats = RedisStoreStats()
         scripts = (self._charge, self._adjust, self._signals, self._renew)
-        self._lean = _lean_connection(client, deadline, [
+        self._lean = lean_connection(client, deadline, [
             pack("SCRIPT", "LOAD", script.body) for script in scripts
         ]) if lean else None
         self._reconcile = None if self._lean is None else ReconcileQueue(
@@ -110,7 +109,7 @@ class RedisStore:
         if cluster:
             from redis.asyncio.cluster import ClusterNode
 
-            nodes = [ClusterNode(*_host_port(u)) for u in urls]
+            nodes = [ClusterNode(*host_port(u)) for u in urls]
             client = RedisCluster(startup_nodes=nodes, retry=no_retry, max_connections=max_connections,
                                   socket_connect_timeout=max(deadline, 0.5))
         else:
@@ -386,28 +385,3 @@ class RedisStore:
     def reconcile(self) -> ReconcileQueue | None:
         """The deferred-reconcile queue (single Redis), for stats and tests."""
         return self._reconcile
-
-
-def _lean_connection(client: RedisClient, deadline: float,
-                     on_connect: Sequence[bytes]) -> RespConnection | None:
-    """A lean connection for a plain single Redis over TCP with RESP2 (TLS, Unix sockets,
-    credential providers and RESP3 stay on redis-py)."""
-    if not isinstance(client, Redis) or client.connection is not None or client.single_connection_client:
-        return None
-    pool = client.connection_pool
-    kw = pool.connection_kwargs
-    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
-            or kw.get("protocol") not in (None, 2, "2"):
-        return None
-    return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
-                          db=int(kw.get("db", 0) or 0), username=kw.get("username"),
-                          password=kw.get("password"), deadline=deadline,
-                          connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
-                          stale_after=max(1.0, 4 * deadline), on_connect=on_connect)
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    """``redis://host:port`` or ``host:port`` → (host, port)."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = rest.rpartition(":")
-    return (host or "localhost").strip("[]"), int(port or 6379)

@@ -26,6 +26,8 @@ from typing import Any, Protocol, cast
 
 import hiredis
 from hiredis import pack_command
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -306,3 +308,29 @@ class RespConnection:
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def lean_connection(client: Redis | RedisCluster, deadline: float,
+                     on_connect: Sequence[bytes]) -> RespConnection | None:
+    """A lean connection for a plain single Redis over TCP with RESP2, None otherwise (TLS, Unix
+    sockets, credential providers, RESP3 and Cluster stay on redis-py). Shared by the quota store
+    and the risk signal store."""
+    if not isinstance(client, Redis) or client.connection is not None or client.single_connection_client:
+        return None
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
+            or kw.get("protocol") not in (None, 2, "2"):
+        return None
+    return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
+                          db=int(kw.get("db", 0) or 0), username=kw.get("username"),
+                          password=kw.get("password"), deadline=deadline,
+                          connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
+                          stale_after=max(1.0, 4 * deadline), on_connect=on_connect)
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """``redis://host:port`` or ``host:port`` → (host, port)."""
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    return (host or "localhost").strip("[]"), int(port or 6379)
