@@ -18,7 +18,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, request_id_for
 from gateway.settings import Settings, UpstreamSettings
 from gateway.stages.forward import Forwarder
-from gateway.upstream.client import AiohttpUpstream
+from gateway.upstream.base import Upstream, create_upstream
 from gateway.wiring import Features, build_features
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Runtime:
     metrics: Metrics
     access_log: AccessLog
     features: Features
-    upstreams: dict[str, AiohttpUpstream] = field(default_factory=dict)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
     pipeline: Pipeline | None = None
     ready: bool = False
     mock_runner: web.AppRunner | None = None
@@ -78,7 +78,7 @@ def _route_plans(runtime: Runtime) -> list[RoutePlan]:
             continue
         upstream = runtime.upstreams.get(upstream_cfg.name)
         if upstream is None:
-            upstream = runtime.upstreams[upstream_cfg.name] = AiohttpUpstream(upstream_cfg)
+            upstream = runtime.upstreams[upstream_cfg.name] = create_upstream(upstream_cfg)
         forwarder = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
                               upstream_cfg.max_response_bytes)
         for route in adapter.routes:

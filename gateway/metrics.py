@@ -1,12 +1,114 @@
-"""Prometheus metrics, held in one registry per gateway instance (no global state)."""
+"""Prometheus metrics, held in one registry per gateway instance (no global state).
+
+The per-request series (requests, latency, upstream time to first byte, tokens, decisions,
+active streams) are plain integers and lists updated on the event loop and turned into metric
+families only when scraped: ``prometheus_client``'s own Counter and Histogram take a lock and
+validate on every update, which cost several µs per request. Rare events (reloads, upstream
+errors, disconnects) keep the library's types.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0)
+
+
+class HistogramSeries:
+    """One labelled histogram series: per-bucket counts and a sum, updated without a lock because
+    only the event loop's thread observes (scrapes run on the same loop)."""
+
+    __slots__ = ("_bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.total += value
+
+
+class LabelledHistogram:
+    """A histogram family keyed by one label value."""
+
+    def __init__(self, name: str, documentation: str, label: str, bounds: Sequence[float]) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self._bounds = tuple(bounds)
+        self.series: dict[str, HistogramSeries] = {}
+
+    def labels(self, value: str) -> HistogramSeries:
+        series = self.series.get(value)
+        if series is None:
+            series = self.series[value] = HistogramSeries(self._bounds)
+        return series
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, series in self.series.items():
+            running = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*map(repr, self._bounds), "+Inf"), series.counts, strict=True):
+                running += count
+                buckets.append((bound, running))
+            family.add_metric([value], buckets, series.total)
+        return family
+
+
+class ActiveStreams:
+    """A gauge of streams being relayed now."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+class _RequestPathCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        requests = CounterMetricFamily("tollgate_requests", "Requests handled, by route and status.",
+                                       labels=["route", "status"])
+        for (route, status), n in m.request_counts.items():
+            requests.add_metric([route, str(status)], n)
+        yield requests
+        yield m.duration.collect()
+        yield m.upstream_ttfb.collect()
+        yield GaugeMetricFamily("tollgate_active_streams", "Streams being relayed now.",
+                                value=m.active_streams.value)
+        tokens = CounterMetricFamily("tollgate_tokens", "Tokens accounted, by direction.",
+                                     labels=["direction"])
+        tokens.add_metric(["input"], m.tokens_in)
+        tokens.add_metric(["output"], m.tokens_out)
+        yield tokens
+        decisions = CounterMetricFamily(
+            "tollgate_decisions", "Requests by outcome: forwarded, or the kind of refusal (permission, "
+            "rate_limit, authentication, challenge, invalid_request...).", labels=["decision"])
+        for decision, n in m.decision_counts.items():
+            decisions.add_metric([decision], n)
+        yield decisions
 
 
 class Metrics:
@@ -15,21 +117,18 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("tollgate_requests", "Requests handled, by route and status.",
-                                ["route", "status"], registry=r)
-        self.duration = Histogram("tollgate_request_duration_seconds",
-                                  "Time from request start to the response's last byte.",
-                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_ttfb = Histogram("tollgate_upstream_ttfb_seconds",
-                                       "Time until the upstream's response headers arrived.",
-                                       ["upstream"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.active_streams = Gauge("tollgate_active_streams", "Streams being relayed now.", registry=r)
-        self.tokens = Counter("tollgate_tokens", "Tokens accounted, by direction.", ["direction"],
-                              registry=r)
-        self.decisions = Counter("tollgate_decisions",
-                                 "Requests by outcome: forwarded, or the kind of refusal (permission, "
-                                 "rate_limit, authentication, challenge, invalid_request...).",
-                                 ["decision"], registry=r)
+        self.request_counts: dict[tuple[str, int], int] = {}
+        self.decision_counts: dict[str, int] = {}
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.duration = LabelledHistogram("tollgate_request_duration_seconds",
+                                          "Time from request start to the response's last byte.",
+                                          "route", _LATENCY_BUCKETS)
+        self.upstream_ttfb = LabelledHistogram("tollgate_upstream_ttfb_seconds",
+                                               "Time until the upstream's response headers arrived.",
+                                               "upstream", _LATENCY_BUCKETS)
+        self.active_streams = ActiveStreams()
+        r.register(_RequestPathCollector(self))
         self.upstream_errors = Counter("tollgate_upstream_errors",
                                        "Upstream failures, by kind (connect, timeout, reset).",
                                        ["kind"], registry=r)
@@ -37,34 +136,18 @@ class Metrics:
                                           "Responses abandoned by the client before the end.", registry=r)
         self.reloads = Counter("tollgate_reloads", "Reloads of policies, keys or geo databases.",
                                ["what", "result"], registry=r)
-        self._requests_by: dict[tuple[str, int], Counter] = {}
-        self._duration_by: dict[str, Histogram] = {}
-        self._decisions_by: dict[str, Counter] = {}
-        self._tokens_in = self.tokens.labels("input")
-        self._tokens_out = self.tokens.labels("output")
 
     def observe_request(self, route: str, status: int, seconds: float, input_tokens: int,
-                        output_tokens: int) -> None:
-        """Hot path: label children are cached so a request costs a few dict lookups."""
+                        output_tokens: int, decision: str) -> None:
+        """Hot path: a few dict updates, no locks."""
         key = (route, status)
-        counter = self._requests_by.get(key)
-        if counter is None:
-            counter = self._requests_by[key] = self.requests.labels(route, str(status))
-        counter.inc()
-        hist = self._duration_by.get(route)
-        if hist is None:
-            hist = self._duration_by[route] = self.duration.labels(route)
-        hist.observe(seconds)
-        if input_tokens:
-            self._tokens_in.inc(input_tokens)
-        if output_tokens:
-            self._tokens_out.inc(output_tokens)
-
-    def observe_decision(self, decision: str) -> None:
-        counter = self._decisions_by.get(decision)
-        if counter is None:
-            counter = self._decisions_by[decision] = self.decisions.labels(decision)
-        counter.inc()
+        counts = self.request_counts
+        counts[key] = counts.get(key, 0) + 1
+        self.duration.labels(route).observe(seconds)
+        self.tokens_in += input_tokens
+        self.tokens_out += output_tokens
+        decisions = self.decision_counts
+        decisions[decision] = decisions.get(decision, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

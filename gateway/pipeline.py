@@ -57,15 +57,30 @@ def request_id_for(incoming: str | None) -> str:
     return os.urandom(12).hex()
 
 
-def peer_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Parsed peer addresses: a few hundred distinct peers (proxies, clients) cover most traffic, and
+# parsing one costs more than the rest of the client-address stage.
+_PEERS: dict[str, IPAddress] = {}
+_PEERS_MAX = 4096
+
+
+def peer_address(request: web.Request) -> IPAddress | None:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
     if not peer:
         return None
+    host = peer[0]
+    address = _PEERS.get(host) if isinstance(host, str) else None
+    if address is not None:
+        return address
     try:
-        return ipaddress.ip_address(peer[0].split("%", 1)[0])
-    except (ValueError, TypeError, IndexError):
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except (ValueError, TypeError, AttributeError):
         return None
+    if len(_PEERS) >= _PEERS_MAX:
+        _PEERS.clear()  # bounded: a flood of distinct peers only costs re-parsing
+    _PEERS[host] = address
+    return address
 
 
 @dataclass(slots=True)
@@ -120,8 +135,12 @@ class Pipeline:
                 ctx.status = response.status
             elif ctx.client_disconnected:
                 ctx.status = 499  # nginx's convention for "client closed request"
-            # Settling must complete even when the client's disconnect cancelled this task.
-            await asyncio.shield(self._finish(ctx))
+            try:
+                if self._settlers:
+                    # Settling must complete even when the client's disconnect cancelled this task.
+                    await asyncio.shield(self._settle(ctx))
+            finally:
+                self._record(ctx)
 
     async def _run(self, request: web.Request, ctx: RequestContext, plan: RoutePlan) -> web.StreamResponse:
         raw = await intake(request, ctx, plan.route, plan.adapter, self._max_body)
@@ -140,19 +159,22 @@ class Pipeline:
         ctx.decision = decision
         return errors.error_response(ctx.request.api, decision, ctx.request_id, ctx.response_headers)
 
-    async def _finish(self, ctx: RequestContext) -> None:
+    async def _settle(self, ctx: RequestContext) -> None:
         for stage in self._settlers:
             try:
                 await stage.settle(ctx)
             except Exception:  # settling must not stop the others; the failure is logged
                 log.exception("settle failed in %s", type(stage).__name__)
+
+    def _record(self, ctx: RequestContext) -> None:
+        """Metrics, access log and audit: synchronous, so no task is needed to protect them."""
         usage = ctx.usage
         self._metrics.observe_request(ctx.request.route, ctx.status,
                                       (ctx.finished or ctx.started) - ctx.started,
-                                      usage.input_tokens, usage.output_tokens)
+                                      usage.input_tokens, usage.output_tokens,
+                                      ctx.decision.error_type if ctx.decision is not None else "forwarded")
         if ctx.client_disconnected:
             self._metrics.client_disconnects.inc()
-        self._metrics.observe_decision(ctx.decision.error_type if ctx.decision is not None else "forwarded")
         self._access_log.log(ctx)
         if self._audit is not None and self._audit_builder is not None:
             try:

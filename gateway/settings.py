@@ -17,6 +17,7 @@ from gateway.apis import all_routes
 from gateway.yamlsource import ConfigError, Issues, Node, read_duration
 
 API_CHOICES = ("auto", "openai", "anthropic")
+UPSTREAM_CLIENTS = ("pool", "session")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class UpstreamSettings:
     read_timeout: float = 300.0  # longest silence between two bytes of a response
     pool_size: int = 256
     max_response_bytes: int = 64 * 1024 * 1024
+    client: str = "pool"  # pool: gateway/upstream/pool.py; session: aiohttp.ClientSession
 
     def serves(self, api: str) -> bool:
         return self.api in ("auto", api)
@@ -157,7 +159,7 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
     if not node.expect_mapping("an upstream mapping with name and base_url"):
         return None
     node.check_keys({"name", "base_url", "api", "api_key_env", "connect_timeout", "read_timeout",
-                     "pool_size", "max_response_bytes"}, required={"base_url"})
+                     "pool_size", "max_response_bytes", "client"}, required={"base_url"})
     base_url = node.get("base_url", str, "") or ""
     if base_url and not base_url.startswith(("http://", "https://")):
         url_node = node.child("base_url")
@@ -169,6 +171,9 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
     pool = node.get("pool_size", int, 256) or 256
     if pool < 1:
         node.error("expected a positive integer", "pool_size")
+    client = node.get("client", str, "pool") or "pool"
+    if client not in UPSTREAM_CLIENTS:
+        node.error(f"expected one of {', '.join(UPSTREAM_CLIENTS)}, got {client!r}", "client")
     return UpstreamSettings(
         name=node.get("name", str, f"upstream{index}") or f"upstream{index}",
         base_url=base_url.rstrip("/"),
@@ -178,6 +183,7 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
         read_timeout=read_duration(node, "read_timeout", 300.0),
         pool_size=pool,
         max_response_bytes=_size(node, "max_response_bytes", 64 * 1024 * 1024),
+        client=client,
     )
 
 

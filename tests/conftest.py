@@ -31,7 +31,10 @@ def start_gateway(tmp_path: Path) -> GatewayFactory:
     return factory
 
 
-@pytest.fixture
-async def gateway(mock_upstream: MockServer, start_gateway: GatewayFactory) -> AsyncIterator[RunningGateway]:
-    async with start_gateway(mock_upstream.url) as gw:
+@pytest.fixture(params=["pool", "session"])
+async def gateway(request: pytest.FixtureRequest, mock_upstream: MockServer,
+                  start_gateway: GatewayFactory) -> AsyncIterator[RunningGateway]:
+    """A gateway on each upstream client (gateway/upstream/pool.py and aiohttp's ClientSession):
+    every test using it holds for both."""
+    async with start_gateway(mock_upstream.url, upstream_extra=f"client: {request.param}") as gw:
         yield gw

@@ -23,7 +23,7 @@ from gateway.apis.sse import SseOverflow, SseSplitter
 from gateway.context import Decision, RequestContext
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
-from gateway.upstream.base import Upstream
+from gateway.upstream.base import Upstream, UpstreamConnectError, UpstreamResponse
 
 
 class UpstreamFailure(Exception):
@@ -38,7 +38,7 @@ class UpstreamFailure(Exception):
 def _failure(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure(errors.gateway_timeout(), "timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | UpstreamConnectError):
         return UpstreamFailure(errors.bad_gateway(), "connect")
     return UpstreamFailure(errors.bad_gateway("The upstream model service failed."), "reset")
 
@@ -95,7 +95,7 @@ class Forwarder:
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
 
-    def _response_headers(self, ctx: RequestContext, up: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _response_headers(self, ctx: RequestContext, up: UpstreamResponse) -> CIMultiDict[str]:
         headers = client_response_headers(up.headers)
         upstream_id = headers.get("request-id") or headers.get("x-request-id")
         if upstream_id:
@@ -107,7 +107,7 @@ class Forwarder:
         return headers
 
     async def _relay_body(
-        self, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
+        self, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
     ) -> web.Response:
         too_large = UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
         if up.content_length is not None:
@@ -171,7 +171,7 @@ class Forwarder:
             await asyncio.sleep(len(out) / pace)
 
     async def _relay_stream(
-        self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: aiohttp.ClientResponse
+        self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=self._response_headers(ctx, up))
         handler = self._adapter.stream_handler(route, ctx.request, ctx.usage, ctx.shaping)

@@ -90,3 +90,12 @@ def test_durations(text: str | int, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["-1s", "soon", "5 parsecs", True, None])
 def test_bad_durations(text: object) -> None:
     assert parse_duration(text) is None
+
+
+def test_upstream_client_choice() -> None:
+    good = parse_settings('upstreams: [{base_url: "http://x", client: session}]\n', "gw.yaml")
+    assert good.upstreams[0].client == "session"
+    assert parse_settings('upstreams: [{base_url: "http://x"}]\n', "gw.yaml").upstreams[0].client == "pool"
+    with pytest.raises(ConfigError) as info:
+        parse_settings('upstreams: [{base_url: "http://x", client: httpx}]\n', "gw.yaml")
+    assert str(info.value) == "gw.yaml:1:36: upstreams[0].client: expected one of pool, session, got 'httpx'"

@@ -1,0 +1,338 @@
+"""The pooled upstream client against real sockets: keep-alive reuse, the pool bound, timeouts,
+connections that must not be reused, and the request bytes it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from gateway.settings import UpstreamSettings
+from gateway.upstream.base import UpstreamConnectError
+from gateway.upstream.pool import PooledUpstream
+
+Responder = Callable[['RawServer', asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """An HTTP/1.1 server written against the socket, so each test controls the exact bytes,
+    counts connections and sees what the client sent."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.connections = 0
+        self.open_now = 0
+        self.most_open = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            await self.respond(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length) if length else b""
+        self.requests.append(head + body)
+        return head + body
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+Serve = Callable[[Responder], Awaitable[RawServer]]
+
+
+def _ok(body: bytes = b'{"ok": true}', extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (len(body), extra, body))
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[RawServer] = []
+
+    async def start(respond: Responder) -> RawServer:
+        server = RawServer(respond)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def _upstream(port: int, **kw: float | int | str) -> PooledUpstream:
+    settings = UpstreamSettings(name="t", base_url=str(kw.pop("base_url", f"http://127.0.0.1:{port}")),
+                                **kw)  # type: ignore[arg-type]
+    return PooledUpstream(settings)
+
+
+HEADERS = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r1"})
+
+
+async def _one(upstream: PooledUpstream) -> int:
+    async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+        await response.read()
+        return response.status
+
+
+async def test_sequential_requests_reuse_one_connection(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(_ok())
+            await writer.drain()
+
+    server = await serve(respond)
+    upstream = _upstream(server.port)
+    try:
+        for _ in range(5):
+            async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+                assert response.status == 200
+                assert response.content_type == "application/json"
+                assert response.content_length == 12
+                assert await response.read() == b'{"ok": true}'
+        assert server.connections == 1
+        assert len(server.requests) == 5
+    finally:
+        await upstream.close()
+
+
+async def test_request_bytes_carry_prefix_host_and_length(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(_ok())
+        await writer.drain()
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, base_url=f"http://127.0.0.1:{server.port}/openai/")
+    try:
+        async with upstream.request("POST", "/v1/chat/completions?x=1", HEADERS, b'{"a":1}') as response:
+            await response.read()
+    finally:
+        await upstream.close()
+    sent = server.requests[0]
+    assert sent.startswith(b"POST /openai/v1/chat/completions?x=1 HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in sent
+    assert b"Content-Length: 7\r\n" in sent
+    assert b"X-Request-Id: r1\r\n" in sent
+    assert sent.endswith(b'\r\n\r\n{"a":1}')
+
+
+async def test_a_header_value_with_a_line_break_is_refused(serve: Serve) -> None:
+    server = await serve(lambda s, r, w: asyncio.sleep(0))
+    upstream = _upstream(server.port)
+    try:
+        with pytest.raises(ValueError, match="line break"):
+            async with upstream.request("POST", "/v1/x", CIMultiDict({"X-A": "a\r\nX-Injected: 1"}), b"{}"):
+                pass
+        assert server.connections == 0
+    finally:
+        await upstream.close()
+
+
+async def test_pool_bound_holds_under_concurrency(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            await asyncio.sleep(0.02)
+            writer.write(_ok())
+            await writer.drain()
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, pool_size=2)
+
+    try:
+        statuses = await asyncio.gather(*(_one(upstream) for _ in range(12)))
+        assert statuses == [200] * 12
+        assert server.most_open <= 2
+        assert server.connections == 2
+    finally:
+        await upstream.close()
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot(serve: Serve) -> None:
+    release = asyncio.Event()
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            await release.wait()
+            writer.write(_ok())
+            await writer.drain()
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, pool_size=1)
+
+    try:
+        first = asyncio.create_task(_one(upstream))
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(_one(upstream))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        release.set()
+        assert await first == 200
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await asyncio.wait_for(_one(upstream), 2) == 200  # the slot is still usable
+    finally:
+        await upstream.close()
+
+
+async def test_unread_body_closes_the_connection(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()  # the stream never ends by itself
+
+    server = await serve(respond)
+    upstream = _upstream(server.port)
+    try:
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert await response.content.readany() == b"hello"
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert await response.content.readany() == b"hello"
+        assert server.connections == 2  # the half-read stream was not handed to the next request
+        for _ in range(50):
+            if server.open_now == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.open_now == 0  # and leaving the context closed it (the model stops)
+    finally:
+        await upstream.close()
+
+
+async def test_chunked_and_close_delimited_bodies(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if len(server.requests) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+            await writer.drain()
+            await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+
+    server = await serve(respond)
+    upstream = _upstream(server.port)
+    try:
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert response.content_length is None
+            assert response.content_type == "application/octet-stream"
+            assert await response.read() == b"abcdefg"
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert await response.read() == b"until the end"
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert await response.read() == b"until the end"
+        assert server.connections == 2  # reused after the chunked body, not after close
+    finally:
+        await upstream.close()
+
+
+async def test_silent_upstream_times_out(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(10)
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, read_timeout=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ServerTimeoutError):
+            async with upstream.request("POST", "/v1/x", HEADERS, b"{}"):
+                pass
+        assert time.monotonic() - started < 1.0
+    finally:
+        await upstream.close()
+
+
+async def test_silence_mid_body_times_out_the_read(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, read_timeout=0.2)
+    try:
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            assert await response.content.readany() == b"abc"
+            with pytest.raises(aiohttp.ServerTimeoutError):
+                await response.content.readany()
+    finally:
+        await upstream.close()
+
+
+async def test_idle_connection_closed_by_the_server_is_replaced(serve: Serve) -> None:
+
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(_ok())
+        await writer.drain()  # then close: the server's keep-alive timeout, at once
+
+    server = await serve(respond)
+    upstream = _upstream(server.port)
+    try:
+        for _ in range(3):
+            async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+                assert await response.read() == b'{"ok": true}'
+            await asyncio.sleep(0.05)  # the FIN arrives while the connection idles in the pool
+        assert server.connections == 3
+    finally:
+        await upstream.close()
+
+
+async def test_refused_connection_raises_a_connect_error() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    upstream = _upstream(port)
+    try:
+        with pytest.raises(UpstreamConnectError):
+            async with upstream.request("POST", "/v1/x", HEADERS, b"{}"):
+                pass
+        with pytest.raises(UpstreamConnectError):  # and the failed attempt gave its slot back
+            async with upstream.request("POST", "/v1/x", HEADERS, b"{}"):
+                pass
+    finally:
+        await upstream.close()
+
+
+def test_base_url_must_be_http() -> None:
+    with pytest.raises(ValueError, match="http"):
+        _upstream(0, base_url="ftp://example.com")
