@@ -1,7 +1,7 @@
 """Cost of the risk stage per request (target: p50 <= 50 µs, p99 <= 150 µs with the memory store).
 
     .venv/bin/python bench/risk_stage.py [--requests 20000] [--redis redis://127.0.0.1:6379/0] [--gc server]
-        [--loop uvloop]
+        [--loop uvloop] [--unique]
 
 Requests mix ordinary prompts (../shared/prompts/user-oriented-instructions.jsonl when present)
 and chain-of-thought-wrapped GSM8K questions over 2,000 accounts and 500 addresses; each is timed
@@ -12,6 +12,9 @@ this process's CPU time per request (with Redis: the client side, without the se
 collections over the benchmark's 20k live contexts and signal state add to the p99.
 ``--loop uvloop`` runs on uvloop, as ``gateway run`` does (default: asyncio's own loop, which
 the recorded figures used); with Redis it changes the client's I/O cost, not the stage's work.
+The prompt pool repeats (about 1,600 texts), so most requests hit the stage's per-prompt memo;
+``--unique`` makes every text new (user prompts get a numbered first sentence, GSM8K questions a
+numbered suffix inside the one template), the cost of traffic that never repeats a prompt.
 """
 
 from __future__ import annotations
@@ -52,11 +55,15 @@ def _prompts() -> tuple[list[str], list[str]]:
     return users, maths
 
 
-def _ctx(rng: random.Random, users: list[str], maths: list[str]) -> RequestContext:
+def _ctx(rng: random.Random, users: list[str], maths: list[str], unique: int | None = None) -> RequestContext:
     if rng.random() < 0.5:
         text = rng.choice(users)
+        if unique is not None:  # a different first sentence: nothing about this prompt is cached
+            text = f"Request {unique} of today. {text}"
     else:
-        text = TEMPLATE.format(q=rng.choice(maths))
+        question = rng.choice(maths)
+        # unique: a new question inside the one template (a harvesting campaign)
+        text = TEMPLATE.format(q=f"{question} (Variant {unique}.)" if unique is not None else question)
     body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 512}
     view = RequestView(api=ApiFamily.OPENAI, route="chat.completions", path="/v1/chat/completions",
                        method="POST", headers={}, body=body, model="m", max_tokens=512)
@@ -69,11 +76,12 @@ def _ctx(rng: random.Random, users: list[str], maths: list[str]) -> RequestConte
     return ctx
 
 
-async def run(requests: int, store: SignalStore, server_gc: bool = False) -> dict[str, float]:
+async def run(requests: int, store: SignalStore, server_gc: bool = False,
+              unique: bool = False) -> dict[str, float]:
     users, maths = _prompts()
     rng = random.Random(7)
     stage = RiskStage(RiskSettings(), store)
-    contexts = [_ctx(rng, users, maths) for _ in range(requests + 2000)]
+    contexts = [_ctx(rng, users, maths, i if unique else None) for i in range(requests + 2000)]
     for ctx in contexts[:2000]:  # warm-up: fills account and network state
         await stage(ctx)
     if server_gc:  # what gateway/server.py does once started
@@ -101,6 +109,9 @@ def main() -> None:
                         help="garbage collector settings: the interpreter's, or the gateway server's")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="event loop: asyncio's default, or uvloop as the gateway server runs")
+    parser.add_argument("--unique", action="store_true",
+                        help="make every prompt text unique (no prompt is seen twice: the cost without "
+                             "the per-prompt memo's hits)")
     args = parser.parse_args()
     server_gc = args.gc == "server"
 
@@ -111,7 +122,7 @@ def main() -> None:
             return uvloop.run(coro)
         return asyncio.run(coro)
 
-    memory = run_loop(run(args.requests, MemorySignalStore(), server_gc))
+    memory = run_loop(run(args.requests, MemorySignalStore(), server_gc, args.unique))
     print("memory:", {k: round(v, 1) for k, v in memory.items()})
     if args.redis:
         from gateway.risk.redis_sigstore import RedisSignalStore
@@ -119,7 +130,7 @@ def main() -> None:
         async def with_redis() -> dict[str, float]:
             store = RedisSignalStore.from_url(args.redis, deadline=1.0)
             try:
-                return await run(args.requests, store, server_gc)
+                return await run(args.requests, store, server_gc, args.unique)
             finally:
                 await store.close()
 

@@ -20,7 +20,9 @@ whole, which no signal relies on. ``BatchResult.now`` is the earliest of the gro
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import struct
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -66,30 +68,46 @@ def _text(value: Any) -> str:
     return value.decode() if type(value) is bytes else str(value)
 
 
+_ACCOUNT = struct.Struct("<9d")  # last, first, gap mean, gap var, gaps, hours, hours start, top count, n
+_DOUBLE = struct.Struct("<d")
+
+
+@functools.cache
+def _doubles(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}d")
+
+
+def _account(old: bytes, new: bytes) -> AccountState:
+    """The account's stored string after the touch (see signals.lua); ``old`` is the one before it
+    (empty for a new account), whose first double is the previous request's time."""
+    _last, first, gm, gv, gk, hours, _start, tc, n = _ACCOUNT.unpack_from(new)
+    count = int(n)
+    end = _ACCOUNT.size + 8 * count
+    return AccountState(_DOUBLE.unpack_from(old)[0] if old else None, first,
+                        _doubles(count).unpack_from(new, _ACCOUNT.size), gm, gv, int(gk), int(hours),
+                        new[end:].decode(), tc)
+
+
 def _decode(ops: Sequence[Op], raw: list[Any]) -> BatchResult:
-    """The script's reply: numbers come as bytes (floats, as Lua formats them) or integers, which
-    ``int``/``float`` take as they are; only strings handed on (templates, state) are decoded."""
-    now = float(raw[0])
-    pos = 1
+    """The script's reply: ``TIME`` (seconds, microseconds: the script's own arithmetic gives the
+    same double), then per operation an integer, packed doubles (decaying sums, account state:
+    read with ``struct``, no float parsing) or the friction state's fields."""
+    now = int(raw[0]) + int(raw[1]) / 1000000
+    pos = 2
     results: list[Any] = []
     append = results.append
     for op in ops:
         if isinstance(op, HllAdd):
-            append(int(raw[pos]))
+            append(raw[pos])
             pos += 1
         elif isinstance(op, DecayAdd):
-            n = len(op.amounts)
-            append(tuple([float(v) for v in raw[pos:pos + n]]))
-            pos += n
+            append(_doubles(len(op.amounts)).unpack_from(raw[pos], 8))  # after the time of the add
+            pos += 1
         elif isinstance(op, AccountTouch):
-            n = len(op.amounts)
-            prev, first, gm, gv, gk, hours, tp, tc = raw[pos:pos + 8]
-            counts = tuple([float(v) for v in raw[pos + 8:pos + 8 + n]])
-            pos += 8 + n
-            append(AccountState(float(prev) if prev else None, float(first), counts, float(gm), float(gv),
-                                int(float(gk)), int(float(hours)), _text(tp), float(tc)))
+            append(_account(raw[pos], raw[pos + 1]))
+            pos += 2
         elif isinstance(op, StateGet):
-            count = int(raw[pos])
+            count = raw[pos]
             pairs = [_text(v) for v in raw[pos + 1:pos + 1 + 2 * count]]
             append(dict(zip(pairs[::2], pairs[1::2], strict=True)))
             pos += 1 + 2 * count

@@ -1,21 +1,60 @@
 -- One request's risk-signal operations in one round trip (gateway/risk/redis_sigstore.py).
 -- KEYS: one per operation (hash-tagged base keys). ARGV: per operation a kind and its params.
--- Floats are returned as strings: Redis truncates Lua numbers to integers.
+-- Reply: TIME's seconds and microseconds, then each operation's result.
+--
+-- Decaying sums and account state are one string each: packed little-endian doubles
+-- (struct.pack), handed back to the client as stored. Formatting and parsing floats in Lua
+-- (tostring/tonumber, and HMGET/HSET of a dozen fields) was about half of the script's time;
+-- GET + SET ... PX is one call fewer than HMGET + HSET + PEXPIRE, and doubles keep full
+-- precision, as the memory store does. Hashes written by the earlier format are read once and
+-- replaced (SET overwrites a key of any type).
 -- Keep the account rule in step with gateway/risk/sigstore.py:touch_account.
-local t = redis.call('TIME')
+local call = redis.call
+local t = call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local nows = tostring(now)
-local out = {nows}
+local out = {t[1], t[2]}
 local a = 1
 local MAX_GAP, ALPHA, DAY = 21600, 0.2, 86400
 local pfadd, pfcount = 'PFADD', 'PFCOUNT'
-local call = redis.call
+local pack, sunpack, floor, pow = struct.pack, struct.unpack, math.floor, math.pow
+local ACCOUNT = '<ddddddddd'  -- last, first, gap mean, gap var, gaps, hours, hours start, top count, n
+local ACCOUNT_SIZE = 72
 
-local VFIELDS = {'v1', 'v2', 'v3', 'v4'}  -- decaying sums' fields (more made when needed)
+local FORMATS = {}
+local function doubles(n)  -- the struct format of n doubles
+  local f = FORMATS[n]
+  if not f then
+    f = '<' .. string.rep('d', n)
+    FORMATS[n] = f
+  end
+  return f
+end
 
-local function decay(v, elapsed, hl)
-  if elapsed <= 0 or v == 0 then return v end
-  return v * math.pow(2, -elapsed / hl)
+local function unpack_doubles(raw, at, n)  -- n doubles from byte ``at`` as a table
+  local v = {sunpack(doubles(n), raw, at)}
+  v[n + 1] = nil  -- struct.unpack's last value is the next position
+  return v
+end
+
+-- The earlier format (a hash), read once: the SET that follows replaces it.
+local function legacy_decay(key, n)
+  local names = {'t'}
+  for j = 1, n do names[j + 1] = 'v' .. j end
+  local old = call('HMGET', key, unpack(names))
+  local v = {tonumber(old[1] or now)}
+  for j = 1, n do v[j + 1] = tonumber(old[j + 1] or '0') end
+  return v
+end
+
+local function legacy_account(key, n)
+  local names = {'l', 'f', 'gm', 'gv', 'gk', 'h', 'hs', 'tc', 'tp'}
+  for j = 1, n do names[9 + j] = 'c' .. j end
+  local st = call('HMGET', key, unpack(names))
+  local c = {}
+  for j = 1, n do c[j] = tonumber(st[9 + j] or '0') end
+  return tonumber(st[1]), tonumber(st[2] or now), tonumber(st[3] or '0'), tonumber(st[4] or '0'),
+         tonumber(st[5] or '0'), tonumber(st[6] or '0'), tonumber(st[7] or now), tonumber(st[8] or '0'),
+         c, st[9] or ''
 end
 
 for i = 1, #KEYS do
@@ -28,7 +67,7 @@ for i = 1, #KEYS do
     -- registers are those of the two-key merge, so PFCOUNT gives the very same estimate, from
     -- one key whose cached cardinality stays valid while no register changes.
     local member, window = ARGV[a], tonumber(ARGV[a + 1]); a = a + 2
-    local b = math.floor(now / window)
+    local b = floor(now / window)
     local cur = key .. ':' .. b
     local view = key .. ':u' .. b
     local n = 0
@@ -46,79 +85,86 @@ for i = 1, #KEYS do
           call('COPY', cur, view)
         end
         -- cur is read until the next bucket ends, the view until this one ends
-        call('PEXPIRE', cur, math.floor(((b + 2) * window - now + 1) * 1000))
-        call('PEXPIRE', view, math.floor(((b + 1) * window - now + 1) * 1000))
+        call('PEXPIRE', cur, floor(((b + 2) * window - now + 1) * 1000))
+        call('PEXPIRE', view, floor(((b + 1) * window - now + 1) * 1000))
       end
       n = call(pfcount, view)
     end
     out[#out + 1] = n
   elseif kind == 'd' then
+    -- Stored: time of the last add, then the n sums. Reply: the stored string.
     local hl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
-    for j = #VFIELDS + 1, n do VFIELDS[j] = 'v' .. j end
-    local old = call('HMGET', key, 't', unpack(VFIELDS, 1, n))
-    local elapsed = now - tonumber(old[1] or now)
-    local set = {'t', nows}
-    for j = 1, n do
-      local v = tostring(decay(tonumber(old[j + 1] or '0'), elapsed, hl) + tonumber(ARGV[a]))
-      a = a + 1
-      set[2 * j + 1] = VFIELDS[j]
-      set[2 * j + 2] = v
-      out[#out + 1] = v
+    local raw = redis.pcall('GET', key)
+    local v
+    if type(raw) == 'string' then
+      v = unpack_doubles(raw, 1, #raw / 8)
+    elseif raw then  -- WRONGTYPE: the earlier format
+      v = legacy_decay(key, n)
     end
-    call('HSET', key, unpack(set))
-    call('PEXPIRE', key, math.floor(hl * 8000))
+    local vals = {now}
+    if v then
+      local elapsed = now - v[1]
+      local factor = elapsed > 0 and pow(2, -elapsed / hl) or 1
+      for j = 1, n do vals[j + 1] = (v[j + 1] or 0) * factor + tonumber(ARGV[a + j - 1]) end
+    else
+      for j = 1, n do vals[j + 1] = tonumber(ARGV[a + j - 1]) end
+    end
+    a = a + n
+    local packed = pack(doubles(n + 1), unpack(vals))
+    call('SET', key, packed, 'PX', math.max(1, floor(hl * 8000)))
+    out[#out + 1] = packed
   elseif kind == 'a' then
+    -- Stored: ACCOUNT's nine doubles, the n counts, then the top template's text. Reply: the
+    -- previous string ('' for a new account; its first double is the previous request's time)
+    -- and the new one.
     local ttl, hl, tpl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
     a = a + 4
-    local st = call('HMGET', key, 'l', 'f', 'gm', 'gv', 'gk', 'h', 'hs', 'tp', 'tc',
-                    'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'c8')
-    if n > 8 then
-      for j = 9, n do st[9 + j] = call('HGET', key, 'c' .. j) end
+    local raw = redis.pcall('GET', key)
+    local prev, first, gm, gv, gk, hours, hs, tc, c, tp
+    if type(raw) == 'string' then
+      local m
+      prev, first, gm, gv, gk, hours, hs, tc, m = sunpack(ACCOUNT, raw)
+      c = unpack_doubles(raw, ACCOUNT_SIZE + 1, m)
+      tp = string.sub(raw, ACCOUNT_SIZE + 1 + 8 * m)
+    elseif raw then  -- WRONGTYPE: the earlier format
+      prev, first, gm, gv, gk, hours, hs, tc, c, tp = legacy_account(key, n)
+      raw = prev and pack('<d', prev) or ''
+    else
+      first, gm, gv, gk, hours, hs, tc, c, tp, raw = now, 0, 0, 0, 0, now, 0, {}, '', ''
     end
-    local prev = st[1]
-    local first = tonumber(st[2] or now)
-    local gm, gv, gk = tonumber(st[3] or '0'), tonumber(st[4] or '0'), tonumber(st[5] or '0')
-    local hours, hs = tonumber(st[6] or '0'), tonumber(st[7] or now)
-    local tp, tc = st[8] or '', tonumber(st[9] or '0')
-    local elapsed = 0
+    local factor = 1
     if prev then
-      elapsed = now - tonumber(prev)
-      tc = decay(tc, elapsed, hl)
-      if elapsed > 0 and elapsed <= MAX_GAP then
-        if gk == 0 then
-          gm, gv = elapsed, 0
-        else
-          local d = elapsed - gm
-          gm = gm + ALPHA * d
-          gv = (1 - ALPHA) * (gv + ALPHA * d * d)
+      local elapsed = now - prev
+      if elapsed > 0 then
+        factor = pow(2, -elapsed / hl)
+        tc = tc * factor
+        if elapsed <= MAX_GAP then
+          if gk == 0 then
+            gm, gv = elapsed, 0
+          else
+            local d = elapsed - gm
+            gm = gm + ALPHA * d
+            gv = (1 - ALPHA) * (gv + ALPHA * d * d)
+          end
+          gk = math.min(gk + 1, 1000)
         end
-        gk = math.min(gk + 1, 1000)
       end
     end
     if now - hs > DAY then hours, hs = 0, now end
-    hours = bit.bor(hours, bit.lshift(1, math.floor(now / 3600) % 24))
+    hours = bit.bor(hours, bit.lshift(1, floor(now / 3600) % 24))
     if tpl ~= '' then
       if tp == tpl then tc = tc + 1
       elseif tc <= 1 then tp, tc = tpl, 1
       else tc = tc - 1 end
     end
-    local sf, sgm, sgv, sgk, sh, stc = tostring(first), tostring(gm), tostring(gv), tostring(gk),
-                                       tostring(hours), tostring(tc)
-    local fields = {'l', nows, 'f', sf, 'gm', sgm, 'gv', sgv, 'gk', sgk, 'h', sh, 'hs', tostring(hs),
-                    'tp', tp, 'tc', stc}
-    local o = #out
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = prev or '', sf, sgm, sgv
-    out[o + 5], out[o + 6], out[o + 7], out[o + 8] = sgk, sh, tp, stc
-    o = o + 8
-    for j = 1, n do
-      local c = tostring(decay(tonumber(st[9 + j] or '0'), elapsed, hl) + tonumber(ARGV[a]))
-      a = a + 1
-      fields[#fields + 1] = 'c' .. j
-      fields[#fields + 1] = c
-      out[o + j] = c
-    end
-    call('HSET', key, unpack(fields))
-    call('PEXPIRE', key, math.floor(ttl * 1000))
+    local counts = {}
+    for j = 1, n do counts[j] = (c[j] or 0) * factor + tonumber(ARGV[a + j - 1]) end
+    a = a + n
+    local packed = pack(ACCOUNT, now, first, gm, gv, gk, hours, hs, tc, n)
+        .. pack(doubles(n), unpack(counts)) .. tp
+    call('SET', key, packed, 'PX', floor(ttl * 1000))
+    out[#out + 1] = raw
+    out[#out + 1] = packed
   elseif kind == 'g' then
     local raw = call('HGETALL', key)
     local live = {}
@@ -135,7 +181,7 @@ for i = 1, #KEYS do
     local field, value, ttl = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
     call('HSET', key, field, tostring(now + ttl) .. '|' .. value)
     if call('PTTL', key) < ttl * 1000 then
-      call('PEXPIRE', key, math.floor(ttl * 1000) + 1)
+      call('PEXPIRE', key, floor(ttl * 1000) + 1)
     end
   elseif kind == 'x' then
     local field = ARGV[a]; a = a + 1

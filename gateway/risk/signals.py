@@ -34,7 +34,7 @@ from gateway.risk.extract import extract_prompt
 from gateway.risk.fingerprint import MAX_SEGMENT_CHARS, NO_FINGERPRINT, Fingerprint, fingerprint
 from gateway.risk.memo import Memo
 from gateway.risk.normalize import normalize
-from gateway.risk.patterns import PatternSet
+from gateway.risk.patterns import PatternHit, PatternSet
 from gateway.risk.settings import RiskSettings
 from gateway.risk.sigstore import AccountState, AccountTouch, BatchResult, DecayAdd, HllAdd, Op, StateGet
 
@@ -94,15 +94,35 @@ class _SegmentMemo(Memo[str | None]):
 class TextMemos:
     """Bounded caches of pure functions of prompt text, owned by one :class:`RiskStage`.
 
-    ``folded``: normalised system prompts (pattern matching); ``segments``: template id per
-    system prompt / head / tail sentence. Worst case about 4 MB and 5 MB; typically far less
-    (sentences are short, system prompts few)."""
+    ``prompts``: pattern hit and fingerprint per whole prompt (system and newest user text):
+    retries, evaluation harnesses and prompts shared by an app's users repeat it exactly, and a
+    hit skips normalising, the anchor search and the fingerprint's sentence split (about half of
+    the stage's local work). Its entries hold only for the :class:`PatternSet` they were made
+    with (a different one empties it). On a miss, ``folded``: normalised system prompts (pattern
+    matching); ``segments``: template id per system prompt / head / tail sentence. Worst case
+    about 8 MB (``prompts``: 2048 keys of at most 4096 characters), 4 MB and 5 MB; typically far
+    less (prompts and sentences are short, system prompts few)."""
 
     folded: Memo[str] = field(default_factory=lambda: Memo(256, 8192))
     segments: Memo[str | None] = field(default_factory=lambda: _SegmentMemo(8192, MAX_SEGMENT_CHARS))
+    prompts: Memo[tuple[PatternHit, Fingerprint]] = field(default_factory=lambda: Memo(2048, 4096))
+    patterns: PatternSet | None = None  # the PatternSet the ``prompts`` entries were made with
 
     def fold_system(self, text: str) -> str:
         return self.folded(text, normalize)
+
+    def analyse(self, patterns: PatternSet, system: str, user: str) -> tuple[PatternHit, Fingerprint]:
+        """``patterns.match_prompt`` and :func:`fingerprint` of a prompt, remembered by its text."""
+        if patterns is not self.patterns:
+            self.prompts = Memo(2048, 4096)
+            self.patterns = patterns
+
+        def compute(_key: str) -> tuple[PatternHit, Fingerprint]:
+            hit = patterns.match_prompt(system, user, self.fold_system)
+            return hit, fingerprint(system, user, self.segments) if user or system else NO_FINGERPRINT
+
+        # The length of ``system`` first: "a" + "bc" and "ab" + "c" must be different keys.
+        return self.prompts(f"{len(system)}:{system}{user}", compute)
 
 
 def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSettings,
@@ -111,8 +131,9 @@ def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSetti
     prompt = extract_prompt(view)
     if memos is None:
         hit = patterns.match(prompt.combined)
+        fp = fingerprint(prompt.system, prompt.user) if prompt.user or prompt.system else NO_FINGERPRINT
     else:
-        hit = patterns.match_prompt(prompt.system, prompt.user, memos.fold_system)
+        hit, fp = memos.analyse(patterns, prompt.system, prompt.user)
     flags = {
         "logprobs": 1.0 if view.logprobs or view.top_logprobs else 0.0,
         "logit_bias": 1.0 if view.logit_bias else 0.0,
@@ -127,8 +148,6 @@ def local_signals(ctx: RequestContext, patterns: PatternSet, settings: RiskSetti
     out["cot"] = hit.strength
     out["shape"] = shape
     out["single_turn"] = 1.0 if single else 0.0
-    fp = (fingerprint(prompt.system, prompt.user, memos.segments if memos is not None else None)
-          if prompt.user or prompt.system else NO_FINGERPRINT)
     return LocalSignals(hit.strength, hit.families, shape, single, fp)
 
 

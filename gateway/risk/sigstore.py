@@ -16,8 +16,8 @@ Operations and their state (all keys expire; nothing a crashed gateway leaves ou
 * :class:`AccountTouch`: one account's running state, updated in place: decayed counters
   (requests, chain-of-thought, single-turn, request shape), last/first seen, an exponentially
   weighted mean and variance of inter-arrival gaps, a 24-bit active-hours bitmap and a
-  decayed heavy-hitter template. About 300 bytes per account in Redis (a small hash in listpack
-  encoding), about 600 bytes in memory: bounded, whatever the account's volume.
+  decayed heavy-hitter template. About 150 bytes per account in Redis (one string of packed
+  doubles, see ``signals.lua``), about 600 bytes in memory: bounded, whatever the account's volume.
 * :class:`StateGet`/:class:`StatePut`/:class:`StateDelete`: small per-account friction state
   (field → JSON with its own expiry).
 """

@@ -81,3 +81,22 @@ def test_head_tail_sentences(seed: int) -> None:
         size = rng.randrange(0, 30 if i % 2 else 400)
         text = "".join(rng.choice(_SENTENCE_PARTS) if rng.random() < 0.3 else "word" for _ in range(size))
         assert fp.head_tail(text.strip()) == reference_head_tail(text), repr(text)
+
+
+def reference_mask(text: str) -> str:
+    """The definition: the four substitutions, the URL one always run."""
+    text = fp._URL.sub(" url ", text)
+    text = fp._QUOTED.sub(" qq ", text)
+    text = fp._ENTITY.sub(" ee ", text)
+    return fp._NUMBER.sub(" 0 ", text)
+
+
+_MASK_PARTS = ("word", "Name", " ", "\n", "@", "a@b.co", "x.y@host-1.org", "http://", "https://ex.com/a",
+               "www.", "www.site.io", ":/", "//", "ftp://h", "\"q\"", "'s'", "12", "$3.50", "W@W", ".", "-")
+
+
+def test_mask_skips_the_url_scan_only_when_it_cannot_match() -> None:
+    rng = random.Random(3)
+    for _ in range(20000):
+        text = "".join(rng.choice(_MASK_PARTS) for _ in range(rng.randrange(0, 25)))
+        assert fp.mask(text) == reference_mask(text), repr(text)

@@ -254,3 +254,33 @@ def test_parse_cluster_store_settings() -> None:
     single = parse_risk_settings(Node.parse("store: {backend: redis, url: redis://h:6379/0}\n", "r.yaml",
                                             Issues()))
     assert not single.store.cluster and single.store.urls == ("redis://h:6379/0",)
+
+
+@pytest.mark.redis
+async def test_redis_state_of_the_earlier_hash_format_carries_over(redis_server: RedisServer) -> None:
+    """Decaying sums and account state written as hashes (the format before packed doubles) are
+    read once and replaced: an upgraded gateway continues from them."""
+    prefix = "t:legacy:"
+    store = RedisSignalStore.from_url(redis_server.url, prefix=prefix, deadline=2.0)
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        now = (await store.batch([])).now
+        await client.hset(f"{prefix}{{d}}", mapping={"t": repr(now - 60.0), "v1": "8", "v2": "4"})
+        await client.hset(f"{prefix}{{a:x}}", mapping={
+            "l": repr(now - 10.0), "f": repr(now - 1000.0), "gm": "10", "gv": "1", "gk": "3", "h": "1",
+            "hs": repr(now - 100.0), "tp": "tpl", "tc": "5", "c1": "7", "c2": "2"})
+        result = await store.batch([DecayAdd("d", (1.0, 0.0), 60.0),
+                                    AccountTouch("a:x", (1.0, 1.0), "tpl", 3600.0, 60.0)])
+        (count, total), state = result.results
+        assert 4.9 < count < 5.0 + 1e-6 and 1.9 < total < 2.0 + 1e-6  # one half-life, then + (1, 0)
+        assert state.previous is not None and abs(state.previous - (now - 10.0)) < 1e-3
+        assert abs(state.first_seen - (now - 1000.0)) < 1e-3 and state.gaps == 4
+        assert state.top_template == "tpl" and 5.9 < state.top_count <= 6.0
+        assert 7.9 < state.counts[0] <= 8.0 and 2.9 < state.counts[1] <= 3.0
+        assert await client.type(f"{prefix}{{a:x}}") == b"string"
+        again = (await store.batch([AccountTouch("a:x", (1.0, 1.0), "", 3600.0, 60.0)])).results[0]
+        assert again.gaps == 5 and 8.9 < again.counts[0] <= 9.0
+        assert 0 < await client.pttl(f"{prefix}{{a:x}}") <= 60_000
+    finally:
+        await client.aclose()
+        await store.close()
