@@ -43,6 +43,12 @@ def _failure(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(errors.bad_gateway("The upstream model service failed."), "reset")
 
 
+class _HeadersWithFirstEvents(web.StreamResponse):
+    """A stream response whose status line and headers leave with its first body bytes."""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     """Sends ``ctx`` upstream and writes the client's response."""
 
@@ -173,7 +179,11 @@ class Forwarder:
     async def _relay_stream(
         self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers=self._response_headers(ctx, up))
+        # Events that arrived with the upstream's headers go out with the client's headers, in one
+        # write; when none did (the model is still thinking), the headers go out at once.
+        first = up.content.read_nowait()
+        response_class = _HeadersWithFirstEvents if first else web.StreamResponse
+        response = response_class(status=200, headers=self._response_headers(ctx, up))
         handler = self._adapter.stream_handler(route, ctx.request, ctx.usage, ctx.shaping)
         splitter = SseSplitter()
         pace = ctx.pace_tokens_per_s
@@ -182,6 +192,8 @@ class Forwarder:
         try:
             await response.prepare(request)
             try:
+                if first:
+                    await self._relay_chunk(response, splitter, handler, first, pace)
                 async for chunk in up.content.iter_any():
                     await self._relay_chunk(response, splitter, handler, chunk, pace)
                 tail = splitter.tail()

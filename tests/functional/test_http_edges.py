@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.upstream.mock_server import MockOptions, MockServer, serve_mock
 from tests.support.gateway import CLIENT_KEY, RunningGateway
@@ -188,6 +189,41 @@ async def test_first_byte_is_not_delayed_by_a_slow_stream(start_gateway) -> None
     # Relayed as it arrives (before the first 200 ms delta delay), not after the whole second.
     assert total > 0.9 and first_at < total / 3
     assert rest.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_stream_headers_are_not_held_back_while_the_model_thinks(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    """An upstream that sends its headers, then thinks: the client gets the headers at once
+    (headers only wait for events that arrived together with the upstream's)."""
+
+    async def thinking(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(0.5)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, thinking)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with start_gateway(f"http://127.0.0.1:{port}") as gw, aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.post(gw.url + CHAT, data=b'{"model":"m","stream":true,"messages":[]}', headers={
+                    "Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"}) as r:
+                headers_at = time.monotonic() - started
+                body = await r.read()
+                total = time.monotonic() - started
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        assert headers_at < 0.35 < 0.5 <= total
+        assert body.endswith(b"data: [DONE]\n\n")
+    finally:
+        await runner.cleanup()
 
 
 async def test_healthz_and_readyz(gateway: RunningGateway) -> None:
