@@ -148,13 +148,34 @@ class StdoutSink(_BufferedLineSink):
         stream.flush()
 
 
+class _UtcMillis:
+    """ISO 8601 UTC timestamps with milliseconds; the seconds part is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, wall_time: float) -> str:
+        second = int(wall_time)
+        micros = round((wall_time - second) * 1_000_000)  # as datetime.fromtimestamp rounds
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._second = second
+            self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
+
+utc_millis = _UtcMillis()
+
+
 def build_audit_record(ctx: RequestContext) -> dict[str, Any]:
     """The audit record of one finished request. Never includes prompt or completion text."""
     outcome = ctx.outcome
     principal, client, usage = ctx.principal, ctx.client, ctx.usage
     decision = ctx.decision
     record: dict[str, Any] = {
-        "ts": dt.datetime.fromtimestamp(ctx.wall_time, dt.UTC).isoformat(timespec="milliseconds"),
+        "ts": utc_millis(ctx.wall_time),
         "request_id": ctx.request_id,
         "principal": {"authenticated": principal.authenticated, "account": principal.account,
                       "org": principal.org, "tier": principal.tier, "key_id": principal.key_id},

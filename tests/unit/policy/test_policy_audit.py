@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
+import random
 from pathlib import Path
 
-from gateway.audit import JsonlFileSink, StdoutSink, build_audit_record
+import pytest
+
+from gateway.audit import JsonlFileSink, StdoutSink, build_audit_record, utc_millis
 from gateway.policy.compile import Source, compile_sources
 from gateway.policy.evaluate import evaluate
 from gateway.policy.testing import context_from_mapping
@@ -56,3 +60,19 @@ async def test_periodic_flush_and_stdout_sink(tmp_path: Path) -> None:
     await sink.flush()
     assert stream.getvalue() == '{"a":1}\n'
     await sink.close()
+
+
+@pytest.mark.parametrize("wall_time", [0.0, 1_700_000_000.0, 1_764_351_296.9996, 1_764_351_296.5,
+                                       4_102_444_799.001, 1_764_351_296.9999996])
+def test_audit_timestamps_match_isoformat(wall_time: float) -> None:
+    expected = dt.datetime.fromtimestamp(wall_time, dt.UTC).isoformat(timespec="milliseconds")
+    assert utc_millis(wall_time) == expected
+    assert utc_millis(wall_time) == expected  # the cached second gives the same text
+
+
+def test_audit_timestamps_match_isoformat_over_many_instants() -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        wall_time = rng.uniform(1.6e9, 1.9e9)
+        assert utc_millis(wall_time) == dt.datetime.fromtimestamp(wall_time, dt.UTC).isoformat(
+            timespec="milliseconds")
