@@ -147,18 +147,15 @@ class Forwarder:
         return data
 
     @staticmethod
-    async def _relay_chunk(response: web.StreamResponse, splitter: SseSplitter, handler: StreamHandler,
-                           chunk: bytes, pace: float | None) -> None:
+    def _events_out(splitter: SseSplitter, handler: StreamHandler, chunk: bytes) -> tuple[bytes, int]:
+        """The bytes to relay for ``chunk`` and how many events they hold (for pacing)."""
         whole = not splitter.pending and b"\r" not in chunk  # chunk holds exactly these events
         if whole and chunk.endswith(b"\n\n") and handler.on_chunk(chunk):
             # The common case: whole events that need no rewriting go out as received, unsplit.
-            await response.write(chunk)
-            if pace:
-                await asyncio.sleep(chunk.count(b"\n\n") / pace)
-            return
+            return chunk, chunk.count(b"\n\n")
         events = splitter.feed(chunk)
         if not events:
-            return
+            return b"", 0
         out: list[bytes] = []
         unchanged = True
         for raw in events:
@@ -170,11 +167,25 @@ class Forwarder:
             if sent is not None:
                 out.append(sent)
         if unchanged and whole and chunk.endswith(b"\n\n") and len(out) == len(events):
-            await response.write(chunk)  # the common case: the upstream's bytes, untouched
-        elif out:
-            await response.write(b"\n\n".join(out) + b"\n\n")
-        if pace and out:
-            await asyncio.sleep(len(out) / pace)
+            return chunk, len(out)  # the upstream's bytes, untouched
+        return (b"\n\n".join(out) + b"\n\n", len(out)) if out else (b"", 0)
+
+    async def _relay_events(self, response: web.StreamResponse, splitter: SseSplitter, handler: StreamHandler,
+                            up: UpstreamResponse, first: bytes, pace: float | None) -> bytes:
+        """Relay events as they arrive; returns the final bytes when the upstream's body ended
+        with them, so that they leave with the end of the response."""
+        content = up.content
+        chunk = first or await content.readany()
+        while chunk:
+            data, events = self._events_out(splitter, handler, chunk)
+            if data:
+                if content.is_eof() and not pace:
+                    return data  # nothing more can come: finish in the same write
+                await response.write(data)
+                if pace:
+                    await asyncio.sleep(events / pace)
+            chunk = await content.readany()
+        return b""
 
     async def _relay_stream(
         self, request: web.Request, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
@@ -191,14 +202,12 @@ class Forwarder:
         active.inc()
         try:
             await response.prepare(request)
+            last = b""  # written with the end of the response, in one write
             try:
-                if first:
-                    await self._relay_chunk(response, splitter, handler, first, pace)
-                async for chunk in up.content.iter_any():
-                    await self._relay_chunk(response, splitter, handler, chunk, pace)
+                last = await self._relay_events(response, splitter, handler, up, first, pace)
                 tail = splitter.tail()
                 if tail.strip():
-                    await response.write(tail)
+                    last += tail
             except (
                 TimeoutError,
                 aiohttp.ClientPayloadError,
@@ -210,8 +219,8 @@ class Forwarder:
                 failure = _failure(exc)
                 self._metrics.upstream_errors.labels(failure.kind).inc()
                 ctx.audit["stream_error"] = failure.kind
-                await response.write(errors.sse_error_event(route.api, failure.decision))
-            await response.write_eof()
+                last += errors.sse_error_event(route.api, failure.decision)
+            await response.write_eof(last)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ctx.client_disconnected = True
         except asyncio.CancelledError:
