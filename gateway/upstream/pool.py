@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from aiohttp import StreamReader
     from aiohttp.http import RawResponseMessage
 
+log = logging.getLogger(__name__)
+
 # aiohttp's StreamReader high-water mark; one response body buffer per connection.
 _READ_BUFSIZE = 2**16
 _IDLE_SECONDS = 30.0  # keep-alive: idle connections older than this are closed
@@ -43,18 +46,18 @@ class _Connection(ResponseHandler):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
+        self.clock = loop.time
         self.last_activity = loop.time()
-        self.busy = False
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self._loop.time()
+        self.last_activity = self.clock()
         super().data_received(data)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp's StreamReader calls this after every read; only a real pause needs the work.
         if self._reading_paused:
             # The pause was ours (a slow client), not the upstream's silence.
-            self.last_activity = self._loop.time()
+            self.last_activity = self.clock()
             super().resume_reading(resume_parser)
 
 
@@ -89,7 +92,8 @@ class PooledUpstream:
             raise ValueError(f"upstream {settings.name}: base_url must be an http(s) URL")
         self._host = url.host
         self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        self._tls = url.scheme == "https"
+        self._ssl: ssl.SSLContext | None = None  # made on first use: loading CA files is blocking I/O
         self._prefix = url.raw_path.rstrip("/")
         host = f"[{url.host}]" if ":" in url.host else url.host
         self._host_line = f"Host: {host}{'' if url.is_default_port() else f':{url.port}'}\r\n"
@@ -109,7 +113,7 @@ class PooledUpstream:
         conn = await self._acquire()
         reusable = False
         try:
-            conn.last_activity = conn._loop.time()
+            conn.last_activity = conn.clock()
             transport = conn.transport
             if transport is None:
                 raise aiohttp.ServerDisconnectedError()
@@ -165,7 +169,6 @@ class PooledUpstream:
             self._open -= 1
             self._wake()
             raise
-        conn.busy = True
         self._busy.add(conn)
         return conn
 
@@ -175,7 +178,6 @@ class PooledUpstream:
         while idle:
             conn = idle.pop()
             if conn.is_connected() and not conn.should_close:
-                conn.busy = True
                 self._busy.add(conn)
                 return conn
             self._discard(conn)
@@ -185,6 +187,9 @@ class PooledUpstream:
         loop = asyncio.get_running_loop()
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep(), name=f"upstream-{self.name}-sweeper")
+        if self._tls and self._ssl is None:
+            # The system trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured), hostname checked.
+            self._ssl = await asyncio.to_thread(ssl.create_default_context)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 _, conn = await loop.create_connection(
@@ -199,10 +204,9 @@ class PooledUpstream:
         return conn
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
-        conn.busy = False
         self._busy.discard(conn)
         if reusable and not self._closed and conn.is_connected():
-            conn.last_activity = conn._loop.time()
+            conn.last_activity = conn.clock()
             self._idle.append(conn)
             self._wake()
         else:
@@ -229,24 +233,31 @@ class PooledUpstream:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)
-            now = loop.time()
-            for conn in [c for c in self._busy if now - c.last_activity > read_timeout]:
-                if conn.is_connected() and not conn._reading_paused:
-                    exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
-                    conn.set_exception(exc)
-                    payload = conn._payload
-                    if payload is not None:
-                        payload.set_exception(exc)
-            # The idle list is LIFO, so the longest-idle connections sit at its start.
-            expired = 0
-            for conn in self._idle:
-                if now - conn.last_activity <= _IDLE_SECONDS:
-                    break
-                expired += 1
-            if expired:
-                stale, self._idle[:expired] = self._idle[:expired], []
-                for conn in stale:
-                    self._discard(conn)
+            try:
+                self._expire(loop.time(), read_timeout)
+            except Exception:  # a bug here must not end timeouts for the process's lifetime
+                log.exception("upstream %s: timeout sweep failed", self.name)
+
+    def _expire(self, now: float, read_timeout: float) -> None:
+        """Fail busy connections silent for ``read_timeout``; close long-idle pooled ones."""
+        for conn in [c for c in self._busy if now - c.last_activity > read_timeout]:
+            payload = conn._payload
+            # Silence only counts while more is expected and the pause is not ours (a slow client).
+            if conn.is_connected() and not conn._reading_paused and not (payload and payload.is_eof()):
+                exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+                conn.set_exception(exc)
+                if payload is not None:
+                    payload.set_exception(exc)
+        # The idle list is LIFO, so the longest-idle connections sit at its start.
+        expired = 0
+        for conn in self._idle:
+            if now - conn.last_activity <= _IDLE_SECONDS:
+                break
+            expired += 1
+        if expired:
+            stale, self._idle[:expired] = self._idle[:expired], []
+            for conn in stale:
+                self._discard(conn)
 
     # -- lifecycle --------------------------------------------------------------------------
     @property

@@ -4,11 +4,18 @@ connections that must not be reused, and the request bytes it writes."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from gateway.settings import UpstreamSettings
@@ -336,3 +343,74 @@ async def test_refused_connection_raises_a_connect_error() -> None:
 def test_base_url_must_be_http() -> None:
     with pytest.raises(ValueError, match="http"):
         _upstream(0, base_url="ftp://example.com")
+
+
+async def test_a_complete_response_held_past_the_read_timeout_is_still_readable(serve: Serve) -> None:
+    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(_ok())
+        await writer.drain()
+        await asyncio.sleep(10)  # the connection stays open and silent
+
+    server = await serve(respond)
+    upstream = _upstream(server.port, read_timeout=0.1)
+    try:
+        async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
+            await asyncio.sleep(0.4)  # a tarpit holding the response before relaying it
+            assert await response.read() == b'{"ok": true}'
+    finally:
+        await upstream.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_https_upstream_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert_path, key_path = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(_ok())
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(respond, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        untrusted = _upstream(port, base_url=f"https://localhost:{port}")
+        try:
+            with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                async with untrusted.request("POST", "/v1/x", HEADERS, b"{}"):
+                    pass
+        finally:
+            await untrusted.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # the operator's trust store
+        trusted = _upstream(port, base_url=f"https://localhost:{port}")
+        try:
+            async with trusted.request("POST", "/v1/x", HEADERS, b"{}") as response:
+                assert response.status == 200 and await response.read() == b'{"ok": true}'
+        finally:
+            await trusted.close()
+    finally:
+        server.close()
