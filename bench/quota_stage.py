@@ -1,7 +1,7 @@
 """Cost of the quota stage per request, with MemoryStore and with a real Redis on loopback.
 
     .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
-                                          [--concurrency 16]
+                                          [--concurrency 16] [--api openai|anthropic]
 
 For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
 total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
@@ -73,11 +73,14 @@ def _actions(limits: int) -> list[MatchedAction]:
     return [MatchedAction("bench-quota", "quota", QuotaAction(tuple(every[:limits])))]
 
 
-def _contexts(count: int, actions: list[MatchedAction], seed: int = 7) -> list[RequestContext]:
+def _contexts(count: int, actions: list[MatchedAction], seed: int = 7,
+              api: ApiFamily = ApiFamily.OPENAI) -> list[RequestContext]:
     rng = random.Random(seed)
     out: list[RequestContext] = []
+    route, path = (("messages", "/v1/messages") if api is ApiFamily.ANTHROPIC
+                   else ("chat.completions", "/v1/chat/completions"))
     for i in range(count):
-        view = RequestView(api=ApiFamily.OPENAI, route="chat.completions", path="/v1/chat/completions",
+        view = RequestView(api=api, route=route, path=path,
                            method="POST", headers={}, model="gpt-4o-mini", max_tokens=64,
                            input_tokens_estimate=20)
         ctx = RequestContext(request_id=f"req-{i:08x}", request=view)
@@ -101,9 +104,10 @@ def _pct(samples: list[float], q: float) -> float:
     return samples[min(len(samples) - 1, int(len(samples) * q))]
 
 
-async def measure(store: Store, limits: int, requests: int, warmup: int = 2000) -> dict[str, float]:
+async def measure(store: Store, limits: int, requests: int, warmup: int = 2000,
+                  api: ApiFamily = ApiFamily.OPENAI) -> dict[str, float]:
     stage = QuotaStage(store, QuotaSettings())
-    contexts = _contexts(requests + warmup, _actions(limits))
+    contexts = _contexts(requests + warmup, _actions(limits), api=api)
     for ctx in contexts[:warmup]:
         assert await stage(ctx) is None
         _finish(ctx)
@@ -132,11 +136,11 @@ async def measure(store: Store, limits: int, requests: int, warmup: int = 2000) 
 
 
 async def measure_concurrent(store: Store, limits: int, requests: int, concurrency: int = 16,
-                             warmup: int = 2000) -> dict[str, float]:
+                             warmup: int = 2000, api: ApiFamily = ApiFamily.OPENAI) -> dict[str, float]:
     """Like the gateway under load: ``concurrency`` tasks, each charging and settling request
     after request, so round trips overlap, commands pipeline and reconciles batch."""
     stage = QuotaStage(store, QuotaSettings())
-    contexts = _contexts(requests + warmup, _actions(limits))
+    contexts = _contexts(requests + warmup, _actions(limits), api=api)
 
     async def worker(share: list[RequestContext]) -> None:
         for ctx in share:
@@ -229,7 +233,10 @@ def main() -> None:
     parser.add_argument("--redis-calls", type=int, default=5000, help="calls in the redis-py micro benchmark")
     parser.add_argument("--no-redis", action="store_true", help="MemoryStore only")
     parser.add_argument("--concurrency", type=int, default=16, help="tasks in the concurrent run")
+    parser.add_argument("--api", choices=[a.value for a in ApiFamily], default=ApiFamily.OPENAI.value,
+                        help="API family of the requests (picks the provider header aliases)")
     args = parser.parse_args()
+    api = ApiFamily(args.api)
     use_redis = not args.no_redis and shutil.which("redis-server") is not None
     rows: list[str] = []
     client_cost: dict[str, tuple[float, float]] = {}
@@ -238,26 +245,28 @@ def main() -> None:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             for limits in (1, 3):
-                rows.append(_row("memory", limits, runner.run(measure(MemoryStore(), limits, args.requests))))
+                result = runner.run(measure(MemoryStore(), limits, args.requests, api=api))
+                rows.append(_row("memory", limits, result))
             if server is not None:
                 from gateway.store.redis import RedisStore
 
                 for limits in (1, 3):
                     store = RedisStore.from_url(server.url, deadline=1.0)
                     try:
-                        result = runner.run(measure(store, limits, args.requests))
+                        result = runner.run(measure(store, limits, args.requests, api=api))
                     finally:
                         runner.run(store.close())
                     rows.append(_row("redis", limits, result))
                 client_cost = runner.run(redis_client_cost(server.url, args.redis_calls))
             concurrent.append(("memory", runner.run(measure_concurrent(MemoryStore(), 3, args.requests,
-                                                                       args.concurrency))))
+                                                                       args.concurrency, api=api))))
             if server is not None:
                 for name, options in (("redis, lean connection + batched reconciles", {}),
                                       ("redis, redis-py (lean=False)", {"lean": False})):
                     store = RedisStore.from_url(server.url, deadline=1.0, **options)
                     try:
-                        result = runner.run(measure_concurrent(store, 3, args.requests, args.concurrency))
+                        result = runner.run(measure_concurrent(store, 3, args.requests, args.concurrency,
+                                                                    api=api))
                         queue = store.reconcile
                         if queue is not None and queue.batches:
                             name += f" (mean batch {queue.adjustments / queue.batches:.1f})"
@@ -267,8 +276,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    print(f"Quota stage per request ({args.requests} requests, µs; CPU = process time / request; "
-          f"pid {os.getpid()})\n")
+    print(f"Quota stage per request ({args.requests} requests, {api.value} routes, µs; "
+          f"CPU = process time / request; pid {os.getpid()})\n")
     print("| store | limits | charge p50 | charge p99 | settle p50 | settle p99 | total p50 | total p99 "
           "| CPU mean |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -3,16 +3,19 @@
 * IETF draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy: "rpm";q=60;w=60`` and
   ``RateLimit: "rpm";r=41;t=17``; ``qu="requests"``/``"concurrent-requests"`` where the draft
   has a unit, else the vendor parameter ``tg-unit`` (input_tokens, output_tokens, total_tokens,
-  usd-micros).
+  usd-micros). Always sent.
 * OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``, reset as a Go duration.
+  Sent on OpenAI routes only.
 * Anthropic: ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*``, reset as
-  an RFC 3339 time.
+  an RFC 3339 time. Sent on Anthropic routes only.
 When several limits of one family apply, the aliases show the most restrictive one (fewest
 remaining), which is the one that will deny first.
 
-Built on every quota-checked response, so :class:`HeaderBuilder` memoises what repeats between
-requests (a limit's policy fragment, RFC 3339 text per second) and picks the tightest limit of
-every family in one pass.
+Built on every quota-checked response, so the work is split in two: a :class:`HeaderLayout` holds
+everything that depends only on *which* limits are enforced (the whole ``RateLimit-Policy``
+value, each limit's ``RateLimit`` prefix, the alias candidates of every family already ordered
+for the tie-break, the limit numbers as text) and is built once per combination of limits; per
+response only the numbers that move (remaining, reset) are formatted.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+from gateway.context import ApiFamily
 from gateway.quota.limits import CompiledLimit, LimitKind
 from gateway.store.base import LimitState
 
@@ -40,6 +44,10 @@ _ANTHROPIC_OUTPUT = ("anthropic-ratelimit-output-tokens-limit", "anthropic-ratel
 # Memo tables are cleared when they reach this size (entries are tiny and cheap to rebuild).
 MEMO_ENTRIES = 4096
 
+# Alias candidates of one family: (position in the layout, limit as text), ordered by
+# (limit, position) so that "fewest remaining, first in that order" is the documented tie-break.
+_Candidates = tuple[tuple[int, str], ...]
+
 
 class HeaderItem(NamedTuple):
     """One enforced limit as seen by this request (a tuple: built per limit per request)."""
@@ -51,11 +59,14 @@ class HeaderItem(NamedTuple):
 
 def go_duration(seconds: float) -> str:
     """Format like Go's ``time.Duration`` (OpenAI's style): ``6m0s``, ``1.5s``, ``120ms``."""
-    ms = max(0, math.ceil(seconds * 1000))
-    if ms == 0:
+    ms = math.ceil(seconds * 1000)
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
+    if ms < 60_000:  # the usual case for request limits: no hours/minutes arithmetic
+        whole, frac = divmod(ms, 1000)
+        return f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     whole, frac = divmod(rest, 1000)
@@ -63,9 +74,7 @@ def go_duration(seconds: float) -> str:
     secs = f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
     if hours:
         return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
+    return f"{minutes}m{secs}s"
 
 
 def rfc3339(epoch: float) -> str:
@@ -87,108 +96,122 @@ def _unit(kind: LimitKind) -> str:
     return f'tg-unit="{kind.value}"'
 
 
-def _tighter(a: HeaderItem | None, b: HeaderItem) -> HeaderItem:
-    """The more restrictive of two (fewest remaining, then smallest limit; first on ties)."""
-    if a is None:
-        return b
-    sa, sb = a.state.remaining, b.state.remaining
-    if sb < sa or (sb == sa and b.limit.limit < a.limit.limit):
-        return b
-    return a
+def _policy(name: str, lim: CompiledLimit) -> str:
+    window = "" if lim.period is None else f";w={math.ceil(lim.period)}"
+    return f"{_sf_string(name)};q={lim.limit}{window};{_unit(lim.kind)}"
 
 
-def _openai(headers: dict[str, str], names: tuple[str, str, str], item: HeaderItem) -> None:
-    headers[names[0]] = str(item.limit.limit)
-    headers[names[1]] = str(item.state.remaining)
-    headers[names[2]] = go_duration(item.state.reset)
+def _candidates(limits: Sequence[CompiledLimit], kinds: tuple[LimitKind, ...]) -> _Candidates:
+    picked = [(lim.limit, i) for i, lim in enumerate(limits) if lim.kind in kinds]
+    picked.sort()
+    return tuple((i, str(amount)) for amount, i in picked)
+
+
+def _tightest(candidates: _Candidates, states: Sequence[LimitState]) -> tuple[int, str]:
+    """The candidate with the fewest remaining; ties go to the earlier one (smallest limit,
+    then first written), as the candidates are ordered."""
+    best = candidates[0]
+    least = states[best[0]].remaining
+    for candidate in candidates[1:]:
+        remaining = states[candidate[0]].remaining
+        if remaining < least:
+            best, least = candidate, remaining
+    return best
+
+
+class HeaderLayout:
+    """What the headers of one combination of enforced limits have in common: immutable once
+    built, shared by every response with the same limits (see the module docstring)."""
+
+    __slots__ = ("anthropic", "openai", "policy", "prefixes")
+
+    def __init__(self, named: Sequence[tuple[str, CompiledLimit]]) -> None:
+        limits = [lim for _, lim in named]
+        self.policy = ", ".join(_policy(name, lim) for name, lim in named)
+        self.prefixes = tuple(f"{_sf_string(name)};r=" for name, _ in named)
+        requests = _candidates(limits, (LimitKind.REQUESTS,))
+        tokens = _candidates(limits, (LimitKind.INPUT_TOKENS, LimitKind.OUTPUT_TOKENS,
+                                      LimitKind.TOTAL_TOKENS))
+        # (alias names, candidates) per family that has at least one limit, in writing order
+        openai: list[tuple[tuple[str, str, str], _Candidates]] = [
+            (_OPENAI_REQUESTS, requests), (_OPENAI_TOKENS, tokens)]
+        anthropic: list[tuple[tuple[str, str, str], _Candidates]] = [
+            (_ANTHROPIC_REQUESTS, requests), (_ANTHROPIC_TOKENS, tokens),
+            (_ANTHROPIC_INPUT, _candidates(limits, (LimitKind.INPUT_TOKENS,))),
+            (_ANTHROPIC_OUTPUT, _candidates(limits, (LimitKind.OUTPUT_TOKENS,)))]
+        self.openai = tuple(family for family in openai if family[1])
+        self.anthropic = tuple(family for family in anthropic if family[1])
+
+    def render(self, states: Sequence[LimitState], now: float, api: ApiFamily | None,
+               times: dict[int, str] | None = None) -> dict[str, str]:
+        """The headers for ``states`` (one per limit, in layout order); ``now`` is the store's
+        time; aliases of ``api`` only (``None``: both families). ``times`` memoises RFC 3339
+        text per second across calls."""
+        headers = {
+            "RateLimit-Policy": self.policy,
+            "RateLimit": ", ".join([f"{prefix}{state.remaining};t={math.ceil(state.reset)}"
+                                    for prefix, state in zip(self.prefixes, states, strict=True)]),
+        }
+        if api is not ApiFamily.ANTHROPIC:
+            for names, candidates in self.openai:
+                i, limit = _tightest(candidates, states) if len(candidates) > 1 else candidates[0]
+                state = states[i]
+                headers[names[0]] = limit
+                headers[names[1]] = str(state.remaining)
+                headers[names[2]] = go_duration(state.reset)
+        if api is not ApiFamily.OPENAI:
+            if times is None:
+                times = {}
+            for names, candidates in self.anthropic:
+                i, limit = _tightest(candidates, states) if len(candidates) > 1 else candidates[0]
+                state = states[i]
+                headers[names[0]] = limit
+                headers[names[1]] = str(state.remaining)
+                second = math.ceil(now + state.reset)
+                text = times.get(second)
+                if text is None:
+                    text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    if len(times) >= MEMO_ENTRIES:
+                        times.clear()
+                    times[second] = text
+                headers[names[2]] = text
+        return headers
 
 
 class HeaderBuilder:
-    """Builds the rate-limit headers of one response; holds memo tables, so keep one per stage
-    (not thread-safe; the gateway runs one event loop per process)."""
+    """Builds the rate-limit headers of one response; holds memo tables (layouts per combination
+    of limits, RFC 3339 text per second), so keep one per stage (not thread-safe; the gateway
+    runs one event loop per process)."""
 
-    __slots__ = ("_names", "_policies", "_times")
+    __slots__ = ("_layouts", "times")
 
     def __init__(self) -> None:
-        self._policies: dict[tuple[str, int, float | None, LimitKind], str] = {}
-        self._names: dict[str, str] = {}
-        self._times: dict[int, str] = {}
+        # (names, limits) → layout; CompiledLimit compares by value, so a reload that keeps a
+        # limit's numbers keeps its layout.
+        self._layouts: dict[tuple[tuple[str, ...], tuple[CompiledLimit, ...]], HeaderLayout] = {}
+        self.times: dict[int, str] = {}
 
-    def _name(self, name: str) -> str:
-        quoted = self._names.get(name)
-        if quoted is None:
-            if len(self._names) >= MEMO_ENTRIES:
-                self._names.clear()
-            quoted = self._names[name] = _sf_string(name)
-        return quoted
+    def layout(self, named: Sequence[tuple[str, CompiledLimit]]) -> HeaderLayout:
+        """The (memoised) layout for these enforced limits, in this order."""
+        memo = (tuple(name for name, _ in named), tuple(lim for _, lim in named))
+        layout = self._layouts.get(memo)
+        if layout is None:
+            if len(self._layouts) >= MEMO_ENTRIES:
+                self._layouts.clear()
+            layout = self._layouts[memo] = HeaderLayout(named)
+        return layout
 
-    def _policy(self, item: HeaderItem) -> str:
-        lim = item.limit
-        memo = (item.name, lim.limit, lim.period, lim.kind)
-        text = self._policies.get(memo)
-        if text is None:
-            window = "" if lim.period is None else f";w={math.ceil(lim.period)}"
-            text = f"{self._name(item.name)};q={lim.limit}{window};{_unit(lim.kind)}"
-            if len(self._policies) >= MEMO_ENTRIES:
-                self._policies.clear()
-            self._policies[memo] = text
-        return text
-
-    def _rfc3339(self, epoch: float) -> str:
-        second = math.ceil(epoch)
-        text = self._times.get(second)
-        if text is None:
-            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            if len(self._times) >= MEMO_ENTRIES:
-                self._times.clear()
-            self._times[second] = text
-        return text
-
-    def build(self, items: Sequence[HeaderItem], now: float) -> dict[str, str]:
-        """All rate-limit headers for one response; ``now`` is the store's time."""
+    def build(self, items: Sequence[HeaderItem], now: float, api: ApiFamily | None = None) -> dict[str, str]:
+        """All rate-limit headers for one response; ``now`` is the store's time; provider aliases
+        of ``api`` only (``None``: both)."""
         if not items:
             return {}
-        policies: list[str] = []
-        states: list[str] = []
-        requests = tokens = inputs = outputs = None
-        for item in items:
-            policies.append(self._policy(item))
-            state = item.state
-            states.append(f"{self._name(item.name)};r={state.remaining};t={math.ceil(state.reset)}")
-            kind = item.limit.kind
-            if kind is LimitKind.REQUESTS:
-                requests = _tighter(requests, item)
-            elif kind is LimitKind.INPUT_TOKENS:
-                tokens = _tighter(tokens, item)
-                inputs = _tighter(inputs, item)
-            elif kind is LimitKind.OUTPUT_TOKENS:
-                tokens = _tighter(tokens, item)
-                outputs = _tighter(outputs, item)
-            elif kind is LimitKind.TOTAL_TOKENS:
-                tokens = _tighter(tokens, item)
-        headers = {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
-        if requests is not None:
-            _openai(headers, _OPENAI_REQUESTS, requests)
-        if tokens is not None:
-            _openai(headers, _OPENAI_TOKENS, tokens)
-        if requests is not None:
-            self._anthropic(headers, _ANTHROPIC_REQUESTS, requests, now)
-        if tokens is not None:
-            self._anthropic(headers, _ANTHROPIC_TOKENS, tokens, now)
-        if inputs is not None:
-            self._anthropic(headers, _ANTHROPIC_INPUT, inputs, now)
-        if outputs is not None:
-            self._anthropic(headers, _ANTHROPIC_OUTPUT, outputs, now)
-        return headers
-
-    def _anthropic(self, headers: dict[str, str], names: tuple[str, str, str], item: HeaderItem,
-                   now: float) -> None:
-        headers[names[0]] = str(item.limit.limit)
-        headers[names[1]] = str(item.state.remaining)
-        headers[names[2]] = self._rfc3339(now + item.state.reset)
+        layout = self.layout([(item.name, item.limit) for item in items])
+        return layout.render([item.state for item in items], now, api, self.times)
 
 
-def build_headers(items: Sequence[HeaderItem], now: float) -> dict[str, str]:
-    """All rate-limit headers for one response; ``now`` is the store's time. (The stage keeps a
-    :class:`HeaderBuilder` instead, so its memo tables live across requests.)"""
-    return HeaderBuilder().build(items, now)
+def build_headers(items: Sequence[HeaderItem], now: float, api: ApiFamily | None = None) -> dict[str, str]:
+    """All rate-limit headers for one response; ``now`` is the store's time; provider aliases of
+    ``api`` only (``None``: both). (The stage keeps a :class:`HeaderBuilder` instead, so its memo
+    tables live across requests.)"""
+    return HeaderBuilder().build(items, now, api)

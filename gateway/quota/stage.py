@@ -20,43 +20,82 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.context import Decision, RequestContext
+from gateway.context import ApiFamily, Decision, RequestContext
 from gateway.policy.registry import MatchedAction
-from gateway.quota.headers import HeaderBuilder, HeaderItem
+from gateway.quota.headers import HeaderBuilder, HeaderItem, HeaderLayout
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
 from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
-from gateway.store.base import Adjustment, Charge, Clock, LimitState, Receipt, Store
+from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, LimitState, Receipt, Store
 from gateway.store.breaker import FailureMode, GuardedStore
 
 log = logging.getLogger(__name__)
 
-# Renewals per lease TTL: a lease is renewed when at most a third of its TTL has passed, so one
-# failed or late round still leaves it live until the next one.
-
 # Bound on the per-stage memo of store keys (one entry per rule × limit × key values seen
 # recently); when full the oldest entry goes, so a flood of distinct keys costs a rebuild each.
 KEY_MEMO_ENTRIES = 16384
+# Bound on the memo of plans (one per combination of matched quota rules; a handful per policy).
+PLAN_MEMO_ENTRIES = 1024
 
-# One planned charge: (rule id, limit, shadow, failure mode, charge, kind text). A tuple, not a
-# dataclass: one is built per limit per request.
-_Planned = tuple[str, CompiledLimit, bool, FailureMode, Charge, str]
-# What ``settle`` needs: (applied (limit kind, receipt) pairs, backend, input reserved, price).
+# What ``settle`` needs: (applied (limit kind, receipt) pairs other than request rates, backend,
+# input reserved, price).
 _Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None]
+
+
+class _Slot:
+    """One limit of one matched quota rule: everything about it that is fixed by the policy
+    snapshot, worked out once per plan instead of once per request."""
+
+    __slots__ = ("algorithm", "getters", "kind", "kind_text", "limit", "mode", "name", "period_ms",
+                 "rule_id", "shadow")
+
+    def __init__(self, action: MatchedAction, limit: CompiledLimit, mode: FailureMode,
+                 default_lease_ttl: float) -> None:
+        self.rule_id: str = action.rule_id
+        self.shadow: bool = action.shadow
+        self.limit = limit
+        self.mode = mode
+        self.getters = limit.getters
+        self.kind = limit.kind
+        self.kind_text = limit.kind.value
+        self.algorithm = limit.kind.algorithm
+        seconds = limit.period if limit.period is not None else (limit.lease_ttl or default_lease_ttl)
+        self.period_ms = max(1, math.ceil(seconds * 1000))
+        self.name = limit.name  # in the headers; qualified with the rule id when shared (below)
+
+
+class _Plan:
+    """The static part of the stage's work for one combination of matched quota rules. A policy
+    snapshot builds its ``MatchedAction`` objects once, so every request matching the same rules
+    brings the same objects and finds its plan by their ids (``actions`` pins them)."""
+
+    __slots__ = ("actions", "headers", "modes", "slots")
+
+    def __init__(self, actions: tuple[MatchedAction, ...], settings: QuotaSettings) -> None:
+        self.actions = actions
+        slots: list[_Slot] = []
+        for action in actions:
+            qa: QuotaAction = action.value
+            mode = qa.on_store_failure or settings.on_store_failure
+            slots.extend(_Slot(action, lim, mode, settings.lease_ttl) for lim in qa.limits)
+        enforced = [s for s in slots if not s.shadow]
+        _qualify(enforced)
+        self.slots = tuple(slots)
+        self.modes = tuple(s.mode for s in slots)
+        # Headers when the shared store answered every charge (the usual case); a local fallback
+        # answers a subset with scaled limits and builds its headers from the items instead.
+        self.headers = HeaderLayout([(s.name, s.limit) for s in enforced]) if enforced else None
 
 
 class _KeyEntry:
     """Memo for one (rule, limit, shadow, key values): the store key and the last charge built
     for it, reused while its cost is unchanged (always, for request rates: cost 1)."""
 
-    __slots__ = ("algorithm", "charge", "key", "kind", "limit", "period_ms")
+    __slots__ = ("charge", "key", "limit")
 
-    def __init__(self, limit: CompiledLimit, key: str, period_ms: int) -> None:
+    def __init__(self, limit: CompiledLimit, key: str) -> None:
         self.limit = limit  # also pins id(limit), part of the memo key, while the entry lives
         self.key = key
-        self.period_ms = period_ms
-        self.kind = limit.kind.value
-        self.algorithm = limit.kind.algorithm
         self.charge: Charge | None = None
 
 
@@ -87,6 +126,7 @@ class QuotaStage:
         # the pipeline holds ctx until settle() pops its ticket, so ids cannot be reused meanwhile.
         self._pending: dict[int, _Ticket] = {}
         self._keys: dict[tuple[str, int, bool, tuple[str | None, ...]], _KeyEntry] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self._headers = HeaderBuilder()
         # Lease ids: unique per request across replicas without a uuid4 per request.
         self._lease_nonce = os.urandom(6).hex()
@@ -126,12 +166,13 @@ class QuotaStage:
                    if isinstance(a, MatchedAction) and a.name == "quota" and isinstance(a.value, QuotaAction)]
         if not actions:
             return None
+        plan = self._plan_for(actions)
         req = ctx.request
         input_est = max(0, req.input_tokens_estimate)
         output_res = (req.max_tokens or self.settings.default_output_tokens) * max(1, req.n)
         price = self._price(req.model) if self.settings.prices else None
-        planned, charges, modes = self._plan(ctx, actions, input_est, output_res, price)
-        guarded = await self.guard.charge(charges, modes)
+        charges = self._charges(ctx, plan, input_est, output_res, price)
+        guarded = await self.guard.charge(charges, plan.modes)
         audit: dict[str, Any] = {"backend": guarded.backend}
         ctx.audit["quota"] = audit
         if guarded.fallback is not None:
@@ -139,53 +180,79 @@ class QuotaStage:
         if guarded.unavailable:
             retry = max(1, math.ceil(self.settings.breaker.reset_after))
             return Decision(503, "api_error", "Quota store unavailable and the policy fails closed.",
-                            rule_id=next(p[0] for p in planned if p[3] is FailureMode.CLOSED),
+                            rule_id=next(s.rule_id for s in plan.slots if s.mode is FailureMode.CLOSED),
                             headers={"Retry-After": str(retry)}, retryable=True,
                             code="quota_store_unavailable")
-        result = guarded.result
         limits_audit: list[dict[str, Any]] = []
         audit["limits"] = limits_audit
+        result = guarded.result
+        if result is None:  # failed open: nothing was checked, nothing to advertise or settle
+            return None
         would_deny: list[str] = []
-        items: list[HeaderItem] = []
-        denied: list[tuple[_Planned, LimitState]] = []
-        applied: list[tuple[LimitKind, Receipt]] = []
+        shown: list[LimitState] = []  # states of the enforced limits, in plan order
+        denied: list[tuple[_Slot, Charge, LimitState]] = []
+        applied: list[tuple[LimitKind, Receipt]] = []  # what settle may adjust
+        charged = False
         leases: list[Receipt] = []
-        if result is not None:
-            states, receipts = result.states, result.receipts
-            for k, i in enumerate(guarded.indices):
-                p, state, receipt = planned[i], states[k], receipts[k]
-                rule_id, lim, shadow = p[0], p[1], p[2]
-                limits_audit.append({"rule": rule_id, "limit": lim.name, "kind": p[5],
-                                     "shadow": shadow, "allowed": state.allowed,
-                                     "remaining": state.remaining})
-                if shadow:
-                    if not state.allowed:
-                        would_deny.append(f"{rule_id}/{lim.name}")
-                else:
-                    # the charge's limit may be this replica's share during a local fallback
-                    limit = receipt.charge.limit
-                    items.append(HeaderItem(lim.name, lim if limit == lim.limit else _with_limit(lim, limit),
-                                            state))
-                    if not state.allowed:
-                        denied.append((p, state))
-                if receipt.applied:
-                    applied.append((lim.kind, receipt))
-                    if lim.kind is LimitKind.CONCURRENCY:
+        slots = plan.slots
+        for state, receipt, i in zip(result.states, result.receipts, guarded.indices, strict=True):
+            slot = slots[i]
+            shadow = slot.shadow
+            limits_audit.append({"rule": slot.rule_id, "limit": slot.limit.name, "kind": slot.kind_text,
+                                 "shadow": shadow, "allowed": state.allowed,
+                                 "remaining": state.remaining})
+            if shadow:
+                if not state.allowed:
+                    would_deny.append(f"{slot.rule_id}/{slot.limit.name}")
+            else:
+                shown.append(state)
+                if not state.allowed:
+                    denied.append((slot, receipt.charge, state))
+            if receipt.applied:
+                charged = True
+                kind = slot.kind
+                if kind is not LimitKind.REQUESTS:  # a request rate has nothing to settle
+                    applied.append((kind, receipt))
+                    if kind is LimitKind.CONCURRENCY:
                         leases.append(receipt)
-            if len(items) > 1:
-                items = _qualify(items, [planned[i][0] for i in guarded.indices if not planned[i][2]])
         if would_deny:
             audit["would_deny"] = would_deny
-        headers = self._headers.build(items, result.now if result is not None else 0.0)
+        if not shown:
+            headers: dict[str, str] = {}
+        elif guarded.backend == "store" and plan.headers is not None:
+            # every charge answered, with the limits as compiled: the plan's layout fits
+            headers = plan.headers.render(shown, result.now, req.api, self._headers.times)
+        else:
+            headers = self._fallback_headers(plan, guarded.indices, result, req.api)
         ctx.response_headers.update(headers)
         if denied:
-            audit["denied"] = [f"{p[0]}/{p[1].name}" for p, _ in denied]
+            audit["denied"] = [f"{slot.rule_id}/{slot.limit.name}" for slot, _, _ in denied]
             return self._deny(denied, headers)
-        if applied:
+        if charged:  # (a ticket even without adjustments: settle audits the usage)
             self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price)
             if leases:
                 self.renewer.track(id(ctx), tuple(leases), guarded.backend)
         return None
+
+    def _fallback_headers(self, plan: _Plan, indices: tuple[int, ...], result: ChargeResult,
+                          api: ApiFamily) -> dict[str, str]:
+        """Headers for a local fallback: the limits it answered, at the per-replica share."""
+        items: list[HeaderItem] = []
+        rule_ids: list[str] = []
+        for state, receipt, i in zip(result.states, result.receipts, indices, strict=True):
+            slot = plan.slots[i]
+            if slot.shadow:
+                continue
+            limit = receipt.charge.limit
+            lim = slot.limit
+            items.append(HeaderItem(lim.name, lim if limit == lim.limit else _with_limit(lim, limit), state))
+            rule_ids.append(slot.rule_id)
+        if len(items) > 1:
+            names = [item.name for item in items]
+            if len(set(names)) < len(names):
+                items = [item if names.count(item.name) == 1 else item._replace(name=f"{rule_id}.{item.name}")
+                         for item, rule_id in zip(items, rule_ids, strict=True)]
+        return self._headers.build(items, result.now, api)
 
     async def close(self) -> None:
         """Stop renewing and close the store (``guard.close()``)."""
@@ -200,58 +267,56 @@ class QuotaStage:
             price = self._prices[model] = self.settings.price_for(model)
             return price
 
-    def _plan(self, ctx: RequestContext, actions: list[MatchedAction], input_est: int,
-              output_res: int, price: Price | None
-              ) -> tuple[list[_Planned], list[Charge], list[FailureMode]]:
-        planned: list[_Planned] = []
+    def _plan_for(self, actions: list[MatchedAction]) -> _Plan:
+        matched = tuple(actions)
+        memo_key = tuple([id(a) for a in matched])
+        plan = self._plans.get(memo_key)
+        # Tuple equality tries identity first, so this is cheap for the same objects; equal but
+        # distinct actions (a reload that changed nothing here) would plan the same anyway.
+        if plan is None or plan.actions != matched:
+            plans = self._plans
+            if len(plans) >= PLAN_MEMO_ENTRIES:
+                del plans[next(iter(plans))]  # oldest first
+            plan = plans[memo_key] = _Plan(matched, self.settings)
+        return plan
+
+    def _charges(self, ctx: RequestContext, plan: _Plan, input_est: int, output_res: int,
+                 price: Price | None) -> list[Charge]:
         charges: list[Charge] = []
-        modes: list[FailureMode] = []
         memo = self._keys
         lease_id = ""
-        for action in actions:
-            qa: QuotaAction = action.value
-            mode = qa.on_store_failure or self.settings.on_store_failure
-            rule_id, shadow = action.rule_id, action.shadow
-            for lim in qa.limits:
-                getters = lim.getters
-                values = (getters[0](ctx),) if len(getters) == 1 else tuple([g(ctx) for g in getters])
-                memo_key = (rule_id, id(lim), shadow, values)
-                entry = memo.get(memo_key)
-                if entry is None or entry.limit is not lim:
-                    entry = self._remember(memo_key, rule_id, lim, ctx)
-                kind = lim.kind
-                if kind is LimitKind.REQUESTS:
-                    cost = 1
-                elif kind is LimitKind.CONCURRENCY:
-                    cost = 1
-                    if not lease_id:
-                        lease_id = f"{ctx.request_id}.{self._lease_nonce}{next(self._lease_seq):x}"
-                else:
-                    cost = cost_of(kind, input_est, output_res, price)
-                charge = entry.charge
-                if charge is None or charge.cost != cost or kind is LimitKind.CONCURRENCY:
-                    charge = Charge(key=entry.key, algorithm=entry.algorithm, limit=lim.limit,
-                                    period_ms=entry.period_ms, cost=cost, burst=lim.burst, shadow=shadow,
-                                    lease_id=lease_id if kind is LimitKind.CONCURRENCY else "")
-                    entry.charge = charge
-                planned.append((rule_id, lim, shadow, mode, charge, entry.kind))
-                charges.append(charge)
-                modes.append(mode)
-        return planned, charges, modes
+        for slot in plan.slots:
+            lim = slot.limit
+            getters = slot.getters
+            values = (getters[0](ctx),) if len(getters) == 1 else tuple([g(ctx) for g in getters])
+            memo_key = (slot.rule_id, id(lim), slot.shadow, values)
+            entry = memo.get(memo_key)
+            if entry is None or entry.limit is not lim:
+                if len(memo) >= KEY_MEMO_ENTRIES:
+                    del memo[next(iter(memo))]  # oldest first
+                entry = memo[memo_key] = _KeyEntry(lim, lim.identity(slot.rule_id, ctx))
+            kind = slot.kind
+            charge = entry.charge
+            if kind is LimitKind.REQUESTS:
+                if charge is None:
+                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1,
+                                                   lim.burst, slot.shadow)
+            elif kind is LimitKind.CONCURRENCY:
+                if not lease_id:
+                    lease_id = f"{ctx.request_id}.{self._lease_nonce}{next(self._lease_seq):x}"
+                charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1, lim.burst,
+                                slot.shadow, lease_id)
+            else:
+                cost = cost_of(kind, input_est, output_res, price)
+                if charge is None or charge.cost != cost:
+                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms,
+                                                   cost, lim.burst, slot.shadow)
+            charges.append(charge)
+        return charges
 
-    def _remember(self, memo_key: tuple[str, int, bool, tuple[str | None, ...]], rule_id: str,
-                  lim: CompiledLimit, ctx: RequestContext) -> _KeyEntry:
-        memo = self._keys
-        if len(memo) >= KEY_MEMO_ENTRIES:
-            del memo[next(iter(memo))]  # oldest first
-        seconds = lim.period if lim.period is not None else (lim.lease_ttl or self.settings.lease_ttl)
-        entry = _KeyEntry(lim, lim.identity(rule_id, ctx), max(1, math.ceil(seconds * 1000)))
-        memo[memo_key] = entry
-        return entry
-
-    def _deny(self, denied: list[tuple[_Planned, LimitState]], headers: dict[str, str]) -> Decision:
-        first, state = max(denied, key=lambda d: d[1].retry_after)
-        rule_id, lim, charge = first[0], first[1], first[4]
+    def _deny(self, denied: list[tuple[_Slot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
+        slot, charge, state = max(denied, key=lambda d: d[2].retry_after)
+        rule_id, lim = slot.rule_id, slot.limit
         if math.isinf(state.retry_after):
             return Decision(
                 429, "rate_limit",
@@ -283,8 +348,6 @@ class QuotaStage:
         actual_in, actual_out = self._actual_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []
         for kind, receipt in applied:
-            if kind is LimitKind.REQUESTS:
-                continue
             if kind is LimitKind.CONCURRENCY:
                 adjustments.append(Adjustment(receipt, -1))
             else:
@@ -312,13 +375,12 @@ class QuotaStage:
         return input_tokens, usage.output_tokens
 
 
-def _qualify(items: list[HeaderItem], rule_ids: list[str]) -> list[HeaderItem]:
+def _qualify(slots: list[_Slot]) -> None:
     """A limit name used by several rules is qualified with its rule id in the headers."""
-    names = [item.name for item in items]
-    if len(set(names)) == len(names):
-        return items
-    return [item if names.count(item.name) == 1 else item._replace(name=f"{rule_id}.{item.name}")
-            for item, rule_id in zip(items, rule_ids, strict=True)]
+    names = [slot.name for slot in slots]
+    for slot in slots:
+        if names.count(slot.name) > 1:
+            slot.name = f"{slot.rule_id}.{slot.name}"
 
 
 def _with_limit(limit: CompiledLimit, value: int) -> CompiledLimit:

@@ -43,15 +43,16 @@ def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
     """GCRA: emission interval T = period/limit, tolerance tau = T * burst."""
     interval = c.period_ms / c.limit
     tau = interval * c.burst
-    start = max(tat if tat is not None else now, now)
+    start = tat if tat is not None and tat > now else now
     new_tat = start + c.cost * interval
     diff = new_tat - now
-    idle = math.floor((tau - (start - now)) / interval + EPS / interval)
+    slack = EPS / interval
+    idle = math.floor((tau - (start - now)) / interval + slack)
     idle_reset = math.ceil(start - now)
     if diff <= tau + EPS:
-        remaining = math.floor((tau - diff) / interval + EPS / interval)
-        return Verdict(True, max(0, remaining), math.ceil(diff), 0, new_tat=round(new_tat, 3),
-                       idle_remaining=idle, idle_reset_ms=idle_reset)
+        remaining = math.floor((tau - diff) / interval + slack)
+        return Verdict(True, remaining if remaining > 0 else 0, math.ceil(diff), 0, 0, round(new_tat, 3),
+                       idle, idle_reset)
     retry = math.ceil(diff - tau) if c.cost * interval <= tau + EPS else -1
     return Verdict(False, max(0, idle), idle_reset, retry, idle_remaining=idle, idle_reset_ms=idle_reset)
 

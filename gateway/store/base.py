@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 # A source of wall-clock seconds (``time.time``); injected so tests never sleep.
 Clock = Callable[[], float]
@@ -80,8 +80,11 @@ class Charge:
         return max(1, self.period_ms // WINDOW_BUCKETS)
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+# The per-request results below are NamedTuples, not frozen dataclasses: as immutable, but built
+# several times per request, and a frozen dataclass pays one object.__setattr__ per field.
+
+
+class LimitState(NamedTuple):
     """State of one limit after a charge attempt, enough to build rate-limit headers.
 
     ``reset`` is seconds until the limit is back to full; ``retry_after`` is 0 when allowed,
@@ -95,8 +98,7 @@ class LimitState:
     retry_after: float
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(NamedTuple):
     """What an applied charge left behind, needed to reconcile, refund or release it."""
 
     charge: Charge
@@ -104,8 +106,7 @@ class Receipt:
     applied: bool = True  # False for a shadow charge that would have denied
 
 
-@dataclass(frozen=True, slots=True)
-class ChargeResult:
+class ChargeResult(NamedTuple):
     """Outcome of :meth:`Store.charge`; ``states``/``receipts`` follow the charges' order."""
 
     allowed: bool
@@ -114,8 +115,7 @@ class ChargeResult:
     receipts: tuple[Receipt, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Adjustment:
+class Adjustment(NamedTuple):
     """Add ``delta`` to what ``receipt`` charged (negative refunds; leases release on < 0)."""
 
     receipt: Receipt

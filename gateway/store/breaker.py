@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, Receipt, Store, StoreError
 from gateway.store.memory import MemoryStore
@@ -116,12 +116,12 @@ class CircuitBreaker:
             self._stats.breaker_state = BreakerState.OPEN
 
 
-@dataclass(frozen=True, slots=True)
-class GuardedCharge:
+class GuardedCharge(NamedTuple):
     """How a request's charges were handled: by the shared store, locally, or not at all.
 
     ``indices`` maps ``result`` entries back to the original charges (open-mode charges are
     dropped during a failure). ``unavailable`` is True when a closed-mode rule must deny (503).
+    A tuple: one is built per request.
     """
 
     result: ChargeResult | None

@@ -113,17 +113,21 @@ class MemoryStore:
     # ---- quota --------------------------------------------------------------------------
     async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
         now = self._now_ms()
-        self._sweep(now)
+        if self._heap and self._heap[0][0] <= now:
+            self._sweep(now)
+        data = self._data
         verdicts: list[alg.Verdict] = []
         allowed = True
         for c in charges:
+            slot = data.get(c.key)  # inline _get: one lookup per limit per request
+            value = slot.value if slot is not None and slot.expires > now else None
             algorithm = c.algorithm
             if algorithm is Algorithm.GCRA:
-                v = alg.gcra_check(self._get(c.key, now), now, c)
+                v = alg.gcra_check(value, now, c)
             elif algorithm is Algorithm.WINDOW:
-                v = alg.window_check(self._get(c.key, now) or {}, now, c)
+                v = alg.window_check(value or {}, now, c)
             else:
-                v = alg.lease_check(self._get(c.key, now) or {}, now, c)
+                v = alg.lease_check(value or {}, now, c)
             verdicts.append(v)
             if not v.ok and not c.shadow:
                 allowed = False
@@ -133,7 +137,10 @@ class MemoryStore:
             applied = allowed and v.ok
             receipts.append(Receipt(c, v.bucket_ms, applied))
             if applied:
-                self._apply(c, v, now)
+                if c.algorithm is Algorithm.GCRA:  # the usual limit: _apply's first branch, inlined
+                    self._put(c.key, v.new_tat, math.ceil(v.new_tat) + 1)
+                else:
+                    self._apply(c, v, now)
                 reset = max(0, v.reset_ms) / 1000.0
                 states.append(LimitState(True, c.limit, max(0, v.remaining), reset, 0.0))
             else:
@@ -151,10 +158,10 @@ class MemoryStore:
             if buckets is None:
                 buckets = {}
             else:  # the dict is this store's own: drop buckets that left the window in place
-                horizon = now - c.period_ms
-                dead = [s for s in buckets if s + gran <= horizon]
-                for s in dead:
-                    del buckets[s]
+                horizon = now - c.period_ms - gran  # a bucket starting at or before it is dead
+                if buckets and min(buckets) <= horizon:  # (rare: scan only when the oldest is)
+                    for s in [s for s in buckets if s <= horizon]:
+                        del buckets[s]
             buckets[v.bucket_ms] = buckets.get(v.bucket_ms, 0) + c.cost
             self._put(c.key, buckets, max(buckets) + gran + c.period_ms + 1)
         else:

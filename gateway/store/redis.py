@@ -56,6 +56,9 @@ RedisClient = Redis | RedisCluster
 # Leases per renew.lua call: a renewal round for thousands of open streams goes out as several
 # scripts (pipelined, still one round trip) so that no single script holds Redis for long.
 RENEW_BATCH = 512
+# Bound on the memo of encoded charges (one per charge object the stage keeps: rule × limit × key
+# values seen recently); when full the oldest entry goes.
+WIRE_MEMO_ENTRIES = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,10 @@ class RedisStore:
         self._signals = _Script.load("signals.lua")
         self._renew = _Script.load("renew.lua")
         self.stats = RedisStoreStats()
+        # RESP encoding memo for the lean path: charge.lua call heads per key count, and each
+        # Charge's key and arguments keyed by id (see _pack_charge)
+        self._heads: dict[int, bytes] = {}
+        self._wire: dict[int, tuple[Charge, bytes, bytes]] = {}
         scripts = (self._charge, self._adjust, self._signals, self._renew)
         self._lean = lean_connection(client, deadline, [
             pack("SCRIPT", "LOAD", script.body) for script in scripts
@@ -173,9 +180,8 @@ class RedisStore:
             return ChargeResult(True, await self.now(), (), ())
         lean = self._lean
         if lean is not None:  # single Redis: one slot group, the hot path
-            keys, args = self._charge_args(charges)
-            packed = pack("EVALSHA", self._charge.sha, len(keys), *keys, *args)
-            return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
+            return self._charge_result(charges, await self._lean_eval(lean, self._charge,
+                                                                      self._pack_charge(charges)))
         groups = self._groups([c.key for c in charges])
         if len(groups) == 1:
             return await self._guard(lambda: self._charge_group(charges))
@@ -205,23 +211,66 @@ class RedisStore:
         args: list[str | int] = []
         for c in charges:
             param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
-            args += [c.algorithm.value, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
+            args += [c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
         prefix = self._prefix
         return [f"{prefix}{{{c.key}}}" for c in charges], args
 
+    def _pack_charge(self, charges: Sequence[Charge]) -> bytes:
+        """The EVALSHA of charge.lua for ``charges``, as RESP. A charge's key and arguments encode
+        the same way every time, and the stage reuses one ``Charge`` per limit and key while its
+        cost is unchanged (always, for request rates), so their encoding is memoised per charge
+        object and a call only joins bytes."""
+        count = len(charges)
+        parts = [self._charge_head(count)]
+        tails: list[bytes] = []
+        memo = self._wire
+        for c in charges:
+            wire = memo.get(id(c))
+            if wire is None or wire[0] is not c:
+                wire = self._encode_charge(c)
+            parts.append(wire[1])
+            tails.append(wire[2])
+        parts += tails
+        return b"".join(parts)
+
+    def _charge_head(self, count: int) -> bytes:
+        """Array header, command, SHA and key count of a charge.lua call with ``count`` keys."""
+        head = self._heads.get(count)
+        if head is None:
+            whole = pack("EVALSHA", self._charge.sha, count)
+            # the array holds 3 + 8 per charge (key + 7 arguments), not the 3 packed here
+            head = self._heads[count] = b"*%d\r\n" % (3 + 8 * count) + whole[whole.index(b"\r\n") + 2:]
+        return head
+
+    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes]:
+        param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
+        # hiredis packs each part as a bulk string; drop the array headers ("*1\r\n", "*7\r\n")
+        key = pack(f"{self._prefix}{{{c.key}}}")[4:]
+        args = pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:]
+        memo = self._wire
+        if len(memo) >= WIRE_MEMO_ENTRIES:
+            del memo[next(iter(memo))]  # oldest first
+        wire = memo[id(c)] = (c, key, args)  # the entry pins c, so its id is not reused meanwhile
+        return wire
+
     @staticmethod
     def _charge_result(charges: Sequence[Charge], raw: Any) -> ChargeResult:
-        """Parse charge.lua's reply: allowed, now_ms, then 7 integers per charge."""
-        allowed = bool(raw[0])
+        """Parse charge.lua's reply: allowed, now_ms, then 7 integers per charge (RESP integers:
+        both hiredis and redis-py's own parser give Python ints)."""
+        allowed = raw[0] == 1
         states: list[LimitState] = []
         receipts: list[Receipt] = []
         at = 2
         for c in charges:
-            ok, remaining, reset, retry, bucket = raw[at:at + 5]  # hiredis: Lua numbers are ints
+            if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
+                reset = max(0, raw[at + 2]) / 1000.0
+                states.append(LimitState(True, c.limit, max(0, raw[at + 1]), reset, 0.0))
+                receipts.append(Receipt(c, raw[at + 4], allowed))
+            else:
+                states.append(state_from_ms(False, c.limit, raw[at + 1], raw[at + 2], raw[at + 3]))
+                receipts.append(Receipt(c, raw[at + 4], False))
             at += 7
-            states.append(state_from_ms(bool(ok), c.limit, int(remaining), int(reset), int(retry)))
-            receipts.append(Receipt(c, int(bucket), allowed and bool(ok)))
-        return ChargeResult(allowed, int(raw[1]) / 1000.0, tuple(states), tuple(receipts))
+        return ChargeResult(allowed, raw[1] / 1000.0, tuple(states), tuple(receipts))
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,
@@ -298,7 +347,7 @@ class RedisStore:
         for a in adjustments:
             c = a.receipt.charge
             ref = c.lease_id if c.algorithm is Algorithm.LEASE else str(a.receipt.bucket_ms)
-            args += [c.algorithm.value, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
+            args += [c.algorithm, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
         return [self.key(a.receipt.charge.key) for a in adjustments], args
 
     async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:

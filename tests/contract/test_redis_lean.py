@@ -173,3 +173,31 @@ async def test_settle_failures_are_counted_when_redis_is_gone(
         assert stats.settle_failures == 3 and stats.errors == 3
     finally:
         await stage.guard.close()
+
+
+def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean path joins per-charge RESP pieces; they must equal one packed EVALSHA."""
+    import gateway.store.redis as redis_module
+
+    monkeypatch.setattr(redis_module, "WIRE_MEMO_ENTRIES", 3)
+    store = RedisStore(Redis(), prefix="p:")
+    charges = [
+        Charge("q|r|rpm|requests|principal.account=ü", Algorithm.GCRA, 10**9, 60_000, 1, burst=7),
+        window("q|r|tpd|total_tokens|", 10**12, 84),
+        Charge("q|r|shadow", Algorithm.GCRA, 5, 1_000, 1, shadow=True),
+        Charge("q|r|conc", Algorithm.LEASE, 4, 600_000, 1, lease_id="req-1.ab1"),
+        Charge("q|r|empty-cost", Algorithm.WINDOW, 10, 30_000, 0),
+    ]
+    for _ in range(2):  # cold, then from the memo (evicting: it holds only 3)
+        for n in range(1, len(charges) + 1):
+            keys, args = store._charge_args(charges[:n])
+            assert store._pack_charge(charges[:n]) == pack("EVALSHA", store._charge.sha, n, *keys, *args)
+    assert len(store._wire) == 3
+
+
+async def test_lean_charges_reuse_their_encoding_and_stay_correct(redis_store: RedisStore) -> None:
+    rpm = Charge("enc|rpm", Algorithm.GCRA, 3, 60_000, 1, burst=3)
+    results = [await redis_store.charge([rpm, window("enc|tpm", 100, 40)]) for _ in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]  # 40 + 40 + 40 > 100
+    assert [r.states[0].remaining for r in results] == [2, 1, 1]  # the denied one was not applied
+    assert results[2].states[1].remaining == 20 and not results[2].receipts[0].applied

@@ -106,10 +106,9 @@ async def test_fourth_request_in_a_minute_is_rate_limited(start_quota_gateway: G
         assert headers["x-ratelimit-limit-requests"] == "3"
         assert headers["x-ratelimit-remaining-requests"] == str(remaining)
         assert re.fullmatch(r"(\d+m)?[\d.]+m?s", headers["x-ratelimit-reset-requests"])
-        assert headers["anthropic-ratelimit-requests-limit"] == "3"
-        assert headers["anthropic-ratelimit-requests-remaining"] == str(remaining)
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", headers["anthropic-ratelimit-requests-reset"])
         assert "x-ratelimit-limit-tokens" not in headers  # no token limit is enforced
+        # provider aliases follow the route's API family: no Anthropic fields on an OpenAI route
+        assert not [name for name in headers if name.lower().startswith("anthropic-ratelimit-")]
 
     err = info.value
     assert err.status_code == 429 and err.code == "rate_limit_exceeded"
@@ -123,7 +122,12 @@ async def test_fourth_request_in_a_minute_is_rate_limited(start_quota_gateway: G
     assert aerr.status_code == 429
     assert isinstance(aerr.body, dict) and aerr.body["error"]["type"] == "rate_limit_error"
     assert "Retry-After" in aerr.response.headers
-    assert aerr.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    aheaders = aerr.response.headers
+    assert aheaders["anthropic-ratelimit-requests-limit"] == "3"
+    assert aheaders["anthropic-ratelimit-requests-remaining"] == "0"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", aheaders["anthropic-ratelimit-requests-reset"])
+    assert parse_structured(aheaders["RateLimit"])["rpm"]["r"] == "0"  # IETF fields on every route
+    assert "x-ratelimit-remaining-requests" not in aheaders  # OpenAI aliases on OpenAI routes only
 
     assert [r["status"] for r in records] == [200, 200, 200, 429, 429]
     assert records[3]["rule_id"] == "acct-rpm" and records[3]["error_type"] == "rate_limit"
@@ -145,7 +149,7 @@ async def test_output_budget_is_reconciled_after_a_stream(start_quota_gateway: G
             model="gpt-test", messages=MESSAGES, max_tokens=90, stream=True
         )
         assert streamed.headers["x-ratelimit-remaining-tokens"] == "10"  # 90 reserved up front
-        assert streamed.headers["anthropic-ratelimit-output-tokens-remaining"] == "10"
+        assert parse_structured(streamed.headers["RateLimit"])["out"]["r"] == "10"
         chunks = [chunk async for chunk in streamed.parse()]
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         await settled(gw)

@@ -33,8 +33,11 @@ def quota(rule_id: str, *limits: CompiledLimit, shadow: bool = False,
 
 
 def make_ctx(*actions: MatchedAction, account: str = "acct-1", model: str = "gpt-4o",
-             input_tokens: int = 100, max_tokens: int | None = 200, n: int = 1) -> RequestContext:
-    view = RequestView(api=ApiFamily.OPENAI, route="chat.completions", path="/v1/chat/completions",
+             input_tokens: int = 100, max_tokens: int | None = 200, n: int = 1,
+             api: ApiFamily = ApiFamily.OPENAI) -> RequestContext:
+    route, path = (("messages", "/v1/messages") if api is ApiFamily.ANTHROPIC
+                   else ("chat.completions", "/v1/chat/completions"))
+    view = RequestView(api=api, route=route, path=path,
                        method="POST", headers={}, model=model, max_tokens=max_tokens, n=n,
                        input_tokens_estimate=input_tokens)
     ctx = RequestContext(request_id=f"req-{uuid.uuid4().hex[:8]}", request=view,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.quota.headers import HeaderItem, build_headers, go_duration, rfc3339
+from gateway.context import ApiFamily
+from gateway.quota.headers import HeaderBuilder, HeaderItem, build_headers, go_duration, rfc3339
 from gateway.quota.limits import LimitKind
 from gateway.store.base import LimitState
 from tests.support.quota_ctx import limit
@@ -13,6 +14,7 @@ from tests.support.quota_ctx import limit
 @pytest.mark.parametrize(("seconds", "text"), [
     (0, "0s"), (0.0004, "1ms"), (0.12, "120ms"), (1, "1s"), (1.5, "1.5s"), (8.64, "8.64s"),
     (59.9991, "1m0s"), (360, "6m0s"), (3725.25, "1h2m5.25s"), (86400, "24h0m0s"),
+    (-1, "0s"), (0.999, "999ms"), (59.999, "59.999s"), (61.01, "1m1.01s"),
 ])
 def test_go_duration(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
@@ -64,3 +66,57 @@ def test_no_items_no_headers() -> None:
 def test_policy_names_are_quoted_strings() -> None:
     item = HeaderItem('we"ird', limit("x", LimitKind.REQUESTS, 1, 1), LimitState(True, 1, 0, 1, 0))
     assert build_headers([item], 0.0)["RateLimit"] == '"we\\"ird";r=0;t=1'
+
+
+def _items() -> list[HeaderItem]:
+    return [
+        HeaderItem("rpm", limit("rpm", LimitKind.REQUESTS, 60, 60), LimitState(True, 60, 41, 17.2, 0)),
+        HeaderItem("tpm", limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60), LimitState(True, 1000, 900, 60, 0)),
+        HeaderItem("otpd", limit("otpd", LimitKind.OUTPUT_TOKENS, 5000, 86400),
+                   LimitState(True, 5000, 100, 360, 0)),
+    ]
+
+
+def test_aliases_follow_the_api_family_of_the_route() -> None:
+    both = build_headers(_items(), 1_700_000_000.0)
+    openai = build_headers(_items(), 1_700_000_000.0, ApiFamily.OPENAI)
+    anthropic = build_headers(_items(), 1_700_000_000.0, ApiFamily.ANTHROPIC)
+    ietf = {"RateLimit-Policy", "RateLimit"}
+    assert set(openai) == ietf | {f"x-ratelimit-{f}-{u}" for f in ("limit", "remaining", "reset")
+                                  for u in ("requests", "tokens")}
+    assert set(anthropic) == ietf | {f"anthropic-ratelimit-{u}-{f}" for f in ("limit", "remaining", "reset")
+                                     for u in ("requests", "tokens", "output-tokens")}
+    # each family's fields are exactly what the both-families form carries
+    assert both == {**openai, **anthropic}
+    assert list(both) == list(openai) + [k for k in anthropic if k not in ietf]
+
+
+def test_alias_tie_break_fewest_remaining_then_smallest_limit_then_first() -> None:
+    def rpm(name: str, amount: int, left: int) -> HeaderItem:
+        return HeaderItem(name, limit(name, LimitKind.REQUESTS, amount, 60),
+                          LimitState(True, amount, left, 1, 0))
+
+    def shown(items: list[HeaderItem]) -> str:
+        return build_headers(items, 0.0, ApiFamily.OPENAI)["x-ratelimit-limit-requests"]
+
+    assert shown([rpm("a", 100, 5), rpm("b", 10, 6)]) == "100"  # fewest remaining wins
+    assert shown([rpm("a", 100, 5), rpm("b", 10, 5)]) == "10"  # tie: smaller limit
+    assert shown([rpm("a", 10, 5), rpm("b", 10, 5), rpm("c", 20, 5)]) == "10"
+    first = build_headers([rpm("a", 10, 5), HeaderItem("b", limit("b", LimitKind.REQUESTS, 10, 1),
+                                                       LimitState(True, 10, 5, 9, 0))], 0.0, ApiFamily.OPENAI)
+    assert first["x-ratelimit-reset-requests"] == "1s"  # full tie: the first written
+
+
+def test_layout_is_reused_and_renders_fresh_numbers() -> None:
+    builder = HeaderBuilder()
+    items = _items()
+    one = builder.build(items, 1_700_000_000.0, ApiFamily.ANTHROPIC)
+    moved = [item._replace(state=LimitState(True, item.state.limit, item.state.remaining - 1, 1.5, 0))
+             for item in items]
+    two = builder.build(moved, 1_700_000_000.0, ApiFamily.ANTHROPIC)
+    named = [(i.name, i.limit) for i in moved]
+    assert builder.layout([(i.name, i.limit) for i in items]) is builder.layout(named)
+    assert one["RateLimit-Policy"] == two["RateLimit-Policy"]
+    assert two["RateLimit"] == '"rpm";r=40;t=2, "tpm";r=899;t=2, "otpd";r=99;t=2'
+    assert two["anthropic-ratelimit-requests-reset"] == "2023-11-14T22:13:22Z"
+    assert two == build_headers(moved, 1_700_000_000.0, ApiFamily.ANTHROPIC)

@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from gateway.context import ApiFamily
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.quota.stage import QuotaStage
-from gateway.store.base import Adjustment, Receipt, StoreError
+from gateway.store.base import Adjustment, Algorithm, Charge, ChargeResult, Receipt, StoreError
 from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
@@ -62,14 +63,14 @@ async def test_allows_then_429_with_retry_after_and_headers(stage: QuotaStage, c
 async def test_tokens_reserved_then_reconciled(stage: QuotaStage) -> None:
     action = quota("r1", limit("itpm", LimitKind.INPUT_TOKENS, 1000, 60),
                    limit("otpm", LimitKind.OUTPUT_TOKENS, 5000, 60))
-    ctx = make_ctx(action, input_tokens=300, max_tokens=None, n=2)
+    ctx = make_ctx(action, input_tokens=300, max_tokens=None, n=2, api=ApiFamily.ANTHROPIC)
     assert await stage(ctx) is None
     assert ctx.response_headers["anthropic-ratelimit-input-tokens-remaining"] == "700"
     assert ctx.response_headers["anthropic-ratelimit-output-tokens-remaining"] == "3000"  # 1000 × n=2
     ctx.upstream_started = time.perf_counter()
     ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 120, 80, True
     await stage.settle(ctx)
-    probe = make_ctx(action, input_tokens=0, max_tokens=1)
+    probe = make_ctx(action, input_tokens=0, max_tokens=1, api=ApiFamily.ANTHROPIC)
     assert await stage(probe) is None
     assert probe.response_headers["anthropic-ratelimit-input-tokens-remaining"] == "880"
     assert probe.response_headers["anthropic-ratelimit-output-tokens-remaining"] == "4919"
@@ -347,3 +348,66 @@ async def test_a_renewal_in_flight_cannot_revive_a_settled_lease(clock: FakeCloc
     assert stage.guard.stats.leases_lost == 0 and stage.leases == 0
     assert await stage(make_ctx(action)) is None  # the slot stayed free
     await stage.close()
+
+
+async def test_headers_follow_the_route_family_and_qualify_shared_names(stage: QuotaStage) -> None:
+    r1 = quota("r1", limit("rpm", LimitKind.REQUESTS, 10, 60, burst=10))
+    r2 = quota("r2", limit("rpm", LimitKind.REQUESTS, 5, 60, burst=5),
+               limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60))
+    shadow = quota("r3", limit("rpm", LimitKind.REQUESTS, 1, 60), shadow=True)
+    for api in ApiFamily:
+        ctx = make_ctx(r1, r2, shadow, api=api, input_tokens=10, max_tokens=10)
+        assert await stage(ctx) is None
+        headers = ctx.response_headers
+        assert headers["RateLimit-Policy"] == (
+            '"r1.rpm";q=10;w=60;qu="requests", "r2.rpm";q=5;w=60;qu="requests", '
+            '"tpm";q=1000;w=60;tg-unit="total_tokens"')
+        used = 0 if api is ApiFamily.OPENAI else 1
+        assert headers["RateLimit"] == (f'"r1.rpm";r={9 - used};t={6 + 6 * used}, '
+                                        f'"r2.rpm";r={4 - used};t={12 + 12 * used}, '
+                                        f'"tpm";r={980 - 20 * used};t=62')
+        if api is ApiFamily.OPENAI:
+            assert headers["x-ratelimit-limit-requests"] == "5"  # the tighter one
+            assert headers["x-ratelimit-remaining-tokens"] == "980"
+            assert not any(name.startswith("anthropic-") for name in headers)
+        else:
+            assert headers["anthropic-ratelimit-requests-remaining"] == "3"
+            assert headers["anthropic-ratelimit-tokens-limit"] == "1000"
+            assert not any(name.startswith("x-ratelimit-") for name in headers)
+
+
+class FailingStore(MemoryStore):
+    """A shared store that is down: every charge fails."""
+
+    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
+        raise StoreError("down")
+
+
+async def test_local_fallback_headers_show_the_replica_share(clock: FakeClock) -> None:
+    settings = QuotaSettings(replicas=3, on_store_failure=FailureMode.LOCAL)
+    stage = QuotaStage(FailingStore(clock), settings, clock)
+    local = quota("r1", limit("rpm", LimitKind.REQUESTS, 9, 60, burst=9))
+    skipped = quota("r2", limit("rpm", LimitKind.REQUESTS, 1, 60), on_store_failure=FailureMode.OPEN)
+    ctx = make_ctx(local, skipped, api=ApiFamily.ANTHROPIC)
+    assert await stage(ctx) is None
+    assert ctx.audit["quota"]["backend"] == "local"
+    headers = ctx.response_headers
+    # only the local limit was checked, so its name needs no qualifying; 9 / 3 replicas
+    assert headers["RateLimit-Policy"] == '"rpm";q=3;w=60;qu="requests"'
+    assert headers["RateLimit"] == '"rpm";r=2;t=20'
+    assert headers["anthropic-ratelimit-requests-limit"] == "3"
+    assert "x-ratelimit-limit-requests" not in headers
+    await stage.settle(ctx)
+    await stage.guard.close()
+
+
+async def test_memory_window_drops_buckets_that_left_the_window(clock: FakeClock) -> None:
+    store = MemoryStore(clock)
+    charge = Charge("w", Algorithm.WINDOW, 1_000_000, 3_000, 1)  # 30 buckets of 100 ms
+    for _ in range(100):  # 10 s: a bucket every 100 ms, over three windows
+        assert (await store.charge([charge])).allowed
+        clock.advance(0.1)
+    buckets = store._data["w"].value
+    assert 30 <= len(buckets) <= 32  # held: one window plus at most one bucket, never the 10 s
+    peek = await store.charge([Charge("w", Algorithm.WINDOW, 1_000_000, 3_000, 0)])
+    assert peek.states[0].remaining == 1_000_000 - 30  # the last 3 s of charges, one per 100 ms
