@@ -34,9 +34,13 @@ Stage = Callable[[RequestContext], Awaitable[Decision | None]]
 
 @runtime_checkable
 class Settling(Protocol):
-    """A stage that must be told when the response is over (to reconcile or release)."""
+    """A stage that must be told when the response is over (to reconcile or release).
 
-    async def settle(self, ctx: RequestContext) -> None: ...
+    ``settle_now`` does what needs no I/O at once and returns an awaitable for the rest, or None
+    when nothing is left: most requests settle without the task that protecting an await from
+    cancellation costs."""
+
+    def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None: ...
 
 
 class AuditSink(Protocol):
@@ -136,9 +140,10 @@ class Pipeline:
             elif ctx.client_disconnected:
                 ctx.status = 499  # nginx's convention for "client closed request"
             try:
-                if self._settlers:
+                rest = self._settle_now(ctx)
+                if rest:
                     # Settling must complete even when the client's disconnect cancelled this task.
-                    await asyncio.shield(self._settle(ctx))
+                    await asyncio.shield(self._settle_rest(rest))
             finally:
                 self._record(ctx)
 
@@ -159,11 +164,24 @@ class Pipeline:
         ctx.decision = decision
         return errors.error_response(ctx.request.api, decision, ctx.request_id, ctx.response_headers)
 
-    async def _settle(self, ctx: RequestContext) -> None:
+    def _settle_now(self, ctx: RequestContext) -> list[tuple[Settling, Awaitable[None]]]:
+        rest: list[tuple[Settling, Awaitable[None]]] = []
         for stage in self._settlers:
             try:
-                await stage.settle(ctx)
+                pending = stage.settle_now(ctx)
             except Exception:  # settling must not stop the others; the failure is logged
+                log.exception("settle failed in %s", type(stage).__name__)
+                continue
+            if pending is not None:
+                rest.append((stage, pending))
+        return rest
+
+    @staticmethod
+    async def _settle_rest(rest: list[tuple[Settling, Awaitable[None]]]) -> None:
+        for stage, pending in rest:
+            try:
+                await pending
+            except Exception:
                 log.exception("settle failed in %s", type(stage).__name__)
 
     def _record(self, ctx: RequestContext) -> None:

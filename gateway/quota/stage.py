@@ -338,9 +338,16 @@ class QuotaStage:
     async def settle(self, ctx: RequestContext) -> None:
         """Reconcile reservations with ``ctx.usage`` and release leases; never raises a store
         error (a failed settle is counted and the keys' TTLs bound its effect)."""
+        rest = self.settle_now(ctx)
+        if rest is not None:
+            await rest
+
+    def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """:meth:`settle` without waiting when the store can queue the reconcile; otherwise the
+        store call to await."""
         ticket = self._pending.pop(id(ctx), None)
         if ticket is None:
-            return
+            return None
         # Before the release: no later renewal round includes this lease (one already in flight
         # cannot revive it: Store.renew only extends leases still held).
         self.renewer.forget(id(ctx))
@@ -359,7 +366,8 @@ class QuotaStage:
         # Nothing to reconcile (request rates, exact reservations): no round trip. Otherwise
         # queued when the store can batch it (see docs/quotas.md for the delay bound).
         if adjustments and not self.guard.adjust_soon(adjustments, backend):
-            await self.guard.adjust(adjustments, backend)
+            return self.guard.adjust(adjustments, backend)
+        return None
 
     @staticmethod
     def _actual_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.context import Decision, RequestContext
@@ -181,10 +181,17 @@ class FrictionStage:
 
     async def settle(self, ctx: RequestContext) -> None:
         """Reconcile cap_tokens reservations with the usage actually produced."""
+        rest = self.settle_now(ctx)
+        if rest is not None:
+            await rest
+
+    def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """The store call reconciling this request's cap_tokens reservation, if it made one."""
         held = self._receipts.pop(id(ctx), None)
         if held is None:
-            return
+            return None
         receipts, estimate = held
         delta = ctx.usage.total_tokens - estimate
         if delta:
-            await self._store.adjust([Adjustment(r, delta) for r in receipts if r.applied])
+            return self._store.adjust([Adjustment(r, delta) for r in receipts if r.applied])
+        return None

@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from gateway.store.base import (
     Clock,
     LimitState,
     Receipt,
+    StoreError,
     state_from_ms,
 )
 
@@ -172,6 +173,16 @@ class MemoryStore:
             self._put(c.key, leases, max(leases.values()) + 1)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        self._adjust(adjustments)
+
+    def adjust_soon(self, adjustments: Sequence[Adjustment],
+                    done: Callable[[StoreError | None], None]) -> bool:
+        """Applied at once (nothing to wait for in memory), so settling needs no await."""
+        self._adjust(adjustments)
+        done(None)
+        return True
+
+    def _adjust(self, adjustments: Sequence[Adjustment]) -> None:
         now = self._now_ms()
         self._sweep(now)
         for adj in adjustments:

@@ -76,6 +76,20 @@ async def test_tokens_reserved_then_reconciled(stage: QuotaStage) -> None:
     assert probe.response_headers["anthropic-ratelimit-output-tokens-remaining"] == "4919"
 
 
+async def test_memory_store_settles_without_an_await(stage: QuotaStage) -> None:
+    """The pipeline only makes a task for settling when a stage hands back an awaitable."""
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60))
+    ctx = make_ctx(action, input_tokens=100, max_tokens=400)
+    assert await stage(ctx) is None
+    ctx.upstream_started = time.perf_counter()
+    ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 100, 50, True
+    assert stage.settle_now(ctx) is None  # applied at once
+    assert stage.settle_now(ctx) is None  # and only once
+    probe = make_ctx(action, input_tokens=0, max_tokens=1)
+    assert await stage(probe) is None
+    assert probe.response_headers["x-ratelimit-remaining-tokens"] == str(1000 - 150 - 1)
+
+
 async def test_abandoned_stream_pays_for_what_was_produced(stage: QuotaStage) -> None:
     action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
     ctx = make_ctx(action, input_tokens=100, max_tokens=4000)
