@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 from importlib import resources
@@ -49,19 +50,39 @@ from gateway.store.base import StoreError
 from gateway.store.resp import RespConnection, host_port, lean_connection, pack
 
 
-def _encode(op: Op, args: list[str | float]) -> None:
-    if isinstance(op, HllAdd):
-        args += ["h", op.member, op.window]
-    elif isinstance(op, DecayAdd):
-        args += ["d", op.half_life, len(op.amounts), *op.amounts]
-    elif isinstance(op, AccountTouch):
-        args += ["a", op.ttl, op.half_life, op.template, len(op.amounts), *op.amounts]
-    elif isinstance(op, StateGet):
-        args.append("g")
-    elif isinstance(op, StatePut):
-        args += ["p", op.field, op.value, op.ttl]
-    else:
-        args += ["x", op.field or ""]
+def _encode(ops: Sequence[Op]) -> list[str | float | int]:
+    """The script's ARGV for ``ops``. An HLL add or decaying sum whose parameters are those of the
+    previous one of its kind goes as one letter ('H', 'D'): a request adds its one entity to every
+    HyperLogLog and the same (1, evidence) to every decaying sum, so this halves the arguments to
+    convert and send and that the script turns into Lua values. Amounts repeat only as the same
+    tuple object (``plan`` builds one per request): equal tuples of different objects are sent in
+    full, which is merely longer."""
+    args: list[str | float | int] = []
+    member: str | None = None
+    window = half_life = math.nan  # equal to nothing: the first of each kind is sent in full
+    amounts: tuple[float, ...] | None = None
+    for op in ops:
+        if isinstance(op, HllAdd):
+            if op.member == member and op.window == window:
+                args.append("H")
+            else:
+                member, window = op.member, op.window
+                args += ("h", member, window)
+        elif isinstance(op, DecayAdd):
+            if op.amounts is amounts and op.half_life == half_life:
+                args.append("D")
+            else:
+                amounts, half_life = op.amounts, op.half_life
+                args += ("d", half_life, len(amounts), *amounts)
+        elif isinstance(op, AccountTouch):
+            args += ("a", op.ttl, op.half_life, op.template, len(op.amounts), *op.amounts)
+        elif isinstance(op, StateGet):
+            args.append("g")
+        elif isinstance(op, StatePut):
+            args += ("p", op.field, op.value, op.ttl)
+        else:
+            args += ("x", op.field or "")
+    return args
 
 
 def _text(value: Any) -> str:
@@ -70,6 +91,7 @@ def _text(value: Any) -> str:
 
 _ACCOUNT = struct.Struct("<9d")  # last, first, gap mean, gap var, gaps, hours, hours start, top count, n
 _DOUBLE = struct.Struct("<d")
+_PAIR = struct.Struct("<2d")  # (count, sum): every decaying sum of the risk stage
 
 
 @functools.cache
@@ -96,12 +118,20 @@ def _decode(ops: Sequence[Op], raw: list[Any]) -> BatchResult:
     pos = 2
     results: list[Any] = []
     append = results.append
-    for op in ops:
-        if isinstance(op, HllAdd):
+    for op in ops:  # the two common kinds first, by exact type (cheaper than isinstance)
+        kind = type(op)
+        if kind is HllAdd:
+            append(raw[pos])
+            pos += 1
+        elif kind is DecayAdd:
+            append(_PAIR.unpack_from(raw[pos], 8) if len(op.amounts) == 2  # type: ignore[union-attr]
+                   else _doubles(len(op.amounts)).unpack_from(raw[pos], 8))  # type: ignore[union-attr]
+            pos += 1  # (the sums follow the time of the add)
+        elif isinstance(op, HllAdd):
             append(raw[pos])
             pos += 1
         elif isinstance(op, DecayAdd):
-            append(_doubles(len(op.amounts)).unpack_from(raw[pos], 8))  # after the time of the add
+            append(_doubles(len(op.amounts)).unpack_from(raw[pos], 8))
             pos += 1
         elif isinstance(op, AccountTouch):
             append(_account(raw[pos], raw[pos + 1]))
@@ -160,10 +190,7 @@ class RedisSignalStore:
         lean = self._lean
         try:
             if lean is not None:
-                args: list[str | float] = []
-                for op in ops:
-                    _encode(op, args)
-                command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *args)
+                command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *_encode(ops))
                 return _decode(ops, await self._lean_eval(lean, pack_command(command)))
             async with asyncio.timeout(self._deadline):
                 if not self._cluster:
@@ -185,9 +212,7 @@ class RedisSignalStore:
 
     async def _group(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
         """One EVALSHA through redis-py (all keys in one slot, or a single Redis)."""
-        args: list[str | float] = []
-        for op in ops:
-            _encode(op, args)
+        args = _encode(ops)
         try:
             raw = await self._client.evalsha(self._sha, len(keys), *keys, *args)
         except NoScriptError:

@@ -1,5 +1,8 @@
 -- One request's risk-signal operations in one round trip (gateway/risk/redis_sigstore.py).
--- KEYS: one per operation (hash-tagged base keys). ARGV: per operation a kind and its params.
+-- KEYS: one per operation (hash-tagged base keys). ARGV: per operation a kind and its params;
+-- 'H' and 'D' stand for an 'h' or 'd' with the parameters of the previous one (a request adds its
+-- one entity to ~5 HyperLogLogs and the same amounts to ~4 decaying sums: half the arguments
+-- were repeats, each a Lua string and a tonumber here and a conversion in the client).
 -- Reply: TIME's seconds and microseconds, then each operation's result.
 --
 -- Decaying sums and account state are one string each: packed little-endian doubles
@@ -57,19 +60,27 @@ local function legacy_account(key, n)
          c, st[9] or ''
 end
 
+-- Parameters of the last 'h' (member, window, and its bucket's key suffixes, formatted once) and
+-- of the last 'd' (half-life, amounts, the packed format and the key's expiry).
+local member, window, b, cur_sfx, view_sfx, prev_sfx
+local hl, n_amounts, amounts, dfmt, dpx
+
 for i = 1, #KEYS do
   local key = KEYS[i]
   local kind = ARGV[a]; a = a + 1
-  if kind == 'h' then
+  if kind == 'h' or kind == 'H' then
     -- Distinct members over this bucket and the previous one. ``cur`` holds the bucket's own
     -- members (read only to start the next bucket's view); ``view`` = cur ∪ previous bucket,
     -- made by one PFMERGE when the bucket starts and then added to alongside ``cur``. Its
     -- registers are those of the two-key merge, so PFCOUNT gives the very same estimate, from
     -- one key whose cached cardinality stays valid while no register changes.
-    local member, window = ARGV[a], tonumber(ARGV[a + 1]); a = a + 2
-    local b = floor(now / window)
-    local cur = key .. ':' .. b
-    local view = key .. ':u' .. b
+    if kind == 'h' then
+      member, window = ARGV[a], tonumber(ARGV[a + 1]); a = a + 2
+      b = floor(now / window)
+      cur_sfx, view_sfx, prev_sfx = ':' .. b, ':u' .. b, ':' .. (b - 1)
+    end
+    local cur = key .. cur_sfx
+    local view = key .. view_sfx
     local n = 0
     if call(pfadd, cur, member) == 0 then  -- no register of cur changed: nor of view
       n = call(pfcount, view)  -- 0: no view (never empty otherwise): make it below
@@ -78,7 +89,7 @@ for i = 1, #KEYS do
       if call('EXISTS', view) == 1 then
         call(pfadd, view, member)
       else
-        local prev = key .. ':' .. (b - 1)
+        local prev = key .. prev_sfx
         if call('EXISTS', prev) == 1 then
           call('PFMERGE', view, cur, prev)
         else  -- a copy: PFMERGE would walk every register even of a small sparse HLL
@@ -91,27 +102,42 @@ for i = 1, #KEYS do
       n = call(pfcount, view)
     end
     out[#out + 1] = n
-  elseif kind == 'd' then
+  elseif kind == 'd' or kind == 'D' then
     -- Stored: time of the last add, then the n sums. Reply: the stored string.
-    local hl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
+    if kind == 'd' then
+      hl, n_amounts = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
+      amounts = {}
+      for j = 1, n_amounts do amounts[j] = tonumber(ARGV[a + j - 1]) end
+      a = a + n_amounts
+      dfmt, dpx = doubles(n_amounts + 1), math.max(1, floor(hl * 8000))
+    end
+    local n = n_amounts
     local raw = redis.pcall('GET', key)
-    local v
-    if type(raw) == 'string' then
-      v = unpack_doubles(raw, 1, #raw / 8)
-    elseif raw then  -- WRONGTYPE: the earlier format
-      v = legacy_decay(key, n)
-    end
-    local vals = {now}
-    if v then
-      local elapsed = now - v[1]
+    local packed
+    if n == 2 and type(raw) == 'string' and #raw == 24 then
+      -- (count, sum), every decaying sum of the risk stage: no tables; the same arithmetic
+      local t0, v1, v2 = sunpack('<ddd', raw)
+      local elapsed = now - t0
       local factor = elapsed > 0 and pow(2, -elapsed / hl) or 1
-      for j = 1, n do vals[j + 1] = (v[j + 1] or 0) * factor + tonumber(ARGV[a + j - 1]) end
+      packed = pack('<ddd', now, v1 * factor + amounts[1], v2 * factor + amounts[2])
     else
-      for j = 1, n do vals[j + 1] = tonumber(ARGV[a + j - 1]) end
+      local v
+      if type(raw) == 'string' then
+        v = unpack_doubles(raw, 1, #raw / 8)
+      elseif raw then  -- WRONGTYPE: the earlier format
+        v = legacy_decay(key, n)
+      end
+      local vals = {now}
+      if v then
+        local elapsed = now - v[1]
+        local factor = elapsed > 0 and pow(2, -elapsed / hl) or 1
+        for j = 1, n do vals[j + 1] = (v[j + 1] or 0) * factor + amounts[j] end
+      else
+        for j = 1, n do vals[j + 1] = amounts[j] end
+      end
+      packed = pack(dfmt, unpack(vals))
     end
-    a = a + n
-    local packed = pack(doubles(n + 1), unpack(vals))
-    call('SET', key, packed, 'PX', math.max(1, floor(hl * 8000)))
+    call('SET', key, packed, 'PX', dpx)
     out[#out + 1] = packed
   elseif kind == 'a' then
     -- Stored: ACCOUNT's nine doubles, the n counts, then the top template's text. Reply: the

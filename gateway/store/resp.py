@@ -82,17 +82,24 @@ class RespProtocol(asyncio.Protocol):
 
     def send(self, packed: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
         """Buffer one packed command; the future resolves with its reply, or fails with
-        ``TimeoutError`` once ``timeout`` seconds have passed. What is buffered in one event-loop
-        iteration goes out in one write (one syscall, one wake-up of Redis), in order."""
+        ``TimeoutError`` once ``timeout`` seconds have passed. On an idle connection (no reply
+        pending) the command is written at once: nothing is there to batch it with, and deferring
+        costs an event-loop iteration (an ``epoll_wait``) before Redis even sees it. Otherwise what
+        is buffered in one event-loop iteration goes out in one write (one syscall, one wake-up
+        of Redis), in order. Either way ``_write`` puts the prelude's commands first."""
         if self.closed or self.transport is None:
             raise RedisConnectionError("connection to Redis closed")
         loop = self._loop
         fut: asyncio.Future[Any] = loop.create_future()
+        idle = not self.waiting
         self._out.append(packed)
         self.waiting.append(fut)
         if not self._write_scheduled:
-            self._write_scheduled = True
-            loop.call_soon(self._write)
+            if idle:
+                self._write()
+            else:
+                self._write_scheduled = True
+                loop.call_soon(self._write)
         if timeout is not None:
             self._expire_at(loop.time() + timeout, fut)
         return fut

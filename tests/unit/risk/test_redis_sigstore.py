@@ -284,3 +284,41 @@ async def test_redis_state_of_the_earlier_hash_format_carries_over(redis_server:
     finally:
         await client.aclose()
         await store.close()
+
+
+def test_repeated_hll_and_decay_parameters_are_sent_once() -> None:
+    """'H'/'D' stand for the previous 'h'/'d' parameters; amounts repeat only as one object."""
+    from gateway.risk.redis_sigstore import _encode
+
+    ev = (1.0, 0.5)
+    ops = [HllAdd("t:x", "acct", 60.0), DecayAdd("tr:x", ev, 30.0), HllAdd("ip:y", "acct", 60.0),
+           DecayAdd("ce:y", ev, 30.0), HllAdd("p:y", "other", 60.0), HllAdd("q", "other", 90.0),
+           DecayAdd("ce:z", tuple([1.0, 0.5]), 30.0), DecayAdd("ce:w", ev, 45.0),
+           AccountTouch("a:acct", (1.0,), "", 60.0, 60.0), StateGet("fr:acct")]
+    assert _encode(ops) == ["h", "acct", 60.0, "d", 30.0, 2, 1.0, 0.5, "H", "D", "h", "other", 60.0,
+                            "h", "other", 90.0,
+                            "d", 30.0, 2, 1.0, 0.5,  # equal amounts, another tuple: in full
+                            "d", 45.0, 2, 1.0, 0.5,  # another half-life
+                            "a", 60.0, 60.0, "", 1, 1.0, "g"]
+
+
+async def test_repeated_and_changing_parameters_in_one_batch(harness: Harness) -> None:
+    """A batch mixing repeated and new HLL members, windows, amounts and half-lives (the compact
+    encoding on Redis) gives what the memory store gives."""
+    store = harness.store
+    await harness.align(WINDOW)
+    ev, other = (1.0, 0.25), (2.0, 0.5)
+    first = await store.batch([
+        HllAdd("c1", "m1", WINDOW), DecayAdd("cd1", ev, 60.0), HllAdd("c2", "m1", WINDOW),
+        DecayAdd("cd2", ev, 60.0), HllAdd("c1", "m2", WINDOW), HllAdd("c3", "m2", 2 * WINDOW),
+        DecayAdd("cd3", other, 60.0), DecayAdd("cd1", other, 120.0), DecayAdd("cd4", other, 120.0),
+        DecayAdd("cd5", (3.0,), 120.0), HllAdd("c2", "m3", WINDOW)])
+    hll_c1a, cd1, hll_c2a, cd2, hll_c1b, hll_c3, cd3, cd1b, cd4, cd5, hll_c2b = first.results
+    assert (hll_c1a, hll_c2a, hll_c1b, hll_c3, hll_c2b) == (1, 1, 2, 1, 2)
+    assert cd1 == cd2 == ev and cd3 == cd4 == other and cd5 == (3.0,)
+    assert cd1b[0] == pytest.approx(3.0, rel=1e-3) and cd1b[1] == pytest.approx(0.75, rel=1e-3)
+    again = await store.batch([HllAdd("c1", "m1", WINDOW), HllAdd("c2", "m1", WINDOW),
+                               DecayAdd("cd2", ev, 60.0), DecayAdd("cd3", ev, 60.0)])
+    assert again.results[:2] == (2, 2)
+    assert again.results[2][0] == pytest.approx(2.0, rel=1e-3)
+    assert again.results[3][1] == pytest.approx(0.75, rel=1e-3)
