@@ -30,7 +30,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
@@ -65,6 +65,7 @@ class Cell:
     p99_ms: float
     cpu_us: float  # process under test, per request
     mock_cpu_us: float
+    latencies: list[float] = field(default_factory=list, repr=False)  # seconds; pooled over rounds
 
 
 async def _drive(conns: list[Conn], payload: bytes, until: float, lat: list[float] | None) -> int:
@@ -118,6 +119,23 @@ async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argp
         p99_ms=_pct(lat, 0.99),
         cpu_us=(cpu1 - cpu0) / n * 1e6,
         mock_cpu_us=(mcpu1 - mcpu0) / n * 1e6,
+        latencies=lat,
+    )
+
+
+def pooled(parts: list[Cell]) -> Cell:
+    """One cell from its interleaved rounds: requests, time and CPU summed, latencies pooled."""
+    first = parts[0]
+    requests = sum(c.requests for c in parts)
+    seconds = sum(c.seconds for c in parts)
+    lat = [x for c in parts for x in c.latencies]
+    n = max(requests, 1)
+    return Cell(
+        target=first.target, mode=first.mode, concurrency=first.concurrency, requests=requests,
+        errors=sum(c.errors for c in parts), seconds=round(seconds, 2), rps=requests / seconds,
+        p50_ms=_pct(lat, 0.5), p99_ms=_pct(lat, 0.99),
+        cpu_us=sum(c.cpu_us * c.requests for c in parts) / n,
+        mock_cpu_us=sum(c.mock_cpu_us * c.requests for c in parts) / n,
     )
 
 
@@ -172,7 +190,8 @@ def _ratio(a: float, b: float | None) -> str:
 def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace) -> str:
     by = {(c.target, c.mode, c.concurrency): c for c in cells}
     lines = [
-        f"Chat completions ({args.chunks} content chunks per stream), {args.duration:g} s per cell, "
+        f"Chat completions ({args.chunks} content chunks per stream), {args.duration:g} s per cell"
+        f"{f' in each of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}, "
         f"{os.cpu_count()} CPUs{', pinned' if args.pin else ''}. CPU = utime+stime per request of the "
         "process under test (for `direct`: the mock upstream itself).",
         "",
@@ -273,22 +292,27 @@ async def main(args: argparse.Namespace) -> int:
                 )
         everyone = {p.pid for p in procs.values()} | {os.getpid()}
         cpus = sorted(os.sched_getaffinity(0))
-        cells: list[Cell] = []
-        for t in targets:
-            if args.pin and len(cpus) > 1:
-                for pid in everyone - {t.pid}:
-                    os.sched_setaffinity(pid, cpus[:-1])
-                os.sched_setaffinity(t.pid, cpus[-1:])
+        # Rounds interleave the targets cell by cell, so that a slow spell of a shared machine
+        # falls on every target alike instead of on whichever ran at that moment.
+        parts: dict[tuple[str, str, int], list[Cell]] = {}
+        for _ in range(args.rounds):
             for mode in args.modes.split(","):
                 for conc in (int(c) for c in args.concurrency.split(",")):
-                    cell = await run_cell(t, mock_pid, mode == "stream", conc, args)
-                    cells.append(cell)
-                    print(
-                        f"  {t.name:12} {cell.mode:6} c={conc:<3} {cell.rps:8.0f} req/s  "
-                        f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms  "
-                        f"cpu {cell.cpu_us:5.0f} µs/req  err {cell.errors}",
-                        file=sys.stderr,
-                    )
+                    for t in targets:
+                        if args.pin and len(cpus) > 1:
+                            for pid in everyone - {t.pid}:
+                                os.sched_setaffinity(pid, cpus[:-1])
+                            os.sched_setaffinity(t.pid, cpus[-1:])
+                        cell = await run_cell(t, mock_pid, mode == "stream", conc, args)
+                        parts.setdefault((t.name, cell.mode, conc), []).append(cell)
+                        print(
+                            f"  {t.name:12} {cell.mode:6} c={conc:<3} {cell.rps:8.0f} req/s  "
+                            f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms  "
+                            f"cpu {cell.cpu_us:5.0f} µs/req  err {cell.errors}",
+                            file=sys.stderr,
+                        )
+        order = {t.name: i for i, t in enumerate(targets)}
+        cells = [pooled(p) for _, p in sorted(parts.items(), key=lambda kv: order[kv[0][0]])]
         slow: list[SlowResult] = []
         for t in targets if args.slow_streams else []:
             if t.name != "direct":
@@ -297,7 +321,8 @@ async def main(args: argparse.Namespace) -> int:
         report = render(cells, slow, args)
         print(report)
         (logs / "latest.md").write_text(report + "\n")
-        data = {"cells": [asdict(c) for c in cells], "slow": [asdict(s) for s in slow]}
+        data = {"cells": [{k: v for k, v in asdict(c).items() if k != "latencies"} for c in cells],
+                "slow": [asdict(s) for s in slow]}
         (logs / "latest.json").write_text(json.dumps(data, indent=1))
         failed = any(c.errors for c in cells) or any(s.completed != s.streams for s in slow)
         return 1 if failed else 0
@@ -316,7 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", default="direct,passthrough,gateway")
     ap.add_argument("--modes", default="json,stream", help="json (non-streamed) and/or stream")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell and round")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="interleaved rounds over the targets, pooled per cell (for a noisy machine)")
     ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell")
     ap.add_argument("--chunks", type=int, default=8, help="content chunks per streamed response")
     ap.add_argument("--config", default="bench/gateway-bench.yaml")
@@ -324,8 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slow-streams", type=int, default=0, metavar="N", help="also hold N slow streams")
     ap.add_argument("--slow-chunks", type=int, default=5, help="1-second chunks per slow stream")
     args = ap.parse_args(argv)
-    if not 0 <= args.slow_streams <= 5000 or not 0 < args.duration <= 120:
-        ap.error("--slow-streams must be in [0, 5000] and --duration in (0, 120]")
+    if not 0 <= args.slow_streams <= 5000 or not 0 < args.duration <= 120 or not 1 <= args.rounds <= 20:
+        ap.error("--slow-streams must be in [0, 5000], --duration in (0, 120], --rounds in [1, 20]")
     return args
 
 
