@@ -8,6 +8,7 @@ resources for the length of a request (quota reservations, concurrency leases) a
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -25,22 +26,12 @@ from gateway.apis.base import ApiAdapter, RouteSpec
 from gateway.context import ClientInfo, Decision, RequestContext, RequestView
 from gateway.intake import intake
 from gateway.metrics import Metrics
+from gateway.settling import Settling
 from gateway.stages.forward import Forwarder, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
 Stage = Callable[[RequestContext], Awaitable[Decision | None]]
-
-
-@runtime_checkable
-class Settling(Protocol):
-    """A stage that must be told when the response is over (to reconcile or release).
-
-    ``settle_now`` does what needs no I/O at once and returns an awaitable for the rest, or None
-    when nothing is left: most requests settle without the task that protecting an await from
-    cancellation costs."""
-
-    def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None: ...
 
 
 class AuditSink(Protocol):
@@ -62,29 +53,24 @@ def request_id_for(incoming: str | None) -> str:
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Parsed peer addresses: a few hundred distinct peers (proxies, clients) cover most traffic, and
-# parsing one costs more than the rest of the client-address stage.
-_PEERS: dict[str, IPAddress] = {}
-_PEERS_MAX = 4096
+
+
+# A few hundred distinct peers (proxies, clients) cover most traffic, and parsing an address costs
+# more than the rest of the client-address stage.
+@functools.lru_cache(maxsize=4096)
+def _parse_peer(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def peer_address(request: web.Request) -> IPAddress | None:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
-    if not peer:
+    if not peer or not isinstance(peer[0], str):
         return None
-    host = peer[0]
-    address = _PEERS.get(host) if isinstance(host, str) else None
-    if address is not None:
-        return address
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except (ValueError, TypeError, AttributeError):
-        return None
-    if len(_PEERS) >= _PEERS_MAX:
-        _PEERS.clear()  # bounded: a flood of distinct peers only costs re-parsing
-    _PEERS[host] = address
-    return address
+    return _parse_peer(peer[0])
 
 
 @dataclass(slots=True)

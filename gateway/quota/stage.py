@@ -26,6 +26,7 @@ from gateway.quota.headers import HeaderBuilder, HeaderItem, HeaderLayout
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
 from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
+from gateway.settling import SettlesNow
 from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, LimitState, Receipt, Store
 from gateway.store.breaker import FailureMode, GuardedStore
 
@@ -113,7 +114,7 @@ def cost_of(kind: LimitKind, input_tokens: int, output_tokens: int, price: Price
     return 1
 
 
-class QuotaStage:
+class QuotaStage(SettlesNow):
     """Pipeline stage for ``quota`` actions; one instance per gateway process."""
 
     def __init__(self, store: Store | GuardedStore, settings: QuotaSettings, clock: Clock = time.time,
@@ -335,16 +336,10 @@ class QuotaStage:
                      "retry-after-ms": str(max(1, math.ceil(state.retry_after * 1000)))},
             retryable=True, code="rate_limit_exceeded")
 
-    async def settle(self, ctx: RequestContext) -> None:
-        """Reconcile reservations with ``ctx.usage`` and release leases; never raises a store
-        error (a failed settle is counted and the keys' TTLs bound its effect)."""
-        rest = self.settle_now(ctx)
-        if rest is not None:
-            await rest
-
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
-        """:meth:`settle` without waiting when the store can queue the reconcile; otherwise the
-        store call to await."""
+        """Reconcile reservations with ``ctx.usage`` and release leases: at once when the store
+        can queue it, otherwise the store call to await. Never raises a store error (a failed
+        settle is counted and the keys' TTLs bound its effect)."""
         ticket = self._pending.pop(id(ctx), None)
         if ticket is None:
             return None

@@ -21,6 +21,7 @@ from gateway.friction.model import CapTokens, Combined, FrictionAction
 from gateway.friction.state import FrictionState
 from gateway.risk.settings import ChallengeSettings
 from gateway.risk.sigstore import SignalStore
+from gateway.settling import SettlesNow
 from gateway.store.base import Adjustment, Algorithm, Charge, Receipt, Store, StoreError
 
 DEFAULT_OUTPUT_ESTIMATE = 1024
@@ -31,7 +32,7 @@ def _deny_kind(status: int) -> str:
         status, "invalid_request" if status < 500 else "unavailable")
 
 
-class FrictionStage:
+class FrictionStage(SettlesNow):
     """Applies friction; returns a Decision for deny, challenges and exhausted token caps."""
 
     def __init__(self, signals: SignalStore, store: Store, settings: ChallengeSettings,
@@ -179,14 +180,9 @@ class FrictionStage:
         return Decision(status=429, error_type="rate_limit", message="Token budget exhausted for now.",
                         headers={"Retry-After": str(retry_s)}, retryable=True)
 
-    async def settle(self, ctx: RequestContext) -> None:
-        """Reconcile cap_tokens reservations with the usage actually produced."""
-        rest = self.settle_now(ctx)
-        if rest is not None:
-            await rest
-
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
-        """The store call reconciling this request's cap_tokens reservation, if it made one."""
+        """Reconcile the cap_tokens reservation with the usage actually produced: the store call
+        to await, if this request made one."""
         held = self._receipts.pop(id(ctx), None)
         if held is None:
             return None
