@@ -14,6 +14,12 @@ score any benign account reached. Phase 2 replays benign traffic plus the campai
 ``friction: {challenge: pow}`` rule at that threshold. Campaign clients do not solve challenges,
 so a challenged request is a request the campaign did not get. Prompts are read at run time from
 ../shared/prompts (never copied into the repo).
+
+``--store behind`` runs the signal store as a production Redis deployment does by default
+(``gateway/risk/behind.py``): accounts already seen answered from a local mirror, writes sent
+behind; ``--store-latency`` delays every store call (the round trip), so the lag is that of
+concurrent requests during one round trip. The virtual clock cannot run inside Redis, so the
+mirror's effect on detection is measured over the memory store it wraps.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +46,9 @@ from gateway.geo.base import GeoRecord
 from gateway.geo.static import StaticGeoProvider
 from gateway.ipaddr import CidrSet
 from gateway.policy.compile import Source, compile_sources
+from gateway.risk.behind import BehindSignalStore
 from gateway.risk.settings import ChallengeSettings, RiskSettings
-from gateway.risk.sigstore import MemorySignalStore
+from gateway.risk.sigstore import BatchResult, MemorySignalStore, Op, SignalStore
 from gateway.settings import parse_settings
 from gateway.stages.client_ip import ClientIpStage
 from gateway.stages.friction import FrictionStage
@@ -250,9 +258,27 @@ def sim_identity(clock: SimClock) -> Any:
     return stage
 
 
-async def run_phase(events: list[Event], threshold: float | None, concurrency: int) -> dict[str, Any]:
+class SlowStore:
+    """A memory signal store behind a round trip of ``latency`` seconds."""
+
+    def __init__(self, inner: MemorySignalStore, latency: float) -> None:
+        self.inner, self.latency = inner, latency
+
+    async def batch(self, ops: Sequence[Op]) -> BatchResult:
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        return await self.inner.batch(ops)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def run_phase(events: list[Event], threshold: float | None, concurrency: int,
+                    store_mode: str = "memory", latency: float = 0.0) -> dict[str, Any]:
     clock = SimClock()
-    signals = MemorySignalStore(clock)
+    signals: SignalStore = MemorySignalStore(clock)
+    if store_mode == "behind":
+        signals = BehindSignalStore(SlowStore(MemorySignalStore(clock), latency), clock=clock, coalesce=False)
     risk = TimedRisk(RiskStage(RiskSettings(), signals))
     stages: list[Any] = [sim_identity(clock), ClientIpStage(CidrSet.parse(["127.0.0.1/32"])),
                          GeoStage(StaticGeoProvider(geo_table())), risk]
@@ -297,9 +323,12 @@ async def run_phase(events: list[Event], threshold: float | None, concurrency: i
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
+        if isinstance(signals, BehindSignalStore):
+            await signals.drain()
         await runner.cleanup()
     return {"served": served, "attempts": attempts, "first": first_friction, "scores": risk.scores,
-            "risk_us": risk.samples}
+            "risk_us": risk.samples,
+            "store": (signals.status() if isinstance(signals, BehindSignalStore) else {"mode": "memory"})}
 
 
 def report(events: list[Event], phase: dict[str, Any], threshold: float) -> dict[str, Any]:
@@ -325,6 +354,7 @@ def report(events: list[Event], phase: dict[str, Any], threshold: float) -> dict
             "max_score_median": statistics.median(phase["scores"][a] for a in accounts),
             "max_score_max": max(phase["scores"][a] for a in accounts),
         }
+    out["signal_store"] = phase["store"]
     samples = sorted(phase["risk_us"])
     out["risk_stage_us"] = {"p50": statistics.median(samples), "p99": samples[int(len(samples) * 0.99)]}
     return out
@@ -337,14 +367,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--margin", type=float, default=0.1,
                         help="threshold = highest benign account score + margin (fixed before attack runs)")
+    parser.add_argument("--store", choices=("memory", "behind"), default="memory",
+                        help="signal store: memory, or the write-behind mirror over it (as with Redis)")
+    parser.add_argument("--store-latency", type=float, default=0.0005,
+                        help="seconds per store call with --store behind (default 0.5 ms)")
     parser.add_argument("--json")
     args = parser.parse_args()
     benign = build_events(args.seed, args.scale, campaigns=False)
     full = build_events(args.seed, args.scale, campaigns=True)
     t0 = time.perf_counter()
-    calib = asyncio.run(run_phase(benign, None, args.concurrency))
+    calib = asyncio.run(run_phase(benign, None, args.concurrency, args.store, args.store_latency))
     threshold = round(min(0.99, max(calib["scores"].values()) + args.margin), 3)
-    result = asyncio.run(run_phase(full, threshold, args.concurrency))
+    result = asyncio.run(run_phase(full, threshold, args.concurrency, args.store, args.store_latency))
     out = report(full, result, threshold)
     out["benign_max_score"] = max(calib["scores"].values())
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)

@@ -164,6 +164,13 @@ def _add_risk(features: Features, settings: Settings) -> None:
     features.stoppers.append(stage.close)
     features.status["risk"] = stage.status
     features.collector.extra["risk_store_errors"] = lambda: float(stage.store_errors)
+    from gateway.risk.behind import BehindSignalStore
+
+    if isinstance(signals, BehindSignalStore):  # Redis in behind mode: its queued writes
+        behind = signals
+        features.collector.extra["risk_signal_flushes"] = lambda: float(behind.flushes)
+        features.collector.extra["risk_signal_flush_errors"] = lambda: float(behind.flush_errors)
+        features.collector.extra["risk_signal_local_batches"] = lambda: float(behind.local_batches)
 
 
 def _add_friction(features: Features, settings: Settings) -> None:

@@ -102,12 +102,12 @@ def _doubles(n: int) -> struct.Struct:
 def _account(old: bytes, new: bytes) -> AccountState:
     """The account's stored string after the touch (see signals.lua); ``old`` is the one before it
     (empty for a new account), whose first double is the previous request's time."""
-    _last, first, gm, gv, gk, hours, _start, tc, n = _ACCOUNT.unpack_from(new)
+    _last, first, gm, gv, gk, hours, start, tc, n = _ACCOUNT.unpack_from(new)
     count = int(n)
     end = _ACCOUNT.size + 8 * count
     return AccountState(_DOUBLE.unpack_from(old)[0] if old else None, first,
                         _doubles(count).unpack_from(new, _ACCOUNT.size), gm, gv, int(gk), int(hours),
-                        new[end:].decode(), tc)
+                        new[end:].decode(), tc, start)
 
 
 def _decode(ops: Sequence[Op], raw: list[Any]) -> BatchResult:

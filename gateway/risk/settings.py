@@ -4,7 +4,8 @@
 risk:
   enabled: true
   patterns: null                # a patterns YAML file; default: the packaged gateway/risk/patterns.yaml
-  store: {backend: memory}      # or {backend: redis, url: redis://..., prefix: "tg:risk:", deadline: 50ms}
+  store: {backend: memory}      # or {backend: redis, url: redis://..., prefix: "tg:risk:", deadline: 50ms,
+                                #     mode: behind (default) | inline, mirror_entries: 200000}
                                 # Redis Cluster: {backend: redis, cluster: true, nodes: [redis://h:7000, ...]}
   windows: {fan_in: 1h, account_half_life: 1h, account_ttl: 7d, template_half_life: 10m,
             cluster_half_life: 1h}
@@ -66,6 +67,10 @@ class StoreSettings:
     deadline: float = 0.05
     cluster: bool = False
     nodes: tuple[str, ...] = ()  # Redis Cluster startup nodes
+    # Redis only: "behind" answers mirrored accounts locally and writes behind (see
+    # gateway/risk/behind.py); "inline" awaits the store on every request.
+    mode: str = "behind"
+    mirror_entries: int = 200_000
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -161,7 +166,7 @@ def _store(node: Node | None) -> StoreSettings:
     if _mapping(node, "a mapping with 'backend'") is None:
         return StoreSettings()
     assert node is not None
-    node.check_keys({"backend", "url", "prefix", "deadline", "cluster", "nodes"})
+    node.check_keys({"backend", "url", "prefix", "deadline", "cluster", "nodes", "mode", "mirror_entries"})
     backend = node.get("backend", str, "memory") or "memory"
     if backend not in ("memory", "redis"):
         node.error(f"unknown backend '{backend}', expected memory or redis", "backend")
@@ -179,8 +184,17 @@ def _store(node: Node | None) -> StoreSettings:
     if backend == "redis" and not url and not nodes:
         wanted = "'nodes' or a 'url'" if cluster else "a 'url'"
         node.error(f"the redis backend needs {wanted}", "backend")
+    mode = node.get("mode", str, "behind") or "behind"
+    if mode not in ("behind", "inline"):
+        node.error(f"unknown mode '{mode}', expected behind or inline", "mode")
+    if backend != "redis" and node.child("mode") is not None:
+        node.error("'mode' applies to the redis backend (the memory store is already local)", "mode")
+    mirror_entries = node.get("mirror_entries", int, 200_000)
+    if mirror_entries is None or mirror_entries <= 0:
+        node.error(f"expected a positive number of mirrored keys, got {mirror_entries}", "mirror_entries")
+        mirror_entries = 200_000
     return StoreSettings(backend, url, node.get("prefix", str, "tg:risk:") or "tg:risk:",
-                         read_duration(node, "deadline", 0.05), cluster, nodes)
+                         read_duration(node, "deadline", 0.05), cluster, nodes, mode, mirror_entries)
 
 
 def _challenge(node: Node | None) -> ChallengeSettings:

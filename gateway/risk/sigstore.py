@@ -96,6 +96,7 @@ class AccountState(NamedTuple):
     hours: int  # bit h set: active during UTC hour h within the current day-long stretch
     top_template: str
     top_count: float
+    hours_start: float = 0.0  # when the ``hours`` bitmap's day-long stretch began
 
     @property
     def gap_cv(self) -> float | None:
@@ -191,7 +192,7 @@ def touch_account(acc: _Account | None, op: AccountTouch, now: float) -> tuple[_
         else:
             acc.top_count -= 1.0
     state = AccountState(previous, acc.first, tuple(acc.counts), acc.gap_mean, acc.gap_var, acc.gaps,
-                         acc.hours, acc.top, acc.top_count)
+                         acc.hours, acc.top, acc.top_count, acc.hours_start)
     return acc, state
 
 

@@ -29,8 +29,13 @@ def create_signal_store(settings: StoreSettings) -> SignalStore:
         from gateway.risk.redis_sigstore import RedisSignalStore
 
         assert settings.urls  # enforced by parse_risk_settings
-        return RedisSignalStore.from_url(settings.urls, cluster=settings.cluster, prefix=settings.prefix,
-                                         deadline=settings.deadline)
+        redis = RedisSignalStore.from_url(settings.urls, cluster=settings.cluster, prefix=settings.prefix,
+                                          deadline=settings.deadline)
+        if settings.mode == "behind":
+            from gateway.risk.behind import BehindSignalStore
+
+            return BehindSignalStore(redis, max_entries=settings.mirror_entries)
+        return redis
     return MemorySignalStore()
 
 
@@ -82,7 +87,12 @@ class RiskStage:
         return None
 
     def status(self) -> dict[str, int]:
-        return {"store_errors": self.store_errors}
+        from gateway.risk.behind import BehindSignalStore
+
+        out = {"store_errors": self.store_errors}
+        if isinstance(self._store, BehindSignalStore):
+            out.update(self._store.status())
+        return out
 
     async def close(self) -> None:
         await self._store.close()
