@@ -32,8 +32,8 @@ from gateway.store.breaker import FailureMode, GuardedStore
 
 log = logging.getLogger(__name__)
 
-# Bound on the per-stage memo of store keys (one entry per rule × limit × key values seen
-# recently); when full the oldest entry goes, so a flood of distinct keys costs a rebuild each.
+# Bound on each limit's memo of store keys (one entry per key values seen recently); when full
+# the oldest entry goes, so a flood of distinct keys costs a rebuild each.
 KEY_MEMO_ENTRIES = 16384
 # Bound on the memo of plans (one per combination of matched quota rules; a handful per policy).
 PLAN_MEMO_ENTRIES = 1024
@@ -47,8 +47,8 @@ class _Slot:
     """One limit of one matched quota rule: everything about it that is fixed by the policy
     snapshot, worked out once per plan instead of once per request."""
 
-    __slots__ = ("algorithm", "getters", "kind", "kind_text", "limit", "mode", "name", "period_ms",
-                 "rule_id", "shadow")
+    __slots__ = ("algorithm", "entries", "getters", "kind", "kind_text", "limit", "mode", "name",
+                 "period_ms", "rule_id", "shadow", "single")
 
     def __init__(self, action: MatchedAction, limit: CompiledLimit, mode: FailureMode,
                  default_lease_ttl: float) -> None:
@@ -63,6 +63,11 @@ class _Slot:
         seconds = limit.period if limit.period is not None else (limit.lease_ttl or default_lease_ttl)
         self.period_ms = max(1, math.ceil(seconds * 1000))
         self.name = limit.name  # in the headers; qualified with the rule id when shared (below)
+        self.single = len(self.getters) == 1
+        # Key values (the one value, or a tuple of them) → store key and last charge: the key of
+        # this memo is what varies per request, so a lookup hashes a string (cached by Python)
+        # rather than a tuple built per request.
+        self.entries: dict[Any, _KeyEntry] = {}
 
 
 class _Plan:
@@ -70,7 +75,8 @@ class _Plan:
     snapshot builds its ``MatchedAction`` objects once, so every request matching the same rules
     brings the same objects and finds its plan by their ids (``actions`` pins them)."""
 
-    __slots__ = ("actions", "headers", "modes", "slots")
+    __slots__ = ("actions", "audit_bases", "enforced_only", "headers", "lease_slots", "modes", "settle_slots",
+                 "slots")
 
     def __init__(self, actions: tuple[MatchedAction, ...], settings: QuotaSettings) -> None:
         self.actions = actions
@@ -86,16 +92,21 @@ class _Plan:
         # Headers when the shared store answered every charge (the usual case); a local fallback
         # answers a subset with scaled limits and builds its headers from the items instead.
         self.headers = HeaderLayout([(s.name, s.limit) for s in enforced]) if enforced else None
+        # The usual case, done without per-limit branching: every limit enforced, all admitted.
+        self.enforced_only = bool(slots) and len(enforced) == len(slots)
+        self.audit_bases = tuple((s.rule_id, s.limit.name, s.kind_text) for s in slots)
+        self.settle_slots = tuple((i, s.kind) for i, s in enumerate(slots)
+                                  if s.kind is not LimitKind.REQUESTS)
+        self.lease_slots = tuple(i for i, s in enumerate(slots) if s.kind is LimitKind.CONCURRENCY)
 
 
 class _KeyEntry:
-    """Memo for one (rule, limit, shadow, key values): the store key and the last charge built
-    for it, reused while its cost is unchanged (always, for request rates: cost 1)."""
+    """Memo for one limit slot and key values: the store key and the last charge built for it,
+    reused while its cost is unchanged (always, for request rates: cost 1)."""
 
-    __slots__ = ("charge", "key", "limit")
+    __slots__ = ("charge", "key")
 
-    def __init__(self, limit: CompiledLimit, key: str) -> None:
-        self.limit = limit  # also pins id(limit), part of the memo key, while the entry lives
+    def __init__(self, key: str) -> None:
         self.key = key
         self.charge: Charge | None = None
 
@@ -126,7 +137,6 @@ class QuotaStage(SettlesNow):
         # Tickets keyed by id(ctx): RequestContext is slotted and has no field for stage state;
         # the pipeline holds ctx until settle() pops its ticket, so ids cannot be reused meanwhile.
         self._pending: dict[int, _Ticket] = {}
-        self._keys: dict[tuple[str, int, bool, tuple[str | None, ...]], _KeyEntry] = {}
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._headers = HeaderBuilder()
         # Lease ids: unique per request across replicas without a uuid4 per request.
@@ -184,11 +194,15 @@ class QuotaStage(SettlesNow):
                             rule_id=next(s.rule_id for s in plan.slots if s.mode is FailureMode.CLOSED),
                             headers={"Retry-After": str(retry)}, retryable=True,
                             code="quota_store_unavailable")
-        limits_audit: list[dict[str, Any]] = []
-        audit["limits"] = limits_audit
         result = guarded.result
         if result is None:  # failed open: nothing was checked, nothing to advertise or settle
+            audit["limits"] = []
             return None
+        if result.allowed and plan.enforced_only and guarded.backend == "store" and plan.headers is not None:
+            self._admitted(ctx, plan, result, input_est, price)
+            return None
+        limits_audit: list[dict[str, Any]] = []
+        audit["limits"] = limits_audit
         would_deny: list[str] = []
         shown: list[LimitState] = []  # states of the enforced limits, in plan order
         denied: list[tuple[_Slot, Charge, LimitState]] = []
@@ -234,6 +248,25 @@ class QuotaStage(SettlesNow):
             if leases:
                 self.renewer.track(id(ctx), tuple(leases), guarded.backend)
         return None
+
+    def _admitted(self, ctx: RequestContext, plan: _Plan, result: ChargeResult, input_est: int,
+                  price: Price | None) -> None:
+        """:meth:`__call__` when the shared store admitted every limit and none is in shadow
+        mode (the common case): the same audit, headers and ticket, without per-limit branches."""
+        states = result.states
+        ctx.audit["quota"]["limits"] = [
+            {"rule": rule, "limit": name, "kind": kind, "shadow": False, "allowed": True,
+             "remaining": state.remaining}
+            for (rule, name, kind), state in zip(plan.audit_bases, states, strict=True)]
+        assert plan.headers is not None  # checked by the caller
+        headers = plan.headers.render(states, result.now, ctx.request.api, self._headers.times)
+        ctx.response_headers.update(headers)
+        receipts = result.receipts
+        key = id(ctx)
+        self._pending[key] = (tuple([(kind, receipts[i]) for i, kind in plan.settle_slots]), "store",
+                              input_est, price)
+        if plan.lease_slots:
+            self.renewer.track(key, tuple([receipts[i] for i in plan.lease_slots]), "store")
 
     def _fallback_headers(self, plan: _Plan, indices: tuple[int, ...], result: ChargeResult,
                           api: ApiFamily) -> dict[str, str]:
@@ -284,18 +317,16 @@ class QuotaStage(SettlesNow):
     def _charges(self, ctx: RequestContext, plan: _Plan, input_est: int, output_res: int,
                  price: Price | None) -> list[Charge]:
         charges: list[Charge] = []
-        memo = self._keys
         lease_id = ""
         for slot in plan.slots:
             lim = slot.limit
-            getters = slot.getters
-            values = (getters[0](ctx),) if len(getters) == 1 else tuple([g(ctx) for g in getters])
-            memo_key = (slot.rule_id, id(lim), slot.shadow, values)
-            entry = memo.get(memo_key)
-            if entry is None or entry.limit is not lim:
+            values = slot.getters[0](ctx) if slot.single else tuple([g(ctx) for g in slot.getters])
+            memo = slot.entries
+            entry = memo.get(values)
+            if entry is None:
                 if len(memo) >= KEY_MEMO_ENTRIES:
                     del memo[next(iter(memo))]  # oldest first
-                entry = memo[memo_key] = _KeyEntry(lim, lim.identity(slot.rule_id, ctx))
+                entry = memo[values] = _KeyEntry(lim.identity(slot.rule_id, ctx))
             kind = slot.kind
             charge = entry.charge
             if kind is LimitKind.REQUESTS:

@@ -59,6 +59,7 @@ RENEW_BATCH = 512
 # Bound on the memo of encoded charges (one per charge object the stage keeps: rule × limit × key
 # values seen recently); when full the oldest entry goes.
 WIRE_MEMO_ENTRIES = 16384
+_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (see _charge_result)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,15 +263,16 @@ class RedisStore:
         receipts: list[Receipt] = []
         at = 2
         for c in charges:
+            # tuple.__new__ builds the named tuples without the Python-level __new__ each one has
             if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
                 reset = max(0, raw[at + 2]) / 1000.0
-                states.append(LimitState(True, c.limit, max(0, raw[at + 1]), reset, 0.0))
-                receipts.append(Receipt(c, raw[at + 4], allowed))
+                states.append(_new(LimitState, (True, c.limit, max(0, raw[at + 1]), reset, 0.0)))
+                receipts.append(_new(Receipt, (c, raw[at + 4], allowed)))
             else:
                 states.append(state_from_ms(False, c.limit, raw[at + 1], raw[at + 2], raw[at + 3]))
-                receipts.append(Receipt(c, raw[at + 4], False))
+                receipts.append(_new(Receipt, (c, raw[at + 4], False)))
             at += 7
-        return ChargeResult(allowed, raw[1] / 1000.0, tuple(states), tuple(receipts))
+        return _new(ChargeResult, (allowed, raw[1] / 1000.0, tuple(states), tuple(receipts)))
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,
