@@ -25,6 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import RunningGateway, gateway_yaml, run_gateway, write_keys_file
 from tests.support.mmdb import write_asn_db
+from tests.support.ratelimit_fields import parse_structured
 
 SHIPPED = Path(__file__).resolve().parents[2] / "policies" / "50-cluster-quota.yaml"
 CLUSTER_RPH = 4  # the shipped 300 requests an hour, scaled down (burst = limit: back to back)
@@ -86,14 +87,6 @@ def client(gw: RunningGateway, key: str, ip: str) -> openai.AsyncOpenAI:
 def messages(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
-
-def parse_structured(value: str) -> dict[str, dict[str, str]]:
-    """``"rph";q=4;w=3600, "rpm";r=19`` → {"rph": {"q": "4", "w": "3600"}, ...}."""
-    items: dict[str, dict[str, str]] = {}
-    for member in value.split(", "):
-        name, *params = member.split(";")
-        items[name.strip('"')] = dict(p.split("=", 1) for p in params)
-    return items
 
 
 def extra(record: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.quota.stage import QuotaStage
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
+from tests.support.ratelimit_fields import parse_structured
 
 GatewayStarter = Callable[[str], AbstractAsyncContextManager[RunningGateway]]
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -61,14 +62,6 @@ async def settled(gw: RunningGateway, timeout: float = 5.0) -> None:
         while stage.pending:
             await asyncio.sleep(0.005)
 
-
-def parse_structured(value: str) -> dict[str, dict[str, str]]:
-    """``"rpm";q=3;w=60, "tpd";q=9`` → {"rpm": {"q": "3", "w": "60"}, ...} (enough for our fields)."""
-    items: dict[str, dict[str, str]] = {}
-    for member in value.split(", "):
-        name, *params = member.split(";")
-        items[name.strip('"')] = dict(p.split("=", 1) for p in params)
-    return items
 
 
 RPM_RULE = """\
