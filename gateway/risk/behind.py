@@ -20,6 +20,9 @@ What that costs in exactness, and why it is bounded:
   ``StateDelete``) drops the account's mirrored state: its next request reads the store.
   A friction state set or cleared by another replica is seen from this replica's next store
   answer for that account (one request later).
+* The store sets the pace: past ``max_backlog`` unanswered operations, requests are answered
+  by awaited batches again until it catches up, so neither the queue nor the mirror's lead on
+  the store grows without bound when the store is slower than the traffic.
 * Writes are never lost silently: a failed flush is counted (``flush_errors``) and every account
   in it leaves the mirror, so the account's next request goes inline and meets the error there
   (scored from local signals, as for any store failure).
@@ -35,6 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from gateway.risk.sigstore import (
@@ -84,9 +88,11 @@ class BehindSignalStore:
     """
 
     def __init__(self, inner: SignalStore, *, clock: Clock = time.time, max_entries: int = 200_000,
-                 max_ops: int = 256, coalesce: bool = True) -> None:
-        if max_entries <= 0 or max_ops <= 0:
-            raise ValueError("max_entries and max_ops must be positive")
+                 max_ops: int = 256, max_backlog: int = 4096, coalesce: bool = True) -> None:
+        if max_entries <= 0 or max_ops <= 0 or max_backlog <= 0:
+            raise ValueError("max_entries, max_ops and max_backlog must be positive")
+        self._max_backlog = max_backlog
+        self._backlog = 0  # operations queued or sent and not yet answered
         self._inner = inner
         self._clock = clock
         self._max_entries = max_entries
@@ -97,6 +103,11 @@ class BehindSignalStore:
         self._queue: list[Op] = []
         self._flush_scheduled = False
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._unanswered = 0  # sends made through the inner store's send_soon, not yet answered
+        self._answered: asyncio.Event | None = None  # set when _unanswered drops to 0 (drain)
+        # A store that can send without a task (RedisSignalStore on its lean connection)
+        self._send_soon: Callable[[Sequence[Op], Callable[[BatchResult | StoreError], None]], bool] | None = (
+            getattr(inner, "send_soon", None))
         self.local_batches = 0  # answered from the mirror
         self.inline_batches = 0  # awaited
         self.flushes = 0  # store calls made for queued operations
@@ -110,7 +121,9 @@ class BehindSignalStore:
         return len(self._mirror)
 
     async def batch(self, ops: Sequence[Op]) -> BatchResult:
-        if self._answerable(ops):
+        # Past the backlog bound the store is not keeping up: await it (backpressure), which
+        # also bounds how far the mirror can run ahead of the store.
+        if self._backlog < self._max_backlog and self._answerable(ops):
             return self._local(ops)
         self.inline_batches += 1
         result = await self._inner.batch(ops)
@@ -178,6 +191,7 @@ class BehindSignalStore:
         return entry
 
     def _enqueue(self, ops: Sequence[Op]) -> None:
+        self._backlog += len(ops)
         if not self._coalesce:
             self._spawn(list(ops), contextvars.copy_context())
             return
@@ -195,6 +209,10 @@ class BehindSignalStore:
 
     def _spawn(self, ops: list[Op], context: contextvars.Context | None) -> None:
         self.flushes += 1
+        send_soon = self._send_soon
+        if context is None and send_soon is not None and send_soon(ops, partial(self._sent, ops)):
+            self._unanswered += 1
+            return
         task = asyncio.get_running_loop().create_task(self._send(ops), context=context)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -203,11 +221,26 @@ class BehindSignalStore:
         try:
             result = await self._inner.batch(ops)
         except StoreError as exc:
-            self.flush_errors += 1
-            log.warning("risk signal store: queued signal writes failed: %s", exc)
-            self._forget(ops)
+            self._failed(ops, exc)
             return
+        finally:
+            self._backlog -= len(ops)
         self._learn(ops, result, answered_pending=True)
+
+    def _sent(self, ops: list[Op], outcome: BatchResult | StoreError) -> None:
+        self._unanswered -= 1
+        self._backlog -= len(ops)
+        if isinstance(outcome, StoreError):
+            self._failed(ops, outcome)
+        else:
+            self._learn(ops, outcome, answered_pending=True)
+        if self._unanswered == 0 and self._answered is not None:
+            self._answered.set()
+
+    def _failed(self, ops: list[Op], exc: StoreError) -> None:
+        self.flush_errors += 1
+        log.warning("risk signal store: queued signal writes failed: %s", exc)
+        self._forget(ops)
 
     def _learn(self, ops: Sequence[Op], result: BatchResult, *, answered_pending: bool) -> None:
         """Store answers replace mirrored values, unless a later local update is still unanswered
@@ -251,8 +284,13 @@ class BehindSignalStore:
         """Send what is queued and wait for every queued write to be answered (or fail)."""
         if self._queue:
             self._flush()
-        while self._inflight:
-            await asyncio.wait(list(self._inflight))
+        while self._inflight or self._unanswered:
+            if self._inflight:
+                await asyncio.wait(list(self._inflight))
+            if self._unanswered:
+                self._answered = asyncio.Event()
+                await self._answered.wait()
+                self._answered = None
 
     async def close(self) -> None:
         await self.drain()
@@ -260,7 +298,7 @@ class BehindSignalStore:
         await self._inner.close()
 
     def status(self) -> dict[str, int]:
-        return {"mirrored": len(self._mirror), "local_batches": self.local_batches,
+        return {"mirrored": len(self._mirror), "backlog": self._backlog, "local_batches": self.local_batches,
                 "inline_batches": self.inline_batches, "flushes": self.flushes,
                 "flush_errors": self.flush_errors}
 

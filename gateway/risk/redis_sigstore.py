@@ -24,7 +24,7 @@ import functools
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -146,6 +146,17 @@ def _decode(ops: Sequence[Op], raw: list[Any]) -> BatchResult:
     return BatchResult(now, tuple(results))
 
 
+def _resent(done: Callable[[BatchResult | StoreError], None], task: asyncio.Future[BatchResult]) -> None:
+    if task.cancelled():
+        done(StoreError("risk signal store: closed"))
+        return
+    exc = task.exception()
+    if exc is None:
+        done(task.result())
+    else:
+        done(exc if isinstance(exc, StoreError) else StoreError(f"risk signal store: {exc!r}"))
+
+
 class RedisSignalStore:
     """:class:`~gateway.risk.sigstore.SignalStore` over a ``redis.asyncio`` ``Redis`` or
     ``RedisCluster`` client (see the module docstring for the hot path and the Cluster split)."""
@@ -198,6 +209,35 @@ class RedisSignalStore:
                 return await self._slots(ops, keys)
         except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             raise StoreError(f"risk signal store: {exc!r}") from exc
+
+    def send_soon(self, ops: Sequence[Op], done: Callable[[BatchResult | StoreError], None]) -> bool:
+        """Send ``ops`` without awaiting: ``done`` gets the result or the ``StoreError`` once Redis
+        answered. Only on a connected lean connection (False otherwise: use :meth:`batch`); a
+        NOSCRIPT reply (scripts flushed) goes the awaited way, which reloads the script. Saves the
+        task a queued write would otherwise need (``gateway/risk/behind.py``)."""
+        lean = self._lean
+        proto = lean.ready if lean is not None else None
+        if proto is None:
+            return False
+        prefix = self._prefix
+        keys = [f"{prefix}{{{op.key}}}" for op in ops]
+        command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *_encode(ops))
+        fut = proto.send(pack_command(command), self._deadline)
+        fut.add_done_callback(functools.partial(self._answered, ops, done))
+        return True
+
+    def _answered(self, ops: Sequence[Op], done: Callable[[BatchResult | StoreError], None],
+                  fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            done(StoreError("risk signal store: closed"))
+            return
+        exc = fut.exception()
+        if exc is None:
+            done(_decode(ops, fut.result()))
+        elif isinstance(exc, NoScriptError):
+            asyncio.ensure_future(self.batch(ops)).add_done_callback(functools.partial(_resent, done))
+        else:
+            done(StoreError(f"risk signal store: {exc!r}"))
 
     async def _lean_eval(self, lean: RespConnection, packed: bytes) -> Any:
         """EVALSHA on the lean connection under one deadline, NOSCRIPT reload included."""

@@ -160,6 +160,41 @@ async def test_a_failed_flush_is_counted_and_the_account_goes_back_to_the_store(
     assert "store_error" not in ctx.risk.signals
 
 
+class SlowStore(CountingStore):
+    """Answers after the test releases it: a store slower than the traffic."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.gate = asyncio.Event()
+
+    async def batch(self, ops: Sequence[Op]) -> BatchResult:
+        if len(self.calls) >= 1:  # the first call (warm-up) is answered at once
+            await self.gate.wait()
+        return await super().batch(ops)
+
+
+async def test_a_slow_store_sets_the_pace_past_the_backlog_bound() -> None:
+    clock = FakeClock()
+    inner = SlowStore(clock)
+    store = BehindSignalStore(inner, clock=clock, max_backlog=12)
+    await store.batch(request_ops("a1"))  # inline
+    await store.batch(request_ops("a1"))  # local: 5 operations unanswered
+    await store.batch(request_ops("a1"))  # local: 10
+    await asyncio.sleep(0)  # flushed: the store holds them
+    assert store.status()["backlog"] == 10 and store.local_batches == 2
+    await store.batch(request_ops("a1"))  # local: 15, over the bound
+    await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(store.batch(request_ops("a1")))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and store.inline_batches == 2  # awaits the slow store
+    inner.gate.set()
+    await waiting
+    await store.drain()
+    assert store.status()["backlog"] == 0
+    await store.batch(request_ops("a1"))
+    assert store.local_batches == 4  # caught up: local again
+
+
 async def test_the_mirror_is_bounded() -> None:
     clock = FakeClock()
     store = BehindSignalStore(MemorySignalStore(clock), clock=clock, max_entries=50)
@@ -296,3 +331,23 @@ async def test_redis_going_away_mid_traffic_fails_open_and_recovers(tmp_path: Pa
     finally:
         await store.close()
         server.stop()
+
+
+@pytest.mark.redis
+async def test_redis_queued_writes_survive_a_script_flush(redis_server: RedisServer) -> None:
+    """A queued write refused with NOSCRIPT goes the awaited way, which reloads the script."""
+    inner = RedisSignalStore.from_url(redis_server.url, prefix="t:flushed:", deadline=2.0)
+    store = BehindSignalStore(inner)
+    try:
+        await store.batch(request_ops("a1"))  # inline: connects, loads the script
+        await store.batch(request_ops("a1"))  # local: sent without a task
+        await store.drain()
+        await inner._client.script_flush()
+        await store.batch(request_ops("a1"))
+        await store.drain()
+        assert store.flush_errors == 0 and inner.script_reloads >= 1
+        probe = await inner.batch([AccountTouch("a:a1", (0.0, 0.0, 0.0, 0.0), "", HOUR, 86400.0)])
+        state = probe.results[0]
+        assert isinstance(state, AccountState) and state.counts[0] == pytest.approx(3.0, rel=1e-3)
+    finally:
+        await store.close()
