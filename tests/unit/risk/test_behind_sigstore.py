@@ -29,7 +29,7 @@ from gateway.risk.sigstore import (
 from gateway.stages.risk import RiskStage, create_signal_store
 from gateway.store.base import StoreError
 from gateway.yamlsource import Issues, Node
-from tests.support.redis_servers import RedisServer, start_server
+from tests.support.redis_servers import RedisClusterServers, RedisServer, start_cluster, start_server
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 HOUR = 3600.0
@@ -272,13 +272,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.mark.redis
-async def test_redis_replicas_write_behind_and_agree_on_the_counts(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("topology", ["single", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def test_redis_replicas_write_behind_and_agree_on_the_counts(topology: str,
+                                                                   request: pytest.FixtureRequest) -> None:
     """Three replicas, 30 accounts, 10 requests each, concurrently: every write reaches Redis in
-    coalesced calls and the counts are those of the same traffic awaited request by request."""
-    replicas = [BehindSignalStore(RedisSignalStore.from_url(redis_server.url, prefix="t:behind:",
+    coalesced calls (on a Cluster: one script per slot, sent by a task) and the counts are those
+    of the same traffic awaited request by request."""
+    if topology == "single":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        urls: str | list[str] = server.url
+    else:
+        urls = request.getfixturevalue("redis_cluster").urls
+    cluster = topology == "cluster"
+    replicas = [BehindSignalStore(RedisSignalStore.from_url(urls, cluster=cluster, prefix="t:behind:",
                                                             deadline=2.0)) for _ in range(3)]
-    reference = RedisSignalStore.from_url(redis_server.url, prefix="t:inline:", deadline=2.0)
+    reference = RedisSignalStore.from_url(urls, cluster=cluster, prefix="t:inline:", deadline=2.0)
     try:
         for round_ in range(10):
             await asyncio.gather(*(replicas[i % 3].batch(request_ops(f"a{i}", template="shared"))
