@@ -1,4 +1,7 @@
-"""The ``Store`` seam: shared quota and risk state, with one documented contract.
+"""The ``Store`` seam: shared quota state (and challenge replay guards), with one documented contract.
+
+Risk signals have their own seam, :class:`gateway.risk.sigstore.SignalStore`: a request's many
+small operations in one round trip.
 
 Every implementation (``MemoryStore``, ``RedisStore``) must pass ``tests/contract``. The
 contract, in short:
@@ -124,7 +127,7 @@ class Adjustment(NamedTuple):
 
 @runtime_checkable
 class Store(Protocol):
-    """Shared state for quotas and risk signals. Implementations must be safe under asyncio
+    """Shared state for quotas and replay guards. Implementations must be safe under asyncio
     concurrency and (for shared backends) across processes; every method may raise
     :class:`StoreError` and nothing else for availability problems."""
 
@@ -146,23 +149,6 @@ class Store(Protocol):
 
     async def now(self) -> float:
         """The store's clock, seconds since the epoch."""
-        ...
-
-    async def hll_add(self, key: str, members: Sequence[str], ttl: float) -> int:
-        """Add members to a HyperLogLog (TTL refreshed) and return its estimated cardinality."""
-        ...
-
-    async def hll_count(self, key: str) -> int:
-        """Estimated cardinality of a HyperLogLog (0 if absent)."""
-        ...
-
-    async def window_add(self, key: str, amount: int, window: float) -> int:
-        """Add to a sliding-window counter and return its sum over the last ``window`` seconds
-        (same bucketing and precision as quota windows)."""
-        ...
-
-    async def decay_add(self, key: str, amount: float, half_life: float) -> float:
-        """Add to an exponentially decaying counter and return its current value."""
         ...
 
     async def set_if_absent(self, key: str, ttl: float) -> bool:

@@ -8,7 +8,6 @@ keys on every call.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import time
@@ -29,39 +28,12 @@ from gateway.store.base import (
     state_from_ms,
 )
 
-_HLL_P = 12  # 4096 registers: 4 KiB per key, ~1.6 % standard error
-
 
 @dataclass(slots=True)
 class _Slot:
     value: Any
     expires: int  # ms, store time
     queued: int  # expiry the heap entry for this key was pushed with
-
-
-class _HyperLogLog:
-    """A small dense HyperLogLog; exact enough for risk signals, bounded in memory."""
-
-    __slots__ = ("registers",)
-
-    def __init__(self) -> None:
-        self.registers = bytearray(1 << _HLL_P)
-
-    def add(self, member: str) -> None:
-        h = int.from_bytes(hashlib.blake2b(member.encode(), digest_size=8).digest(), "big")
-        index = h >> (64 - _HLL_P)
-        rest = h & ((1 << (64 - _HLL_P)) - 1)
-        rank = (64 - _HLL_P) - rest.bit_length() + 1
-        if rank > self.registers[index]:
-            self.registers[index] = rank
-
-    def count(self) -> int:
-        m = len(self.registers)
-        zeros = self.registers.count(0)
-        estimate = (0.7213 / (1 + 1.079 / m)) * m * m / sum(2.0 ** -r for r in self.registers)
-        if estimate <= 2.5 * m and zeros:
-            estimate = m * math.log(m / zeros)  # linear counting for small sets
-        return round(estimate)
 
 
 class MemoryStore:
@@ -226,42 +198,6 @@ class MemoryStore:
 
     async def now(self) -> float:
         return self._clock()
-
-    # ---- risk primitives ----------------------------------------------------------------
-    async def hll_add(self, key: str, members: Sequence[str], ttl: float) -> int:
-        now = self._now_ms()
-        self._sweep(now)
-        hll = self._get(key, now) or _HyperLogLog()
-        for member in members:
-            hll.add(member)
-        self._put(key, hll, now + math.ceil(ttl * 1000))
-        return hll.count()
-
-    async def hll_count(self, key: str) -> int:
-        hll = self._get(key, self._now_ms())
-        return hll.count() if hll is not None else 0
-
-    async def window_add(self, key: str, amount: int, window: float) -> int:
-        now = self._now_ms()
-        self._sweep(now)
-        c = Charge(key, Algorithm.WINDOW, 1, max(1, math.ceil(window * 1000)), 0)
-        buckets = {s: n for s, n in alg.window_live(self._get(key, now) or {}, now, c)}
-        cur = now - now % c.bucket_ms
-        if amount:
-            buckets[cur] = buckets.get(cur, 0) + amount
-        if buckets:
-            self._put(key, buckets, max(buckets) + c.bucket_ms + c.period_ms + 1)
-        return sum(buckets.values())
-
-    async def decay_add(self, key: str, amount: float, half_life: float) -> float:
-        now = self._now_ms()
-        self._sweep(now)
-        hl_ms = max(1.0, half_life * 1000)
-        value, at = self._get(key, now) or (0.0, now)
-        value = value * 2.0 ** (-(now - at) / hl_ms) + amount
-        # After 20 half-lives a value has decayed below a millionth: drop the key.
-        self._put(key, (value, now), now + math.ceil(20 * hl_ms))
-        return float(value)
 
     async def set_if_absent(self, key: str, ttl: float) -> bool:
         now = self._now_ms()

@@ -93,14 +93,13 @@ class RedisStore:
         self._deadline = deadline
         self._charge = _Script.load("charge.lua")
         self._adjust = _Script.load("adjust.lua")
-        self._signals = _Script.load("signals.lua")
         self._renew = _Script.load("renew.lua")
         self.stats = RedisStoreStats()
         # RESP encoding memo for the lean path: charge.lua call heads per key count, and each
         # Charge's key and arguments keyed by id (see _pack_charge)
         self._heads: dict[int, bytes] = {}
         self._wire: dict[int, tuple[Charge, bytes, bytes]] = {}
-        scripts = (self._charge, self._adjust, self._signals, self._renew)
+        scripts = (self._charge, self._adjust, self._renew)
         self._lean = lean_connection(client, deadline, [
             pack("SCRIPT", "LOAD", script.body) for script in scripts
         ]) if lean else None
@@ -391,26 +390,6 @@ class RedisStore:
             sec, usec = await self._client.time()
             return int(sec) + int(usec) / 1e6
         return await self._guard(call)
-
-    # ---- risk primitives ----------------------------------------------------------------
-    async def hll_add(self, key: str, members: Sequence[str], ttl: float) -> int:
-        args: list[str | int] = ["h", max(1, math.ceil(ttl * 1000)), *members]
-        return int(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
-
-    async def hll_count(self, key: str) -> int:
-        async def call() -> int:
-            return int(await self._client.pfcount(self.key(key)))
-        return await self._guard(call)
-
-    async def window_add(self, key: str, amount: int, window: float) -> int:
-        period = max(1, math.ceil(window * 1000))
-        c = Charge(key, Algorithm.WINDOW, 1, period, 0)
-        args: list[str | int] = ["w", period, c.bucket_ms, amount]
-        return int(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
-
-    async def decay_add(self, key: str, amount: float, half_life: float) -> float:
-        args: list[str | int] = ["d", repr(max(1.0, half_life * 1000)), repr(float(amount))]
-        return float(await self._guard(lambda: self._eval(self._signals, [self.key(key)], args)))
 
     async def set_if_absent(self, key: str, ttl: float) -> bool:
         async def call() -> bool:

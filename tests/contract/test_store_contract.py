@@ -188,34 +188,12 @@ async def test_exact_under_asyncio_concurrency(harness: StoreHarness) -> None:
     assert sum(r.allowed for r in results) == 50
 
 
-async def test_hyperloglog(harness: StoreHarness) -> None:
-    store = harness.store
-    for batch in range(4):
-        count = await store.hll_add("hll", [f"m{batch}-{i}" for i in range(250)], ttl=0.3)
-    assert abs(count - 1000) <= 30
-    assert await store.hll_count("hll") == count
-    assert await store.hll_add("hll", ["m0-1", "m0-2"], ttl=0.3) == count
-    await harness.advance(0.4)
-    assert await store.hll_count("hll") == 0
-
-
 async def test_set_if_absent(harness: StoreHarness) -> None:
     store = harness.store
     assert await store.set_if_absent("nonce", ttl=0.2)
     assert not await store.set_if_absent("nonce", ttl=0.2)
     await harness.advance(0.25)
     assert await store.set_if_absent("nonce", ttl=0.2)
-
-
-async def test_window_and_decay_counters(harness: StoreHarness) -> None:
-    store = harness.store
-    assert await store.window_add("wc", 3, window=0.3) == 3
-    assert await store.window_add("wc", 4, window=0.3) == 7
-    await harness.advance(0.35)
-    assert await store.window_add("wc", 0, window=0.3) == 0
-    assert await store.decay_add("dc", 8.0, half_life=0.2) == 8.0
-    await harness.advance(0.2)
-    assert 3.5 <= await store.decay_add("dc", 0.0, half_life=0.2) <= 4.05
 
 
 async def test_time_comes_from_the_store(harness: StoreHarness) -> None:
