@@ -27,7 +27,8 @@ What that costs in exactness, and why it is bounded:
   in it leaves the mirror, so the account's next request goes inline and meets the error there
   (scored from local signals, as for any store failure).
 
-The mirror is bounded (``max_entries``, first-in first-out); nothing in it outlives the process.
+The mirror is bounded (``max_entries``): first in, first out, except that an account moves to the
+young end whenever one of its requests is answered locally; nothing in it outlives the process.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ class BehindSignalStore:
     async def batch(self, ops: Sequence[Op]) -> BatchResult:
         # Past the backlog bound the store is not keeping up: await it (backpressure), which
         # also bounds how far the mirror can run ahead of the store.
-        if self._backlog < self._max_backlog and self._answerable(ops):
-            return self._local(ops)
+        if self._backlog < self._max_backlog:
+            held = self._held(ops)
+            if held is not None:
+                return self._local(ops, held)
         self.inline_batches += 1
         result = await self._inner.batch(ops)
         self._learn(ops, result, answered_pending=False)
@@ -134,24 +137,35 @@ class BehindSignalStore:
                     self._mirror.pop(op.key, None)
         return result
 
-    def _answerable(self, ops: Sequence[Op]) -> bool:
-        """Locally: a request's batch whose account (and friction state) is mirrored."""
+    def _held(self, ops: Sequence[Op]) -> dict[str, _Mirrored] | None:
+        """The mirrored entries of a request's account and friction state, or None when the batch
+        must go to the store (account or state not mirrored; writes of friction state; a batch
+        without an account). Held for the answer: the keys the request adds may evict them from
+        the mirror meanwhile. A held account moves to the young end of the mirror (first in,
+        first out otherwise), so an active account is not evicted for being old."""
         mirror = self._mirror
+        held: dict[str, _Mirrored] | None = None
         touched = False
         for op in ops:
             kind = type(op)
-            if kind is AccountTouch:
-                if op.key not in mirror:
-                    return False
-                touched = True
-            elif kind is StateGet:
-                if op.key not in mirror:
-                    return False
+            if kind is AccountTouch or kind is StateGet:
+                entry = mirror.pop(op.key, None)
+                if entry is None:
+                    if held:  # put back what this loop took out
+                        mirror.update(held)
+                    return None
+                mirror[op.key] = entry
+                if held is None:
+                    held = {}
+                held[op.key] = entry
+                touched = touched or kind is AccountTouch
             elif kind is not HllAdd and kind is not DecayAdd:
-                return False  # writes of friction state, and anything new, are awaited
-        return touched
+                if held:
+                    mirror.update(held)
+                return None
+        return held if touched else None
 
-    def _local(self, ops: Sequence[Op]) -> BatchResult:
+    def _local(self, ops: Sequence[Op], held: dict[str, _Mirrored]) -> BatchResult:
         self.local_batches += 1
         now = self._clock() + self._offset
         mirror = self._mirror
@@ -172,12 +186,12 @@ class BehindSignalStore:
                     entry.value = (now, values)
                 append(values)
             elif kind is AccountTouch:
-                assert entry is not None  # _answerable
+                entry = held[op.key]
                 acc, state = touch_account(entry.value, op, now)  # type: ignore[arg-type]
                 entry.value = acc
                 append(state)
             else:  # StateGet
-                assert entry is not None
+                entry = held[op.key]
                 append(entry.value)
             entry.pending += 1
         self._enqueue(ops)

@@ -205,6 +205,21 @@ async def test_the_mirror_is_bounded() -> None:
     assert len(store) <= 50
 
 
+async def test_an_account_evicted_while_its_request_is_answered_still_gets_its_state() -> None:
+    """The mirror is first-in first-out: a long-lived account's entry is the oldest, and the new
+    keys of its own request can push it out mid-answer."""
+    clock = FakeClock()
+    store = BehindSignalStore(MemorySignalStore(clock), clock=clock, max_entries=6)
+    first = await store.batch(request_ops("a1", template="t1"))
+    for template in ("t2", "t3", "t4"):
+        clock.now += 5.0
+        result = await store.batch(request_ops("a1", template=template))
+        state = result.results[3]
+        assert isinstance(state, AccountState) and state.first_seen == first.results[3].first_seen
+        await store.drain()
+    assert len(store) <= 6
+
+
 async def test_per_request_sends_keep_each_request_context() -> None:
     """Without coalescing each request's batch is sent in its own context (the simulator's
     virtual clock is a context variable read by the store)."""
