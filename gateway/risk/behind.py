@@ -237,6 +237,10 @@ class BehindSignalStore:
         except StoreError as exc:
             self._failed(ops, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - not a store outage, but the writes are lost all the same
+            log.exception("risk signal store: queued signal writes raised")
+            self._failed(ops, StoreError(repr(exc)))
+            return
         finally:
             self._backlog -= len(ops)
         self._learn(ops, result, answered_pending=True)
