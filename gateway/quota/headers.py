@@ -123,12 +123,14 @@ class HeaderLayout:
     """What the headers of one combination of enforced limits have in common: immutable once
     built, shared by every response with the same limits (see the module docstring)."""
 
-    __slots__ = ("anthropic", "openai", "policy", "prefixes")
+    __slots__ = ("anthropic", "openai", "policy", "rate_format")
 
     def __init__(self, named: Sequence[tuple[str, CompiledLimit]]) -> None:
         limits = [lim for _, lim in named]
         self.policy = ", ".join(_policy(name, lim) for name, lim in named)
-        self.prefixes = tuple(f"{_sf_string(name)};r=" for name, _ in named)
+        # The whole RateLimit value as one %-format (remaining, reset per limit): one formatting
+        # operation per response instead of one f-string per limit and a join.
+        self.rate_format = ", ".join(_sf_string(name).replace("%", "%%") + ";r=%d;t=%d" for name, _ in named)
         requests = _candidates(limits, (LimitKind.REQUESTS,))
         tokens = _candidates(limits, (LimitKind.INPUT_TOKENS, LimitKind.OUTPUT_TOKENS,
                                       LimitKind.TOTAL_TOKENS))
@@ -147,11 +149,19 @@ class HeaderLayout:
         """The headers for ``states`` (one per limit, in layout order); ``now`` is the store's
         time; aliases of ``api`` only (``None``: both families). ``times`` memoises RFC 3339
         text per second across calls."""
-        headers = {
-            "RateLimit-Policy": self.policy,
-            "RateLimit": ", ".join([f"{prefix}{state.remaining};t={math.ceil(state.reset)}"
-                                    for prefix, state in zip(self.prefixes, states, strict=True)]),
-        }
+        ceil = math.ceil
+        if len(states) == 1:  # the usual sizes unrolled
+            s0 = states[0]
+            rate = self.rate_format % (s0[2], ceil(s0[3]))
+        elif len(states) == 2:
+            s0, s1 = states
+            rate = self.rate_format % (s0[2], ceil(s0[3]), s1[2], ceil(s1[3]))
+        elif len(states) == 3:
+            s0, s1, s2 = states
+            rate = self.rate_format % (s0[2], ceil(s0[3]), s1[2], ceil(s1[3]), s2[2], ceil(s2[3]))
+        else:
+            rate = self.rate_format % tuple([v for s in states for v in (s[2], ceil(s[3]))])
+        headers = {"RateLimit-Policy": self.policy, "RateLimit": rate}
         if api is not ApiFamily.ANTHROPIC:
             for names, candidates in self.openai:
                 i, limit = _tightest(candidates, states) if len(candidates) > 1 else candidates[0]

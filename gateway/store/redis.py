@@ -261,6 +261,16 @@ class RedisStore:
         states: list[LimitState] = []
         receipts: list[Receipt] = []
         at = 2
+        if allowed:  # the usual case: every charge applied; charge.lua never returns negatives then
+            for c in charges:
+                if raw[at] != 1:  # a shadow charge that would deny: the general path below
+                    break
+                states.append(_new(LimitState, (True, c.limit, raw[at + 1], raw[at + 2] / 1000.0, 0.0)))
+                receipts.append(_new(Receipt, (c, raw[at + 4], True)))
+                at += 7
+            else:
+                return _new(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
+            states, receipts, at = [], [], 2
         for c in charges:
             # tuple.__new__ builds the named tuples without the Python-level __new__ each one has
             if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
