@@ -151,6 +151,7 @@ def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> Non
 
 def _add_risk(features: Features, settings: Settings) -> None:
     """Before the policy match: conditions read ``risk.*``."""
+    from gateway.risk.behind import BehindSignalStore
     from gateway.risk.settings import RiskSettings
     from gateway.stages.risk import RiskStage, create_signal_store
 
@@ -164,8 +165,6 @@ def _add_risk(features: Features, settings: Settings) -> None:
     features.stoppers.append(stage.close)
     features.status["risk"] = stage.status
     features.collector.extra["risk_store_errors"] = lambda: float(stage.store_errors)
-    from gateway.risk.behind import BehindSignalStore
-
     if isinstance(signals, BehindSignalStore):  # Redis in behind mode: its queued writes
         behind = signals
         features.collector.extra["risk_signal_flushes"] = lambda: float(behind.flushes)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -54,6 +53,7 @@ from gateway.risk.sigstore import (
     StateGet,
     StatePut,
     _Account,
+    decayed_sums,
     touch_account,
 )
 from gateway.store.base import StoreError
@@ -131,10 +131,9 @@ class BehindSignalStore:
         self.inline_batches += 1
         result = await self._inner.batch(ops)
         self._learn(ops, result, answered_pending=False)
-        if any(type(op) is StatePut or type(op) is StateDelete for op in ops):
-            for op in ops:  # friction state changed: the next read goes to the store
-                if type(op) is StatePut or type(op) is StateDelete:
-                    self._mirror.pop(op.key, None)
+        for op in ops:  # friction state changed here: the account's next read goes to the store
+            if type(op) is StatePut or type(op) is StateDelete:
+                self._mirror.pop(op.key, None)
         return result
 
     def _held(self, ops: Sequence[Op]) -> dict[str, _Mirrored] | None:
@@ -151,17 +150,13 @@ class BehindSignalStore:
             if kind is AccountTouch or kind is StateGet:
                 entry = mirror.pop(op.key, None)
                 if entry is None:
-                    if held:  # put back what this loop took out
-                        mirror.update(held)
                     return None
-                mirror[op.key] = entry
+                mirror[op.key] = entry  # re-inserted: now the youngest
                 if held is None:
                     held = {}
                 held[op.key] = entry
                 touched = touched or kind is AccountTouch
             elif kind is not HllAdd and kind is not DecayAdd:
-                if held:
-                    mirror.update(held)
                 return None
         return held if touched else None
 
@@ -179,7 +174,8 @@ class BehindSignalStore:
                     entry = self._insert(op.key, 1)
                 append(entry.value)
             elif kind is DecayAdd:
-                values = _decayed(entry.value if entry is not None else None, op, now)  # type: ignore[arg-type]
+                values = (decayed_sums(entry.value, op, now) if entry is not None  # type: ignore[arg-type]
+                          else op.amounts)  # type: ignore[union-attr]
                 if entry is None:
                     entry = self._insert(op.key, (now, values))
                 else:
@@ -320,15 +316,3 @@ class BehindSignalStore:
                 "inline_batches": self.inline_batches, "flushes": self.flushes,
                 "flush_errors": self.flush_errors}
 
-
-def _decayed(previous: tuple[float, tuple[float, ...]] | None, op: DecayAdd, now: float) -> tuple[float, ...]:
-    """The memory store's decaying-sum rule on a mirrored ``(time, values)``."""
-    amounts = op.amounts
-    if previous is None:
-        return amounts
-    last, values = previous
-    elapsed = now - last
-    if elapsed > 0:
-        factor = math.pow(2.0, -elapsed / op.half_life)
-        return tuple([v * factor + a for v, a in zip(values, amounts, strict=False)])
-    return tuple([v + a for v, a in zip(values, amounts, strict=False)])

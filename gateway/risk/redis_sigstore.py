@@ -201,8 +201,7 @@ class RedisSignalStore:
         lean = self._lean
         try:
             if lean is not None:
-                command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *_encode(ops))
-                return _decode(ops, await self._lean_eval(lean, pack_command(command)))
+                return _decode(ops, await self._lean_eval(lean, self._packed(ops, keys)))
             async with asyncio.timeout(self._deadline):
                 if not self._cluster:
                     return await self._group(ops, keys)
@@ -220,11 +219,14 @@ class RedisSignalStore:
         if proto is None:
             return False
         prefix = self._prefix
-        keys = [f"{prefix}{{{op.key}}}" for op in ops]
-        command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *_encode(ops))
-        fut = proto.send(pack_command(command), self._deadline)
+        fut = proto.send(self._packed(ops, [f"{prefix}{{{op.key}}}" for op in ops]), self._deadline)
         fut.add_done_callback(functools.partial(self._answered, ops, done))
         return True
+
+    def _packed(self, ops: Sequence[Op], keys: list[str]) -> bytes:
+        """The batch as one EVALSHA in RESP (hiredis' packer), for the lean connection."""
+        command: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *_encode(ops))
+        return bytes(pack_command(command))
 
     def _answered(self, ops: Sequence[Op], done: Callable[[BatchResult | StoreError], None],
                   fut: asyncio.Future[Any]) -> None:

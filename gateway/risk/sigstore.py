@@ -127,6 +127,23 @@ def decay(value: float, elapsed: float, half_life: float) -> float:
     return value * math.pow(2.0, -elapsed / half_life)
 
 
+def decayed_sums(previous: tuple[float, tuple[float, ...]], op: DecayAdd, now: float) -> tuple[float, ...]:
+    """The decaying-sum rule (mirrored by signals.lua): ``previous`` is ``(time, sums)``, decayed
+    to ``now`` and ``op.amounts`` added."""
+    last, values = previous
+    amounts = op.amounts
+    elapsed = now - last
+    if len(values) == 2 and len(amounts) == 2:  # (count, sum): every caller in the risk stage
+        if elapsed > 0:
+            factor = math.pow(2.0, -elapsed / op.half_life)
+            return (values[0] * factor + amounts[0], values[1] * factor + amounts[1])
+        return (values[0] + amounts[0], values[1] + amounts[1])
+    if elapsed > 0:
+        factor = math.pow(2.0, -elapsed / op.half_life)
+        return tuple([v * factor + a for v, a in zip(values, amounts, strict=False)])
+    return tuple([v + a for v, a in zip(values, amounts, strict=False)])
+
+
 @dataclass(slots=True)
 class _Entry:
     expires: float
@@ -293,19 +310,7 @@ class MemorySignalStore:
         if entry is None or entry.expires <= now:
             self._data[op.key] = _Entry(now + 8 * op.half_life, (now, amounts))
             return amounts
-        last, values = entry.value
-        elapsed = now - last
-        if len(values) == 2 and len(amounts) == 2:  # (count, sum): every caller in the risk stage
-            if elapsed > 0:
-                factor = math.pow(2.0, -elapsed / op.half_life)
-                out: tuple[float, ...] = (values[0] * factor + amounts[0], values[1] * factor + amounts[1])
-            else:
-                out = (values[0] + amounts[0], values[1] + amounts[1])
-        elif elapsed > 0:
-            factor = math.pow(2.0, -elapsed / op.half_life)
-            out = tuple([v * factor + a for v, a in zip(values, amounts, strict=False)])
-        else:
-            out = tuple([v + a for v, a in zip(values, amounts, strict=False)])
+        out = decayed_sums(entry.value, op, now)
         entry.expires = now + 8 * op.half_life
         entry.value = (now, out)
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from gateway.context import Decision, RequestContext
+from gateway.risk.behind import BehindSignalStore
 from gateway.risk.patterns import PatternSet, load_patterns
 from gateway.risk.score import Scorer
 from gateway.risk.settings import RiskSettings, StoreSettings
@@ -32,8 +33,6 @@ def create_signal_store(settings: StoreSettings) -> SignalStore:
         redis = RedisSignalStore.from_url(settings.urls, cluster=settings.cluster, prefix=settings.prefix,
                                           deadline=settings.deadline)
         if settings.mode == "behind":
-            from gateway.risk.behind import BehindSignalStore
-
             return BehindSignalStore(redis, max_entries=settings.mirror_entries)
         return redis
     return MemorySignalStore()
@@ -87,8 +86,6 @@ class RiskStage:
         return None
 
     def status(self) -> dict[str, int]:
-        from gateway.risk.behind import BehindSignalStore
-
         out = {"store_errors": self.store_errors}
         if isinstance(self._store, BehindSignalStore):
             out.update(self._store.status())
