@@ -7,7 +7,7 @@ the coalesced ``EVALSHA`` path, several replicas sharing one store, and a store 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from gateway.risk.sigstore import (
 from gateway.stages.risk import RiskStage, create_signal_store
 from gateway.store.base import StoreError
 from gateway.yamlsource import Issues, Node
-from tests.support.redis_servers import RedisClusterServers, RedisServer, start_cluster, start_server
+from tests.support.redis_servers import RedisServer, start_server
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 HOUR = 3600.0
@@ -278,20 +278,6 @@ async def test_create_signal_store_wraps_redis_in_behind_mode_by_default() -> No
     finally:
         await behind.close()
         await inline.close()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_server(Path(tmp_path_factory.mktemp("redis")))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")))
-    yield cluster
-    cluster.stop()
 
 
 @pytest.mark.redis

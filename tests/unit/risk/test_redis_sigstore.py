@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis.asyncio
@@ -32,7 +31,7 @@ from gateway.risk.sigstore import (
 )
 from gateway.stages.risk import RiskStage
 from gateway.yamlsource import Issues, Node
-from tests.support.redis_servers import RedisClusterServers, RedisServer, start_cluster, start_server
+from tests.support.redis_servers import RedisClusterServers, RedisServer
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 WINDOW = 0.4  # seconds: short enough for real time on Redis
@@ -55,20 +54,6 @@ class Harness:
         phase = now % window
         if phase > window * 0.1:
             await self.advance(window - phase + 0.01)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_server(Path(tmp_path_factory.mktemp("redis")))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    cluster = start_cluster(Path(tmp_path_factory.mktemp("cluster")))
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
