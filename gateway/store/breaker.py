@@ -75,7 +75,7 @@ class CircuitBreaker:
         self._settings = settings
         self._stats = stats
         self._monotonic = monotonic
-        self._failures = 0
+        self.failures = 0  # consecutive failures so far
         self._opened_at = 0.0
         self._probing = False
 
@@ -95,15 +95,15 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
-        if self._failures or self._probing or self._stats.breaker_state is not BreakerState.CLOSED:
-            self._failures = 0
+        if self.failures or self._probing or self._stats.breaker_state is not BreakerState.CLOSED:
+            self.failures = 0
             self._probing = False
             self._stats.breaker_state = BreakerState.CLOSED
 
     def failure(self) -> None:
-        self._failures += 1
+        self.failures += 1
         probing, self._probing = self._probing, False
-        if probing or self._failures >= self._settings.failures:
+        if probing or self.failures >= self._settings.failures:
             if self._stats.breaker_state is not BreakerState.OPEN:
                 self._stats.breaker_opened += 1
             self._stats.breaker_state = BreakerState.OPEN
@@ -191,7 +191,9 @@ class GuardedStore:
                 self.breaker.abandon()
                 raise
             else:
-                self.breaker.success()
+                breaker = self.breaker
+                if breaker.failures:  # closed with no failures counted: success() changes nothing
+                    breaker.success()
                 return GuardedCharge(result, _indices(len(charges)), "store")
         else:
             try:
@@ -257,7 +259,8 @@ class GuardedStore:
 
     def _settled(self, error: StoreError | None) -> None:
         if error is None:
-            self.breaker.success()
+            if self.breaker.failures:  # (otherwise success() changes nothing)
+                self.breaker.success()
         else:
             self.stats.errors += 1
             self.stats.settle_failures += 1

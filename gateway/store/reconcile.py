@@ -61,8 +61,8 @@ class ReconcileQueue:
 
     def submit(self, adjustments: Sequence[Adjustment], done: Done) -> None:
         """Queue one settle's adjustments; ``done`` is called once with the outcome."""
-        proto = self._conn.ready
-        if proto is None:  # not connected (first use, or Redis went away): connect, then send
+        proto = self._conn.proto
+        if proto is None or proto.closed:  # not connected (first use, or Redis went away): connect, then send
             self._spawn(list(adjustments), [done])
             return
         self._queue.append((adjustments, done))

@@ -60,6 +60,8 @@ RENEW_BATCH = 512
 # values seen recently); when full the oldest entry goes.
 WIRE_MEMO_ENTRIES = 16384
 _new = tuple.__new__  # a named tuple from a tuple of its fields, in C (see _charge_result)
+# charge.lua's first argument: compact replies when every charge applied (the lean path)
+_COMPACT = pack("c")[4:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,10 @@ class RedisStore:
         # RESP encoding memo for the lean path: charge.lua call heads per key count, and each
         # Charge's key and arguments keyed by id (see _pack_charge)
         self._heads: dict[int, bytes] = {}
-        self._wire: dict[int, tuple[Charge, bytes, bytes]] = {}
+        # id(charge) → (charge, key, charge.lua arguments, adjust.lua arguments before delta/ref)
+        self._wire: dict[int, tuple[Charge, bytes, bytes, bytes]] = {}
+        self._adjust_heads: dict[int, bytes] = {}
+        self._packed: dict[int, tuple[Sequence[Charge], bytes]] = {}
         scripts = (self._charge, self._adjust, self._renew)
         self._lean = lean_connection(client, deadline, [
             pack("SCRIPT", "LOAD", script.body) for script in scripts
@@ -179,13 +184,31 @@ class RedisStore:
         if not charges:
             return ChargeResult(True, await self.now(), (), ())
         lean = self._lean
-        if lean is not None:  # single Redis: one slot group, the hot path
-            return self._charge_result(charges, await self._lean_eval(lean, self._charge,
-                                                                      self._pack_charge(charges)))
-        groups = self._groups([c.key for c in charges])
-        if len(groups) == 1:
-            return await self._guard(lambda: self._charge_group(charges))
-        return await self._guard(lambda: self._charge_slots(charges, groups))
+        if lean is None:
+            groups = self._groups([c.key for c in charges])
+            if len(groups) == 1:
+                return await self._guard(lambda: self._charge_group(charges))
+            return await self._guard(lambda: self._charge_slots(charges, groups))
+        # Single Redis, the hot path: the reply future of the lean connection awaited here
+        # directly (what _lean_eval does, without its coroutine and the connection's) while
+        # the connection is up; connecting and NOSCRIPT take _lean_eval.
+        packed = self._pack_charge(charges)
+        proto = lean.proto
+        if proto is None or proto.closed:
+            return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
+        fut = proto.send(packed, self._deadline)
+        try:
+            raw = await fut
+        except asyncio.CancelledError:
+            proto.watch(fut)
+            raise
+        except NoScriptError:  # flushed or restarted: load and retry (a fresh deadline, once)
+            raw = await self._lean_eval(lean, self._charge, packed)
+        except TimeoutError as exc:
+            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"store error: {exc}") from exc
+        return self._charge_result(charges, raw)
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
         if not self._cluster:
@@ -207,8 +230,10 @@ class RedisStore:
                                    int(raw[5 + 7 * i])) for i, c in enumerate(charges))
         return self._charge_result(charges, raw), idle
 
-    def _charge_args(self, charges: Sequence[Charge]) -> tuple[list[str], list[str | int]]:
-        args: list[str | int] = []
+    def _charge_args(self, charges: Sequence[Charge], reply: str = "f") -> tuple[list[str], list[str | int]]:
+        """Keys and arguments of charge.lua; ``reply`` "f" (full, what a cross-slot denial needs:
+        the idle states) or "c" (compact when every charge applied)."""
+        args: list[str | int] = [reply]
         for c in charges:
             param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
             args += [c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
@@ -216,13 +241,17 @@ class RedisStore:
         return [f"{prefix}{{{c.key}}}" for c in charges], args
 
     def _pack_charge(self, charges: Sequence[Charge]) -> bytes:
-        """The EVALSHA of charge.lua for ``charges``, as RESP. A charge's key and arguments encode
-        the same way every time, and the stage reuses one ``Charge`` per limit and key while its
-        cost is unchanged (always, for request rates), so their encoding is memoised per charge
-        object and a call only joins bytes."""
+        """The EVALSHA of charge.lua for ``charges``, as RESP (compact replies). A charge's key
+        and arguments encode the same way every time, and the stage reuses one ``Charge`` per
+        limit and key while its cost is unchanged (always, for request rates), so their encoding
+        is memoised per charge object; a tuple of charges the stage reuses whole (a plan of
+        request rates, or unchanged costs) is memoised as the whole command."""
+        whole = self._packed.get(id(charges))
+        if whole is not None and whole[0] is charges:
+            return whole[1]
         count = len(charges)
         parts = [self._charge_head(count)]
-        tails: list[bytes] = []
+        tails: list[bytes] = [_COMPACT]
         memo = self._wire
         for c in charges:
             wire = memo.get(id(c))
@@ -231,48 +260,53 @@ class RedisStore:
             parts.append(wire[1])
             tails.append(wire[2])
         parts += tails
-        return b"".join(parts)
+        packed = b"".join(parts)
+        if type(charges) is tuple:
+            packs = self._packed
+            if len(packs) >= WIRE_MEMO_ENTRIES:
+                del packs[next(iter(packs))]  # oldest first
+            packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
+        return packed
 
     def _charge_head(self, count: int) -> bytes:
         """Array header, command, SHA and key count of a charge.lua call with ``count`` keys."""
         head = self._heads.get(count)
         if head is None:
             whole = pack("EVALSHA", self._charge.sha, count)
-            # the array holds 3 + 8 per charge (key + 7 arguments), not the 3 packed here
-            head = self._heads[count] = b"*%d\r\n" % (3 + 8 * count) + whole[whole.index(b"\r\n") + 2:]
+            # the array holds 3 + the reply flag + 8 per charge (key + 7 arguments)
+            head = self._heads[count] = b"*%d\r\n" % (4 + 8 * count) + whole[whole.index(b"\r\n") + 2:]
         return head
 
-    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes]:
+    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes]:
         param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
-        # hiredis packs each part as a bulk string; drop the array headers ("*1\r\n", "*7\r\n")
+        # hiredis packs each part as a bulk string; drop the array headers ("*1\r\n", "*7\r\n", ...)
         key = pack(f"{self._prefix}{{{c.key}}}")[4:]
         args = pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:]
+        adjust = pack(c.algorithm, c.limit, c.period_ms, c.bucket_ms)[4:]
         memo = self._wire
         if len(memo) >= WIRE_MEMO_ENTRIES:
             del memo[next(iter(memo))]  # oldest first
-        wire = memo[id(c)] = (c, key, args)  # the entry pins c, so its id is not reused meanwhile
+        wire = memo[id(c)] = (c, key, args, adjust)  # the entry pins c, so its id is not reused meanwhile
         return wire
 
     @staticmethod
     def _charge_result(charges: Sequence[Charge], raw: Any) -> ChargeResult:
-        """Parse charge.lua's reply: allowed, now_ms, then 7 integers per charge (RESP integers:
-        both hiredis and redis-py's own parser give Python ints)."""
-        allowed = raw[0] == 1
-        states: list[LimitState] = []
-        receipts: list[Receipt] = []
-        at = 2
-        if allowed:  # the usual case: every charge applied; charge.lua never returns negatives then
+        """Parse charge.lua's reply (RESP integers: both hiredis and redis-py's own parser give
+        Python ints). Compact (2, when every charge applied): now_ms, then remaining, reset_ms and
+        bucket_ms per charge. Full: allowed, now_ms, then 7 integers per charge."""
+        # tuple.__new__ builds the named tuples without the Python-level __new__ each one has
+        if raw[0] == 2:  # the usual case; charge.lua never returns negatives here
+            states: list[LimitState] = []
+            receipts: list[Receipt] = []
+            at = 2
             for c in charges:
-                if raw[at] != 1:  # a shadow charge that would deny: the general path below
-                    break
-                states.append(_new(LimitState, (True, c.limit, raw[at + 1], raw[at + 2] / 1000.0, 0.0)))
-                receipts.append(_new(Receipt, (c, raw[at + 4], True)))
-                at += 7
-            else:
-                return _new(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
-            states, receipts, at = [], [], 2
+                states.append(_new(LimitState, (True, c.limit, raw[at], raw[at + 1] / 1000.0, 0.0)))
+                receipts.append(_new(Receipt, (c, raw[at + 2], True)))
+                at += 3
+            return _new(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
+        allowed = raw[0] == 1
+        states, receipts, at = [], [], 2
         for c in charges:
-            # tuple.__new__ builds the named tuples without the Python-level __new__ each one has
             if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
                 reset = max(0, raw[at + 2]) / 1000.0
                 states.append(_new(LimitState, (True, c.limit, max(0, raw[at + 1]), reset, 0.0)))
@@ -331,9 +365,12 @@ class RedisStore:
         reconcile = self._reconcile
         if reconcile is None:
             return False
-        todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
-        if todo:
-            reconcile.submit(todo, done)
+        for a in adjustments:  # (the stage sends only applied, non-zero ones: no copy then)
+            if not a.delta or not a.receipt.applied:
+                adjustments = [a for a in adjustments if a.receipt.applied and a.delta != 0]
+                break
+        if adjustments:
+            reconcile.submit(adjustments, done)
         else:
             done(None)
         return True
@@ -342,8 +379,29 @@ class RedisStore:
         await self._guard(lambda: self._adjust_all(adjustments))
 
     def _pack_adjust(self, adjustments: Sequence[Adjustment]) -> bytes:
-        keys, args = self._adjust_args(adjustments)
-        return pack("EVALSHA", self._adjust.sha, len(keys), *keys, *args)
+        """The EVALSHA of adjust.lua for ``adjustments``, as RESP: each charge's key and fixed
+        arguments come from the encoding memo (the charges settled are the ones charged), only
+        the delta and the reference are encoded here."""
+        count = len(adjustments)
+        head = self._adjust_heads.get(count)
+        if head is None:
+            whole = pack("EVALSHA", self._adjust.sha, count)
+            head = self._adjust_heads[count] = b"*%d\r\n" % (3 + 7 * count) + whole[whole.index(b"\r\n") + 2:]
+        parts = [head]
+        tails: list[bytes] = []
+        memo = self._wire
+        for a in adjustments:
+            receipt = a.receipt
+            c = receipt.charge
+            wire = memo.get(id(c))
+            if wire is None or wire[0] is not c:
+                wire = self._encode_charge(c)
+            parts.append(wire[1])
+            delta = b"%d" % a.delta
+            ref = c.lease_id.encode() if c.algorithm is Algorithm.LEASE else b"%d" % receipt.bucket_ms
+            tails.append(b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (wire[3], len(delta), delta, len(ref), ref))
+        parts += tails
+        return b"".join(parts)
 
     async def _adjust_all(self, adjustments: Sequence[Adjustment]) -> None:
         groups = self._groups([a.receipt.charge.key for a in adjustments])

@@ -237,7 +237,8 @@ class RespConnection:
         self.deadline = deadline  # default for call(); prelude commands get it too
         self._connect_timeout = connect_timeout
         self._stale_after = stale_after
-        self._proto: RespProtocol | None = None
+        # The current connection, possibly closed (``ready`` checks); hot paths read it directly.
+        self.proto: RespProtocol | None = None
         self._connecting: asyncio.Task[RespProtocol] | None = None
         self._closed = False
         self.prelude: Prelude | None = None  # written ahead of each write (see RespProtocol)
@@ -246,7 +247,7 @@ class RespConnection:
     @property
     def ready(self) -> RespProtocol | None:
         """The live connection, or None if a call would have to connect first."""
-        proto = self._proto
+        proto = self.proto
         return proto if proto is not None and not proto.closed else None
 
     async def call(self, packed: bytes, timeout: float | None = None) -> Any:
@@ -254,7 +255,7 @@ class RespConnection:
         exceptions; no reply within ``timeout`` (default: the connection's deadline, connecting
         included) raises ``TimeoutError``."""
         timeout = self.deadline if timeout is None else timeout
-        proto = self._proto
+        proto = self.proto
         if proto is None or proto.closed:
             started = asyncio.get_running_loop().time()
             async with asyncio.timeout(timeout):
@@ -296,7 +297,7 @@ class RespConnection:
             proto.abort(RedisConnectionError("Redis connection closed"))
             raise RedisConnectionError("Redis connection closed")
         proto.prelude = self.prelude  # only now: nothing may go out ahead of AUTH and SELECT
-        self._proto = proto
+        self.proto = proto
         self.connects += 1
         return proto
 
@@ -307,7 +308,7 @@ class RespConnection:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])  # cancelled or failed: either way the attempt is over
-        proto, self._proto = self._proto, None
+        proto, self.proto = self.proto, None
         if proto is not None:
             proto.abort(RedisConnectionError("Redis connection closed"))
 

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
-from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
+from gateway.store.base import Adjustment, Algorithm, Charge, Receipt, StoreError
 from gateway.store.redis import RedisStore
 from gateway.store.resp import RespConnection, pack
 from tests.support.quota_ctx import limit, make_ctx, quota
@@ -190,9 +190,17 @@ def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.Monk
     ]
     for _ in range(2):  # cold, then from the memo (evicting: it holds only 3)
         for n in range(1, len(charges) + 1):
-            keys, args = store._charge_args(charges[:n])
-            assert store._pack_charge(charges[:n]) == pack("EVALSHA", store._charge.sha, n, *keys, *args)
-    assert len(store._wire) == 3
+            keys, args = store._charge_args(charges[:n], "c")
+            expected = pack("EVALSHA", store._charge.sha, n, *keys, *args)
+            assert store._pack_charge(charges[:n]) == expected
+            whole = tuple(charges[:n])  # a tuple is memoised whole, by identity
+            assert store._pack_charge(whole) == expected and store._pack_charge(whole) == expected
+    assert len(store._wire) == 3 and len(store._packed) == 3
+    receipts = [Receipt(c, 1_795_898_880_000 + i, True) for i, c in enumerate(charges)]
+    adjustments = [Adjustment(r, delta) for r, delta in zip(receipts, (-1, 37, -5, -1, 12), strict=True)]
+    for n in range(1, len(adjustments) + 1):  # the settle path joins memoised pieces too
+        keys, args = store._adjust_args(adjustments[:n])
+        assert store._pack_adjust(adjustments[:n]) == pack("EVALSHA", store._adjust.sha, n, *keys, *args)
 
 
 async def test_lean_charges_reuse_their_encoding_and_stay_correct(redis_store: RedisStore) -> None:

@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
-from gateway.store.base import Algorithm, Charge, StoreError
+from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
 from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
 from gateway.store.redis import RedisStore
 from tests.support.quota_ctx import limit, make_ctx, quota
@@ -190,3 +190,35 @@ async def test_long_stream_keeps_its_lease_with_a_real_ttl(redis_store: RedisSto
         await stage.settle(third)
     finally:
         await stage.guard.close()
+
+
+async def test_window_keys_always_carry_their_expiry(redis_store: RedisStore) -> None:
+    """charge.lua sets a window key's expiry only when a charge opens a new bucket, and adjust.lua
+    only when it re-creates a bucket: every path must still leave a TTL that covers the newest
+    bucket's end, and no key without one (a key that never expires would leak)."""
+    store = redis_store
+    client = store.client
+    key = store.key("ttl|tpd")
+    tpd = window("ttl|tpd", 1_000, cost=10)
+    period_ms = tpd.period_ms
+
+    async def ttl_ms() -> int:
+        return int(await client.pttl(key))
+
+    first = await store.charge([tpd])  # new bucket: the expiry is set
+    assert period_ms < await ttl_ms() <= period_ms + tpd.bucket_ms + 1
+    await client.pexpire(key, period_ms)  # (made shorter, so that a skipped PEXPIRE shows)
+    again = await store.charge([tpd])  # same bucket: already covered, left alone
+    assert again.receipts[0].bucket_ms == first.receipts[0].bucket_ms
+    assert await ttl_ms() <= period_ms
+    await store.adjust([Adjustment(first.receipts[0], 5)])  # an existing bucket: left alone
+    assert await ttl_ms() <= period_ms
+    assert int(await client.hget(key, str(first.receipts[0].bucket_ms))) == 25
+
+    await client.delete(key)  # the key is gone (expired, or removed by hand)
+    await store.adjust([Adjustment(first.receipts[0], 7)])  # re-created by a reconcile: needs a TTL
+    assert period_ms < await ttl_ms() <= period_ms + tpd.bucket_ms + 1
+    await store.adjust([Adjustment(first.receipts[0], -7)])  # back to nothing: the bucket goes
+    assert await client.exists(key) == 0
+    await store.adjust([Adjustment(first.receipts[0], -3)])  # a refund of nothing creates nothing
+    assert await client.exists(key) == 0

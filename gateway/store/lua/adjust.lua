@@ -7,33 +7,42 @@ local NA = 6
 for i = 1, #KEYS do
   local b = (i - 1) * NA
   local algo = ARGV[b + 1]
-  local limit = tonumber(ARGV[b + 2])
-  local period = tonumber(ARGV[b + 3])
-  local gran = tonumber(ARGV[b + 4])
   local delta = tonumber(ARGV[b + 5])
   local ref = ARGV[b + 6]
   local key = KEYS[i]
+  -- numbers parsed only where used: tonumber is strtod, a noticeable cost per argument
   if algo == 'g' then
+    local limit = tonumber(ARGV[b + 2])
+    local period = tonumber(ARGV[b + 3])
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local new_tat = tat + delta * (period / limit)
       if new_tat > now then
-        redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat) + 1 - now)
+        -- '%.3f' as two integers (see charge.lua: no float printing)
+        local whole = math.floor(new_tat)
+        local frac = math.floor((new_tat - whole) * 1000 + 0.5)
+        if frac >= 1000 then whole, frac = whole + 1, frac - 1000 end
+        redis.call('SET', key, string.format('%d.%03d', whole, frac), 'PX',
+                   string.format('%d', math.ceil(new_tat) + 1 - now))
       else
         redis.call('DEL', key)
       end
     end
   elseif algo == 'w' then
     -- Only the bucket the reservation was charged in; once it left the window it no longer counts.
+    local period = tonumber(ARGV[b + 3])
+    local gran = tonumber(ARGV[b + 4])
     local bucket = tonumber(ref)
     if bucket + gran > now - period then
-      local value = (tonumber(redis.call('HGET', key, ref)) or 0) + delta
-      if value > 0 then
-        redis.call('HSET', key, ref, value)
-        local want = bucket + gran + period + 1 - now
-        if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, want) end
-      else
+      local value = redis.call('HINCRBY', key, ref, ARGV[b + 5])
+      if value <= 0 then
         redis.call('HDEL', key, ref)
+      elseif value == delta then
+        -- The bucket was gone (buckets never hold 0), so the key may be new, without expiry.
+        -- A bucket that still held usage needs nothing more: the charge that created it set the
+        -- key's expiry to at least this bucket's end.
+        local want = bucket + gran + period + 1 - now
+        if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, string.format('%d', want)) end
       end
     end
   elseif delta < 0 then
