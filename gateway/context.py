@@ -83,6 +83,19 @@ class ClientInfo:
     is_tor_exit_node: bool = False
     is_public_proxy: bool = False
     is_residential_proxy: bool = False
+    # network() memo: the address it was worked out for, and (text, prefix)
+    _network_of: IPAddress | None = field(default=None, repr=False, compare=False)
+    _network: tuple[str, str] = field(default=("", ""), repr=False, compare=False)
+
+    def network(self, ip: IPAddress) -> tuple[str, str]:
+        """``(str(ip), its /24 or /48 prefix)`` for one of this client's addresses: worked out
+        once per request, although the risk signals, quota keys and policy fields all use it."""
+        if self._network_of is not ip:
+            from gateway.ipaddr import network_text  # (ipaddr imports this module)
+
+            self._network = network_text(ip)
+            self._network_of = ip
+        return self._network
 
 
 @dataclass(slots=True)

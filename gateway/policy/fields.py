@@ -8,7 +8,6 @@ the closest valid path suggested.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,9 +81,7 @@ def _ip_prefix(ctx: RequestContext) -> str | None:
     ip = ctx.client.ip
     if ip is None:
         return None
-    # /24 and /48 are the usual allocation granularity: one customer or one hosting block.
-    bits = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network((ip, bits), strict=False))
+    return ctx.client.network(ip)[1]  # /24 or /48, memoised for the request
 
 
 def _hour(ctx: RequestContext) -> int:

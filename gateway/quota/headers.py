@@ -59,6 +59,20 @@ class HeaderItem(NamedTuple):
 
 def go_duration(seconds: float) -> str:
     """Format like Go's ``time.Duration`` (OpenAI's style): ``6m0s``, ``1.5s``, ``120ms``."""
+    text = _GO_MEMO.get(seconds)
+    if text is None:
+        text = _go_duration(seconds)
+        if len(_GO_MEMO) >= MEMO_ENTRIES:
+            _GO_MEMO.clear()
+        _GO_MEMO[seconds] = text
+    return text
+
+
+# Resets repeat (a request rate's is a few ms, a window's moves one ms at a time): text per value.
+_GO_MEMO: dict[float, str] = {}
+
+
+def _go_duration(seconds: float) -> str:
     ms = math.ceil(seconds * 1000)
     if ms <= 0:
         return "0s"
@@ -119,6 +133,14 @@ def _tightest(candidates: _Candidates, states: Sequence[LimitState]) -> tuple[in
     return best
 
 
+def _pick(candidates: _Candidates, states: Sequence[LimitState]) -> tuple[int, str]:
+    """:func:`_tightest`, with the usual two candidates done inline."""
+    if len(candidates) == 2:
+        first, second = candidates
+        return second if states[second[0]][2] < states[first[0]][2] else first
+    return _tightest(candidates, states)
+
+
 class HeaderLayout:
     """What the headers of one combination of enforced limits have in common: immutable once
     built, shared by every response with the same limits (see the module docstring)."""
@@ -164,7 +186,7 @@ class HeaderLayout:
         headers = {"RateLimit-Policy": self.policy, "RateLimit": rate}
         if api is not ApiFamily.ANTHROPIC:
             for names, candidates in self.openai:
-                i, limit = _tightest(candidates, states) if len(candidates) > 1 else candidates[0]
+                i, limit = candidates[0] if len(candidates) == 1 else _pick(candidates, states)
                 state = states[i]
                 headers[names[0]] = limit
                 headers[names[1]] = str(state.remaining)
@@ -173,7 +195,7 @@ class HeaderLayout:
             if times is None:
                 times = {}
             for names, candidates in self.anthropic:
-                i, limit = _tightest(candidates, states) if len(candidates) > 1 else candidates[0]
+                i, limit = candidates[0] if len(candidates) == 1 else _pick(candidates, states)
                 state = states[i]
                 headers[names[0]] = limit
                 headers[names[1]] = str(state.remaining)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,19 +43,14 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-_V6_MASK_48 = ((1 << 48) - 1) << 80
-
-
 def _ip_prefix(ctx: RequestContext) -> str | None:
     """The /24 (IPv4) or /48 (IPv6) network, as ``ipaddress.ip_network(..., strict=False)``
-    prints it, by masking the address as an integer (ip_network re-parses text: ~10x slower)."""
-    ip = ctx.client.ip or ctx.client.peer_ip
+    prints it (memoised on the client: the risk signals use it too)."""
+    client = ctx.client
+    ip = client.ip or client.peer_ip
     if ip is None:
         return None
-    n = int(ip)
-    if ip.version == 4:
-        return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.0/24"
-    return f"{ipaddress.IPv6Address(n & _V6_MASK_48)}/48"
+    return client.network(ip)[1]
 
 
 def _client_ip(ctx: RequestContext) -> str | None:

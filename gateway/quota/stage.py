@@ -39,16 +39,16 @@ KEY_MEMO_ENTRIES = 16384
 PLAN_MEMO_ENTRIES = 1024
 
 # What ``settle`` needs: (applied (limit kind, receipt) pairs other than request rates, backend,
-# input reserved, price).
-_Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None]
+# input reserved, price, whether leases are being renewed).
+_Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None, bool]
 
 
 class _Slot:
     """One limit of one matched quota rule: everything about it that is fixed by the policy
     snapshot, worked out once per plan instead of once per request."""
 
-    __slots__ = ("algorithm", "entries", "getters", "kind", "kind_text", "limit", "mode", "name",
-                 "period_ms", "rule_id", "shadow", "single")
+    __slots__ = ("algorithm", "getters", "kind", "kind_text", "limit", "mode", "name", "period_ms",
+                 "rule_id", "shadow")
 
     def __init__(self, action: MatchedAction, limit: CompiledLimit, mode: FailureMode,
                  default_lease_ttl: float) -> None:
@@ -63,11 +63,6 @@ class _Slot:
         seconds = limit.period if limit.period is not None else (limit.lease_ttl or default_lease_ttl)
         self.period_ms = max(1, math.ceil(seconds * 1000))
         self.name = limit.name  # in the headers; qualified with the rule id when shared (below)
-        self.single = len(self.getters) == 1
-        # Key values (the one value, or a tuple of them) → store key and last charge: the key of
-        # this memo is what varies per request, so a lookup hashes a string (cached by Python)
-        # rather than a tuple built per request.
-        self.entries: dict[Any, _KeyEntry] = {}
 
 
 class _Plan:
@@ -75,10 +70,13 @@ class _Plan:
     snapshot builds its ``MatchedAction`` objects once, so every request matching the same rules
     brings the same objects and finds its plan by their ids (``actions`` pins them)."""
 
-    __slots__ = ("actions", "audit_bases", "enforced_only", "headers", "lease_slots", "modes", "settle_slots",
-                 "slots")
+    __slots__ = ("actions", "audit_bases", "combos", "enforced_only", "getters", "headers", "lease_slots",
+                 "matched", "modes", "reusable", "settle_slots", "slots")
 
-    def __init__(self, actions: tuple[MatchedAction, ...], settings: QuotaSettings) -> None:
+    def __init__(self, matched: list[Any], settings: QuotaSettings) -> None:
+        self.matched = matched  # every action the rules contributed (the memo key's objects)
+        actions = tuple(a for a in matched if isinstance(a, MatchedAction) and a.name == "quota"
+                        and isinstance(a.value, QuotaAction))
         self.actions = actions
         slots: list[_Slot] = []
         for action in actions:
@@ -98,17 +96,26 @@ class _Plan:
         self.settle_slots = tuple((i, s.kind) for i, s in enumerate(slots)
                                   if s.kind is not LimitKind.REQUESTS)
         self.lease_slots = tuple(i for i, s in enumerate(slots) if s.kind is LimitKind.CONCURRENCY)
+        # Every key getter of every slot, in order: their values are the combination memo's key.
+        self.getters = tuple(g for s in slots for g in s.getters)
+        # Key values → store keys and the last charges built for them (see QuotaStage._charges).
+        self.combos: dict[tuple[Any, ...], _Combo] = {}
+        # Without leases (a new lease id per request), equal costs mean equal charges.
+        self.reusable = not self.lease_slots
 
 
-class _KeyEntry:
-    """Memo for one limit slot and key values: the store key and the last charge built for it,
-    reused while its cost is unchanged (always, for request rates: cost 1)."""
+class _Combo:
+    """Memo for one plan and one combination of key values: each slot's store key, and the last
+    charges built (reused while the request's cost inputs are unchanged, which is always the case
+    for plans of request rates only). The charges are a tuple that stays the same object, so the
+    store can memoise their encoding by identity."""
 
-    __slots__ = ("charge", "key")
+    __slots__ = ("charges", "inputs", "keys")
 
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.charge: Charge | None = None
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.charges: tuple[Charge, ...] = ()
+        self.inputs: tuple[int, int, Price | None] | None = None
 
 
 def cost_of(kind: LimitKind, input_tokens: int, output_tokens: int, price: Price | None) -> int:
@@ -173,11 +180,9 @@ class QuotaStage(SettlesNow):
         matched = getattr(ctx.outcome, "actions", None)
         if not matched:
             return None
-        actions = [a for a in matched
-                   if isinstance(a, MatchedAction) and a.name == "quota" and isinstance(a.value, QuotaAction)]
-        if not actions:
+        plan = self._plan_for(matched)
+        if not plan.slots:
             return None
-        plan = self._plan_for(actions)
         req = ctx.request
         input_est = max(0, req.input_tokens_estimate)
         output_res = (req.max_tokens or self.settings.default_output_tokens) * max(1, req.n)
@@ -244,7 +249,7 @@ class QuotaStage(SettlesNow):
             audit["denied"] = [f"{slot.rule_id}/{slot.limit.name}" for slot, _, _ in denied]
             return self._deny(denied, headers)
         if charged:  # (a ticket even without adjustments: settle audits the usage)
-            self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price)
+            self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price, bool(leases))
             if leases:
                 self.renewer.track(id(ctx), tuple(leases), guarded.backend)
         return None
@@ -264,7 +269,7 @@ class QuotaStage(SettlesNow):
         receipts = result.receipts
         key = id(ctx)
         self._pending[key] = (tuple([(kind, receipts[i]) for i, kind in plan.settle_slots]), "store",
-                              input_est, price)
+                              input_est, price, bool(plan.lease_slots))
         if plan.lease_slots:
             self.renewer.track(key, tuple([receipts[i] for i in plan.lease_slots]), "store")
 
@@ -301,50 +306,61 @@ class QuotaStage(SettlesNow):
             price = self._prices[model] = self.settings.price_for(model)
             return price
 
-    def _plan_for(self, actions: list[MatchedAction]) -> _Plan:
-        matched = tuple(actions)
-        memo_key = tuple([id(a) for a in matched])
+    def _plan_for(self, matched: list[Any]) -> _Plan:
+        """The plan for the actions the rules contributed (quota or not: the memo key is every
+        action's id, so finding it needs no filtering); a plan without slots means no quota."""
+        memo_key = tuple(map(id, matched))
         plan = self._plans.get(memo_key)
-        # Tuple equality tries identity first, so this is cheap for the same objects; equal but
+        # List equality tries identity first, so this is cheap for the same objects; equal but
         # distinct actions (a reload that changed nothing here) would plan the same anyway.
-        if plan is None or plan.actions != matched:
+        if plan is None or plan.matched != matched:
             plans = self._plans
             if len(plans) >= PLAN_MEMO_ENTRIES:
                 del plans[next(iter(plans))]  # oldest first
-            plan = plans[memo_key] = _Plan(matched, self.settings)
+            plan = plans[memo_key] = _Plan(list(matched), self.settings)
         return plan
 
     def _charges(self, ctx: RequestContext, plan: _Plan, input_est: int, output_res: int,
-                 price: Price | None) -> list[Charge]:
+                 price: Price | None) -> tuple[Charge, ...]:
+        values = tuple([getter(ctx) for getter in plan.getters])
+        combos = plan.combos
+        combo = combos.get(values)
+        if combo is None:
+            if len(combos) >= KEY_MEMO_ENTRIES:
+                del combos[next(iter(combos))]  # oldest first
+            keys = tuple([slot.limit.identity(slot.rule_id, ctx) for slot in plan.slots])
+            combo = combos[values] = _Combo(keys)
+        if plan.reusable:
+            inputs = (input_est, output_res, price)
+            if inputs == combo.inputs:
+                return combo.charges
+            combo.inputs = inputs
+        charges = combo.charges = self._build(ctx, plan, combo, input_est, output_res, price)
+        return charges
+
+    def _build(self, ctx: RequestContext, plan: _Plan, combo: _Combo, input_est: int, output_res: int,
+               price: Price | None) -> tuple[Charge, ...]:
+        """The charges for new cost inputs; a charge whose cost did not change is kept (the
+        store's encoding memo is keyed by the charge object)."""
+        previous = combo.charges
         charges: list[Charge] = []
         lease_id = ""
-        for slot in plan.slots:
+        for i, (slot, key) in enumerate(zip(plan.slots, combo.keys, strict=True)):
             lim = slot.limit
-            values = slot.getters[0](ctx) if slot.single else tuple([g(ctx) for g in slot.getters])
-            memo = slot.entries
-            entry = memo.get(values)
-            if entry is None:
-                if len(memo) >= KEY_MEMO_ENTRIES:
-                    del memo[next(iter(memo))]  # oldest first
-                entry = memo[values] = _KeyEntry(lim.identity(slot.rule_id, ctx))
             kind = slot.kind
-            charge = entry.charge
-            if kind is LimitKind.REQUESTS:
-                if charge is None:
-                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1,
-                                                   lim.burst, slot.shadow)
-            elif kind is LimitKind.CONCURRENCY:
+            if kind is LimitKind.CONCURRENCY:
                 if not lease_id:
                     lease_id = f"{ctx.request_id}.{self._lease_nonce}{next(self._lease_seq):x}"
-                charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1, lim.burst,
-                                slot.shadow, lease_id)
+                charges.append(Charge(key, slot.algorithm, lim.limit, slot.period_ms, 1, lim.burst,
+                                      slot.shadow, lease_id))
+                continue
+            cost = 1 if kind is LimitKind.REQUESTS else cost_of(kind, input_est, output_res, price)
+            if previous and previous[i].cost == cost:
+                charges.append(previous[i])
             else:
-                cost = cost_of(kind, input_est, output_res, price)
-                if charge is None or charge.cost != cost:
-                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms,
-                                                   cost, lim.burst, slot.shadow)
-            charges.append(charge)
-        return charges
+                charges.append(Charge(key, slot.algorithm, lim.limit, slot.period_ms, cost, lim.burst,
+                                      slot.shadow))
+        return tuple(charges)
 
     def _deny(self, denied: list[tuple[_Slot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
         slot, charge, state = max(denied, key=lambda d: d[2].retry_after)
@@ -374,10 +390,11 @@ class QuotaStage(SettlesNow):
         ticket = self._pending.pop(id(ctx), None)
         if ticket is None:
             return None
-        # Before the release: no later renewal round includes this lease (one already in flight
-        # cannot revive it: Store.renew only extends leases still held).
-        self.renewer.forget(id(ctx))
-        applied, backend, input_reserved, price = ticket
+        applied, backend, input_reserved, price, leases = ticket
+        if leases:
+            # Before the release: no later renewal round includes this lease (one already in
+            # flight cannot revive it: Store.renew only extends leases still held).
+            self.renewer.forget(id(ctx))
         actual_in, actual_out = self._actual_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []
         for kind, receipt in applied:
@@ -387,7 +404,9 @@ class QuotaStage(SettlesNow):
                 delta = cost_of(kind, actual_in, actual_out, price) - receipt.charge.cost
                 if delta:
                     adjustments.append(Adjustment(receipt, delta))
-        audit = ctx.audit.setdefault("quota", {})
+        audit = ctx.audit.get("quota")
+        if audit is None:
+            audit = ctx.audit["quota"] = {}
         audit["settled"] = {"input_tokens": actual_in, "output_tokens": actual_out}
         # Nothing to reconcile (request rates, exact reservations): no round trip. Otherwise
         # queued when the store can batch it (see docs/quotas.md for the delay bound).

@@ -23,7 +23,6 @@ org sharing a template or a network are one customer, not a hydra.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,17 +160,6 @@ def _effort_high(body: object) -> bool:
     return effort == "high"
 
 
-def _network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, str]:
-    """``(str(ip), prefix)``. /24 and /48 are the usual allocation granularity: one customer or one
-    hosting block. IPv4 is formatted from the address integer: what ``str(ip)`` and
-    ``str(ip_network((ip, 24), strict=False))`` give, without the ``ipaddress`` machinery."""
-    if ip.version == 4:
-        n = int(ip)
-        net = f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}"
-        return f"{net}.{n & 255}", f"{net}.0/24"
-    return str(ip), str(ipaddress.ip_network((ip, 48), strict=False))
-
-
 def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Plan:
     """The store operations for this request (nothing is sent yet)."""
     principal, client = ctx.principal, ctx.client
@@ -190,7 +178,7 @@ def plan(ctx: RequestContext, local: LocalSignals, settings: RiskSettings) -> Pl
             templates.append(tid)
         ip = client.ip
         if ip is not None:
-            ip_text, prefix = _network(ip)
+            ip_text, prefix = client.network(ip)
             p.prefix = prefix_id = f"p:{prefix}"
             ops.append(HllAdd(f"ip:{ip_text}", entity, window))
             ops.append(HllAdd(prefix_id, entity, window))
