@@ -91,11 +91,21 @@ class ClientInfo:
         """``(str(ip), its /24 or /48 prefix)`` for one of this client's addresses: worked out
         once per request, although the risk signals, quota keys and policy fields all use it."""
         if self._network_of is not ip:
-            from gateway.ipaddr import network_text  # (ipaddr imports this module)
-
-            self._network = network_text(ip)
+            self._network = _network_text(ip)
             self._network_of = ip
         return self._network
+
+
+def _network_text(ip: IPAddress) -> tuple[str, str]:
+    """``(str(ip), prefix)`` with the /24 (IPv4) or /48 (IPv6) network as
+    ``str(ip_network((ip, bits), strict=False))`` prints it. /24 and /48 are the usual allocation
+    granularity: one customer or one hosting block. IPv4 is formatted from the address integer,
+    without the ``ipaddress`` machinery (~10x faster)."""
+    if ip.version == 4:
+        n = int(ip)
+        net = f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}"
+        return f"{net}.{n & 255}", f"{net}.0/24"
+    return str(ip), str(ipaddress.ip_network((ip, 48), strict=False))
 
 
 @dataclass(slots=True)
