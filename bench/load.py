@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -187,7 +188,24 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}x" if b else "–"
 
 
-def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace) -> str:
+def round_ratios(parts: dict[tuple[str, str, int], list[Cell]], baseline: str) -> list[str]:
+    """Markdown rows: each target's req/s over the baseline's, per mode and concurrency, as the
+    median (and range) of the per-round ratios. A round's cells ran back to back, so a slow spell
+    of a shared machine touches both sides of its ratio; pooled req/s mixes spells instead."""
+    rows: list[str] = []
+    for (target, mode, conc), cells in parts.items():
+        base = parts.get((baseline, mode, conc))
+        if target == baseline or not base:
+            continue
+        ratios = sorted(c.rps / b.rps for c, b in zip(cells, base, strict=False) if b.rps)
+        if ratios:
+            rows.append(f"| {target} | {mode} | {conc} | {statistics.median(ratios):.2f}x "
+                        f"| {ratios[0]:.2f}–{ratios[-1]:.2f} | {len(ratios)} |")
+    return rows
+
+
+def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
+           ratios: list[str] | None = None) -> str:
     by = {(c.target, c.mode, c.concurrency): c for c in cells}
     lines = [
         f"Chat completions ({args.chunks} content chunks per stream), {args.duration:g} s per cell"
@@ -210,6 +228,15 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace) 
             f"| {_ratio(c.cpu_us, p.cpu_us if p and proxied else None)} "
             f"| {f'{c.p50_ms - d.p50_ms:+.2f}' if d and proxied else '–'} | {c.errors} |"
         )
+    if ratios:
+        lines += [
+            "",
+            f"Throughput vs `{args.baseline}`, round by round (median of the per-round ratios):",
+            "",
+            "| target | mode | conc | req/s ratio | range | rounds |",
+            "|---|---|---:|---:|---:|---:|",
+            *ratios,
+        ]
     if slow:
         lines += [
             "",
@@ -318,7 +345,8 @@ async def main(args: argparse.Namespace) -> int:
             if t.name != "direct":
                 slow.append(await run_slow(t, args.slow_streams, args.slow_chunks))
                 print(f"  slow streams: {slow[-1]}", file=sys.stderr)
-        report = render(cells, slow, args)
+        ratios = round_ratios(parts, args.baseline) if args.baseline else None
+        report = render(cells, slow, args, ratios)
         print(report)
         (logs / "latest.md").write_text(report + "\n")
         data = {"cells": [{k: v for k, v in asdict(c).items() if k != "latencies"} for c in cells],
@@ -348,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, default=8, help="content chunks per streamed response")
     ap.add_argument("--config", default="bench/gateway-bench.yaml")
     ap.add_argument("--pin", action="store_true", help="pin the process under test to its own CPU")
+    ap.add_argument("--baseline", default="", metavar="TARGET",
+                    help="also report each target's req/s over TARGET's, per round (median, range)")
     ap.add_argument("--slow-streams", type=int, default=0, metavar="N", help="also hold N slow streams")
     ap.add_argument("--slow-chunks", type=int, default=5, help="1-second chunks per slow stream")
     args = ap.parse_args(argv)

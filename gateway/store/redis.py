@@ -59,6 +59,9 @@ RENEW_BATCH = 512
 # Bound on the memo of encoded charges (one per charge object the stage keeps: rule × limit × key
 # values seen recently); when full the oldest entry goes.
 WIRE_MEMO_ENTRIES = 16384
+# Bound on the memo of whole charge.lua calls by charges tuple. Kept small: with per-request token
+# costs every request brings a new tuple, and a miss only costs joining the memoised pieces.
+WHOLE_MEMO_ENTRIES = 4096
 _new = tuple.__new__  # a named tuple from a tuple of its fields, in C (see _charge_result)
 # charge.lua's first argument: compact replies when every charge applied (the lean path)
 _COMPACT = pack("c")[4:]
@@ -165,19 +168,25 @@ class RedisStore:
         """EVALSHA on the lean connection: the connection enforces the deadline (no
         ``asyncio.timeout`` per call); NOSCRIPT loads the script there and retries once, all
         within the one deadline; failures become ``StoreError`` as in :meth:`_guard`."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._deadline
+        until = asyncio.get_running_loop().time() + self._deadline
         try:
             try:
                 return await lean.call(packed, self._deadline)
             except NoScriptError:
-                self.stats.script_reloads += 1
-                await lean.call(pack("SCRIPT", "LOAD", script.body), until - loop.time())
-                return await lean.call(packed, until - loop.time())
+                return await self._reload_and_retry(lean, script, packed, until)
         except TimeoutError as exc:
             raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
         except (RedisError, OSError) as exc:
             raise StoreError(f"store error: {exc}") from exc
+
+    async def _reload_and_retry(self, lean: RespConnection, script: _Script, packed: bytes,
+                                until: float) -> Any:
+        """After NOSCRIPT: load the script on the lean connection and send ``packed`` again, both
+        before ``until`` (loop time): the call's one deadline."""
+        loop = asyncio.get_running_loop()
+        self.stats.script_reloads += 1
+        await lean.call(pack("SCRIPT", "LOAD", script.body), until - loop.time())
+        return await lean.call(packed, until - loop.time())
 
     # ---- quota --------------------------------------------------------------------------
     async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
@@ -196,14 +205,17 @@ class RedisStore:
         proto = lean.proto
         if proto is None or proto.closed:
             return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
-        fut = proto.send(packed, self._deadline)
+        deadline = self._deadline
+        until = asyncio.get_running_loop().time() + deadline
+        fut = proto.send(packed, deadline)
         try:
-            raw = await fut
-        except asyncio.CancelledError:
-            proto.watch(fut)
-            raise
-        except NoScriptError:  # flushed or restarted: load and retry (a fresh deadline, once)
-            raw = await self._lean_eval(lean, self._charge, packed)
+            try:
+                raw = await fut
+            except asyncio.CancelledError:
+                proto.watch(fut)
+                raise
+            except NoScriptError:  # flushed: load and retry once, within the same deadline
+                raw = await self._reload_and_retry(lean, self._charge, packed, until)
         except TimeoutError as exc:
             raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
         except (RedisError, OSError) as exc:
@@ -263,7 +275,7 @@ class RedisStore:
         packed = b"".join(parts)
         if type(charges) is tuple:
             packs = self._packed
-            if len(packs) >= WIRE_MEMO_ENTRIES:
+            if len(packs) >= WHOLE_MEMO_ENTRIES:
                 del packs[next(iter(packs))]  # oldest first
             packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
         return packed

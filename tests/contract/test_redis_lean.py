@@ -180,6 +180,7 @@ def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.Monk
     import gateway.store.redis as redis_module
 
     monkeypatch.setattr(redis_module, "WIRE_MEMO_ENTRIES", 3)
+    monkeypatch.setattr(redis_module, "WHOLE_MEMO_ENTRIES", 3)
     store = RedisStore(Redis(), prefix="p:")
     charges = [
         Charge("q|r|rpm|requests|principal.account=ü", Algorithm.GCRA, 10**9, 60_000, 1, burst=7),
