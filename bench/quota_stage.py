@@ -261,9 +261,9 @@ def main() -> None:
             concurrent.append(("memory", runner.run(measure_concurrent(MemoryStore(), 3, args.requests,
                                                                        args.concurrency, api=api))))
             if server is not None:
-                for name, options in (("redis, lean connection + batched reconciles", {}),
-                                      ("redis, redis-py (lean=False)", {"lean": False})):
-                    store = RedisStore.from_url(server.url, deadline=1.0, **options)
+                for name, lean in (("redis, lean connection + batched reconciles", True),
+                                   ("redis, redis-py (lean=False)", False)):
+                    store = RedisStore.from_url(server.url, deadline=1.0, lean=lean)
                     try:
                         result = runner.run(measure_concurrent(store, 3, args.requests, args.concurrency,
                                                                     api=api))

@@ -46,6 +46,7 @@ from gateway.geo.base import GeoRecord
 from gateway.geo.static import StaticGeoProvider
 from gateway.ipaddr import CidrSet
 from gateway.policy.compile import Source, compile_sources
+from gateway.policy.evaluate import Snapshot
 from gateway.risk.behind import BehindSignalStore
 from gateway.risk.settings import ChallengeSettings, RiskSettings
 from gateway.risk.sigstore import BatchResult, MemorySignalStore, Op, SignalStore
@@ -285,9 +286,10 @@ async def run_phase(events: list[Event], threshold: float | None, concurrency: i
     if threshold is not None:
         snapshot, issues = compile_sources([Source("sim.yaml", POLICY.format(threshold=threshold))])
         assert snapshot is not None, issues
+        compiled: Snapshot = snapshot
 
         class Holder:
-            current = snapshot
+            current = compiled
 
         stages += [MatchStage(Holder()), FrictionStage(signals, MemoryStore(clock),
                                                        ChallengeSettings(secret=b"sim" * 8), clock)]
