@@ -47,8 +47,8 @@ class _Slot:
     """One limit of one matched quota rule: everything about it that is fixed by the policy
     snapshot, worked out once per plan instead of once per request."""
 
-    __slots__ = ("algorithm", "getters", "kind", "kind_text", "limit", "mode", "name", "period_ms",
-                 "rule_id", "shadow")
+    __slots__ = ("algorithm", "end", "entries", "getters", "kind", "kind_text", "limit", "mode", "name",
+                 "period_ms", "rule_id", "shadow", "start")
 
     def __init__(self, action: MatchedAction, limit: CompiledLimit, mode: FailureMode,
                  default_lease_ttl: float) -> None:
@@ -63,6 +63,11 @@ class _Slot:
         seconds = limit.period if limit.period is not None else (limit.lease_ttl or default_lease_ttl)
         self.period_ms = max(1, math.ceil(seconds * 1000))
         self.name = limit.name  # in the headers; qualified with the rule id when shared (below)
+        # This slot's key values within the plan's values tuple (set by the plan).
+        self.start = self.end = 0
+        # Key values (the one value, or a tuple of them) → store key and last charge. Per slot, so
+        # that a new combination of values (an account on a new network) still finds each key.
+        self.entries: dict[Any, _KeyEntry] = {}
 
 
 class _Plan:
@@ -98,24 +103,37 @@ class _Plan:
         self.lease_slots = tuple(i for i, s in enumerate(slots) if s.kind is LimitKind.CONCURRENCY)
         # Every key getter of every slot, in order: their values are the combination memo's key.
         self.getters = tuple(g for s in slots for g in s.getters)
+        at = 0
+        for slot in slots:
+            slot.start, slot.end = at, at + len(slot.getters)
+            at = slot.end
         # Key values → store keys and the last charges built for them (see QuotaStage._charges).
         self.combos: dict[tuple[Any, ...], _Combo] = {}
         # Without leases (a new lease id per request), equal costs mean equal charges.
         self.reusable = not self.lease_slots
 
 
+class _KeyEntry:
+    """Memo for one limit slot and key values: the store key and the last charge built for it,
+    reused while its cost is unchanged (always, for request rates: cost 1)."""
+
+    __slots__ = ("charge", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.charge: Charge | None = None
+
+
 class _Combo:
-    """Memo for one plan and one combination of key values: each slot's store key, and the last
-    charges built (reused while the request's cost inputs are unchanged, which is always the case
-    for plans of request rates only). The charges are a tuple that stays the same object, so the
-    store can memoise their encoding by identity."""
+    """Memo for one plan and one combination of key values: the last charges tuple built, reused
+    whole while the request's cost inputs are unchanged (always, for plans of request rates). The
+    tuple stays the same object, so the store can memoise its encoding by identity."""
 
-    __slots__ = ("charges", "inputs", "keys")
+    __slots__ = ("charges", "inputs")
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self.keys = keys
-        self.charges: tuple[Charge, ...] = ()
-        self.inputs: tuple[int, int, Price | None] | None = None
+    def __init__(self, charges: tuple[Charge, ...], inputs: tuple[int, int, Price | None]) -> None:
+        self.charges = charges
+        self.inputs = inputs
 
 
 def cost_of(kind: LimitKind, input_tokens: int, output_tokens: int, price: Price | None) -> int:
@@ -323,43 +341,57 @@ class QuotaStage(SettlesNow):
     def _charges(self, ctx: RequestContext, plan: _Plan, input_est: int, output_res: int,
                  price: Price | None) -> tuple[Charge, ...]:
         values = tuple([getter(ctx) for getter in plan.getters])
+        if not plan.reusable:  # leases: a new lease id per request
+            return self._build(ctx, plan, values, input_est, output_res, price)
+        inputs = (input_est, output_res, price)
         combos = plan.combos
         combo = combos.get(values)
+        if combo is not None and combo.inputs == inputs:
+            return combo.charges
+        charges = self._build(ctx, plan, values, input_est, output_res, price)
         if combo is None:
             if len(combos) >= KEY_MEMO_ENTRIES:
                 del combos[next(iter(combos))]  # oldest first
-            keys = tuple([slot.limit.identity(slot.rule_id, ctx) for slot in plan.slots])
-            combo = combos[values] = _Combo(keys)
-        if plan.reusable:
-            inputs = (input_est, output_res, price)
-            if inputs == combo.inputs:
-                return combo.charges
-            combo.inputs = inputs
-        charges = combo.charges = self._build(ctx, plan, combo, input_est, output_res, price)
+            combos[values] = _Combo(charges, inputs)
+        else:
+            combo.charges, combo.inputs = charges, inputs
         return charges
 
-    def _build(self, ctx: RequestContext, plan: _Plan, combo: _Combo, input_est: int, output_res: int,
-               price: Price | None) -> tuple[Charge, ...]:
-        """The charges for new cost inputs; a charge whose cost did not change is kept (the
-        store's encoding memo is keyed by the charge object)."""
-        previous = combo.charges
+    def _build(self, ctx: RequestContext, plan: _Plan, values: tuple[Any, ...], input_est: int,
+               output_res: int, price: Price | None) -> tuple[Charge, ...]:
+        """The charges of a combination of key values not seen with these cost inputs. Each slot
+        keeps its own memo of keys and charges, so a new combination (an account on a new
+        network) still reuses each slot's key and, when its cost is unchanged, its charge object
+        (the store's encoding memo is keyed by it)."""
         charges: list[Charge] = []
         lease_id = ""
-        for i, (slot, key) in enumerate(zip(plan.slots, combo.keys, strict=True)):
+        for slot in plan.slots:
             lim = slot.limit
+            start = slot.start
+            value = values[start] if slot.end == start + 1 else values[start:slot.end]
+            memo = slot.entries
+            entry = memo.get(value)
+            if entry is None:
+                if len(memo) >= KEY_MEMO_ENTRIES:
+                    del memo[next(iter(memo))]  # oldest first
+                entry = memo[value] = _KeyEntry(lim.identity(slot.rule_id, ctx))
             kind = slot.kind
-            if kind is LimitKind.CONCURRENCY:
+            charge = entry.charge
+            if kind is LimitKind.REQUESTS:
+                if charge is None:
+                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1,
+                                                   lim.burst, slot.shadow)
+            elif kind is LimitKind.CONCURRENCY:
                 if not lease_id:
                     lease_id = f"{ctx.request_id}.{self._lease_nonce}{next(self._lease_seq):x}"
-                charges.append(Charge(key, slot.algorithm, lim.limit, slot.period_ms, 1, lim.burst,
-                                      slot.shadow, lease_id))
-                continue
-            cost = 1 if kind is LimitKind.REQUESTS else cost_of(kind, input_est, output_res, price)
-            if previous and previous[i].cost == cost:
-                charges.append(previous[i])
+                charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms, 1, lim.burst,
+                                slot.shadow, lease_id)
             else:
-                charges.append(Charge(key, slot.algorithm, lim.limit, slot.period_ms, cost, lim.burst,
-                                      slot.shadow))
+                cost = cost_of(kind, input_est, output_res, price)
+                if charge is None or charge.cost != cost:
+                    charge = entry.charge = Charge(entry.key, slot.algorithm, lim.limit, slot.period_ms,
+                                                   cost, lim.burst, slot.shadow)
+            charges.append(charge)
         return tuple(charges)
 
     def _deny(self, denied: list[tuple[_Slot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
