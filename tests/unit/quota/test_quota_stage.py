@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from gateway.context import ApiFamily
+from gateway.context import ApiFamily, RequestContext
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.quota.stage import QuotaStage
@@ -425,3 +425,41 @@ async def test_memory_window_drops_buckets_that_left_the_window(clock: FakeClock
     assert 30 <= len(buckets) <= 32  # held: one window plus at most one bucket, never the 10 s
     peek = await store.charge([Charge("w", Algorithm.WINDOW, 1_000_000, 3_000, 0)])
     assert peek.states[0].remaining == 1_000_000 - 30  # the last 3 s of charges, one per 100 ms
+
+
+class _RecordingStore(MemoryStore):
+    """A MemoryStore that keeps each charges sequence it was handed."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.seen: list[Sequence[Charge]] = []
+
+    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
+        self.seen.append(charges)
+        return await super().charge(charges)
+
+
+async def test_charges_are_reused_per_combination_and_slot(clock: FakeClock) -> None:
+    """The same combination of key values with the same cost inputs hands the store the very same
+    tuple (what the Redis store memoises its encoding by); new cost inputs rebuild only the charges
+    whose cost changed; a new combination still reuses each slot's known key and charge."""
+    store = _RecordingStore(clock)
+    stage = QuotaStage(store, SETTINGS, clock)
+    rule = quota("r", limit("rpm", "requests", 10**6, burst=10**6),
+                 limit("tpd", "total_tokens", 10**9, 86400, key=("principal.org",)))
+
+    def ctx(account: str, org: str, input_tokens: int = 100) -> RequestContext:
+        c = make_ctx(rule, account=account, input_tokens=input_tokens)
+        c.principal.org = org
+        return c
+
+    for c in (ctx("a", "o"), ctx("a", "o"), ctx("a", "o", input_tokens=150), ctx("b", "o", input_tokens=150)):
+        assert await stage(c) is None
+        await stage.settle(c)
+    first, same, costlier, other = store.seen
+    assert same is first  # one tuple object per combination and cost inputs
+    assert costlier is not first and costlier[0] is first[0]  # the request rate's charge kept
+    assert costlier[1].cost == first[1].cost + 50 and costlier[1].key == first[1].key
+    assert other[0].key != first[0].key and other[1] is costlier[1]  # org slot: same key, same cost
+    assert [c.key for c in first] == ["q|r|rpm|requests|principal.account=a",
+                                      "q|r|tpd|total_tokens|principal.org=o"]
