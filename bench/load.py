@@ -67,6 +67,7 @@ class Cell:
     cpu_us: float  # process under test, per request
     mock_cpu_us: float
     latencies: list[float] = field(default_factory=list, repr=False)  # seconds; pooled over rounds
+    store_cpu_us: float | None = None  # redis-server, per request, for targets that use it
 
 
 async def _drive(conns: list[Conn], payload: bytes, until: float, lat: list[float] | None) -> int:
@@ -93,17 +94,20 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
-async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argparse.Namespace) -> Cell:
+async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argparse.Namespace,
+                   store_pid: int | None = None) -> Cell:
     payload = request_bytes(t.port, stream, {"x-mock-chunks": str(args.chunks)})
     conns = [await connect(t.port) for _ in range(conc)]
     loop = asyncio.get_running_loop()
     try:
         await _drive(conns, payload, loop.time() + args.warmup, None)
         lat: list[float] = []
+        scpu0 = cpu_seconds(store_pid) if store_pid else 0.0
         cpu0, mcpu0, t0 = cpu_seconds(t.pid), cpu_seconds(mock_pid), time.perf_counter()
         errors = await _drive(conns, payload, loop.time() + args.duration, lat)
         elapsed = time.perf_counter() - t0
         cpu1, mcpu1 = cpu_seconds(t.pid), cpu_seconds(mock_pid)
+        scpu1 = cpu_seconds(store_pid) if store_pid else 0.0
     finally:
         for c in conns:
             c.close()
@@ -121,6 +125,7 @@ async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argp
         cpu_us=(cpu1 - cpu0) / n * 1e6,
         mock_cpu_us=(mcpu1 - mcpu0) / n * 1e6,
         latencies=lat,
+        store_cpu_us=(scpu1 - scpu0) / n * 1e6 if store_pid else None,
     )
 
 
@@ -137,6 +142,8 @@ def pooled(parts: list[Cell]) -> Cell:
         p50_ms=_pct(lat, 0.5), p99_ms=_pct(lat, 0.99),
         cpu_us=sum(c.cpu_us * c.requests for c in parts) / n,
         mock_cpu_us=sum(c.mock_cpu_us * c.requests for c in parts) / n,
+        store_cpu_us=(sum((c.store_cpu_us or 0.0) * c.requests for c in parts) / n
+                      if first.store_cpu_us is not None else None),
     )
 
 
@@ -228,6 +235,10 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
             f"| {_ratio(c.cpu_us, p.cpu_us if p and proxied else None)} "
             f"| {f'{c.p50_ms - d.p50_ms:+.2f}' if d and proxied else '–'} | {c.errors} |"
         )
+    stores = [c for c in cells if c.store_cpu_us is not None]
+    if stores:
+        lines += ["", "CPU of the redis-server the Redis targets use, per request: " + "; ".join(
+            f"{c.target} {c.mode} c={c.concurrency} {c.store_cpu_us:.0f} µs" for c in stores) + "."]
     if ratios:
         lines += [
             "",
@@ -330,12 +341,15 @@ async def main(args: argparse.Namespace) -> int:
                             for pid in everyone - {t.pid}:
                                 os.sched_setaffinity(pid, cpus[:-1])
                             os.sched_setaffinity(t.pid, cpus[-1:])
-                        cell = await run_cell(t, mock_pid, mode == "stream", conc, args)
+                        store = procs["redis"].pid if "redis" in t.name and "redis" in procs else None
+                        cell = await run_cell(t, mock_pid, mode == "stream", conc, args, store)
                         parts.setdefault((t.name, cell.mode, conc), []).append(cell)
                         print(
                             f"  {t.name:12} {cell.mode:6} c={conc:<3} {cell.rps:8.0f} req/s  "
                             f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms  "
-                            f"cpu {cell.cpu_us:5.0f} µs/req  err {cell.errors}",
+                            f"cpu {cell.cpu_us:5.0f} µs/req  err {cell.errors}"
+                            + ("" if cell.store_cpu_us is None
+                               else f"  redis-server {cell.store_cpu_us:.0f} µs/req"),
                             file=sys.stderr,
                         )
         order = {t.name: i for i, t in enumerate(targets)}
