@@ -67,6 +67,13 @@ _new = tuple.__new__  # a named tuple from a tuple of its fields, in C (see _cha
 _COMPACT = pack("c")[4:]
 
 
+def _evalsha_head(sha: str, count: int, parts: int) -> bytes:
+    """RESP array header, command, SHA and key count of an EVALSHA of ``parts`` parts in all,
+    the keys and arguments to be appended already encoded."""
+    whole = pack("EVALSHA", sha, count)
+    return b"*%d\r\n" % parts + whole[whole.index(b"\r\n") + 2:]
+
+
 @dataclass(frozen=True, slots=True)
 class _Script:
     body: str
@@ -145,10 +152,14 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._deadline if deadline is None else deadline):
                 return await fn()
-        except TimeoutError as exc:
-            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"store error: {exc}") from exc
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        """What every public call raises for a deadline or a Redis/connection failure."""
+        if isinstance(exc, TimeoutError):
+            return StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded")
+        return StoreError(f"store error: {exc}")
 
     async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
@@ -174,10 +185,8 @@ class RedisStore:
                 return await lean.call(packed, self._deadline)
             except NoScriptError:
                 return await self._reload_and_retry(lean, script, packed, until)
-        except TimeoutError as exc:
-            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"store error: {exc}") from exc
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._store_error(exc) from exc
 
     async def _reload_and_retry(self, lean: RespConnection, script: _Script, packed: bytes,
                                 until: float) -> Any:
@@ -216,10 +225,8 @@ class RedisStore:
                 raise
             except NoScriptError:  # flushed: load and retry once, within the same deadline
                 raw = await self._reload_and_retry(lean, self._charge, packed, until)
-        except TimeoutError as exc:
-            raise StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"store error: {exc}") from exc
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise self._store_error(exc) from exc
         return self._charge_result(charges, raw)
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
@@ -283,10 +290,8 @@ class RedisStore:
     def _charge_head(self, count: int) -> bytes:
         """Array header, command, SHA and key count of a charge.lua call with ``count`` keys."""
         head = self._heads.get(count)
-        if head is None:
-            whole = pack("EVALSHA", self._charge.sha, count)
-            # the array holds 3 + the reply flag + 8 per charge (key + 7 arguments)
-            head = self._heads[count] = b"*%d\r\n" % (4 + 8 * count) + whole[whole.index(b"\r\n") + 2:]
+        if head is None:  # the array: 3 + the reply flag + 8 per charge (key + 7 arguments)
+            head = self._heads[count] = _evalsha_head(self._charge.sha, count, 4 + 8 * count)
         return head
 
     def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes]:
@@ -396,9 +401,8 @@ class RedisStore:
         the delta and the reference are encoded here."""
         count = len(adjustments)
         head = self._adjust_heads.get(count)
-        if head is None:
-            whole = pack("EVALSHA", self._adjust.sha, count)
-            head = self._adjust_heads[count] = b"*%d\r\n" % (3 + 7 * count) + whole[whole.index(b"\r\n") + 2:]
+        if head is None:  # the array: 3 + 7 per adjustment (key + 6 arguments)
+            head = self._adjust_heads[count] = _evalsha_head(self._adjust.sha, count, 3 + 7 * count)
         parts = [head]
         tails: list[bytes] = []
         memo = self._wire
