@@ -270,7 +270,7 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
 def _gateway_config(name: str, default: str, redis_url: str | None) -> str:
     """``gateway`` uses --config; ``gateway:VARIANT`` uses bench/gateway-VARIANT.yaml, with
     ``{redis_url}`` filled in (the rendered copy sits beside it, git-ignored)."""
-    variant = name.partition(":")[2]
+    variant = name.partition(":")[2].partition("@")[0]
     if not variant:
         return default
     source = ROOT / "bench" / f"gateway-{variant}.yaml"
@@ -287,6 +287,10 @@ def _gateway_config(name: str, default: str, redis_url: str | None) -> str:
 def _command(name: str, port: int, upstream: str, config: str) -> list[str] | None:
     if name == "passthrough":
         return [PY, "bench/passthrough.py", "--port", str(port), "--upstream", upstream]
+    name, _, ablation = name.partition("@")
+    if name.startswith("gateway") and ablation:  # the quota stage cut down (bench/quota_ablation.py)
+        return [PY, "bench/quota_ablation.py", ablation, "run", "--config", config, "--port", str(port),
+                "--upstream", upstream]
     if name.startswith("gateway"):
         return [PY, "-m", "gateway", "run", "--config", config, "--port", str(port), "--upstream", upstream]
     return None
