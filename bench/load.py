@@ -288,12 +288,11 @@ def _command(name: str, port: int, upstream: str, config: str) -> list[str] | No
     if name == "passthrough":
         return [PY, "bench/passthrough.py", "--port", str(port), "--upstream", upstream]
     name, _, ablation = name.partition("@")
-    if name.startswith("gateway") and ablation:  # the quota stage cut down (bench/quota_ablation.py)
-        return [PY, "bench/quota_ablation.py", ablation, "run", "--config", config, "--port", str(port),
-                "--upstream", upstream]
-    if name.startswith("gateway"):
-        return [PY, "-m", "gateway", "run", "--config", config, "--port", str(port), "--upstream", upstream]
-    return None
+    if not name.startswith("gateway"):
+        return None
+    # gateway:VARIANT@PART: the quota stage cut down to PART (bench/quota_ablation.py)
+    entry = ["bench/quota_ablation.py", ablation] if ablation else ["-m", "gateway"]
+    return [PY, *entry, "run", "--config", config, "--port", str(port), "--upstream", upstream]
 
 
 async def main(args: argparse.Namespace) -> int:
