@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,17 +192,19 @@ async def redis_client_cost(url: str, calls: int) -> dict[str, tuple[float, floa
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port, persistence off."""
+    """A throwaway ``redis-server`` on a free loopback port, persistence off; ``wrapper`` runs it
+    under another command (``bench/redis_scripts.py``: valgrind), which may take ``start_timeout``
+    seconds to come up."""
 
-    def __init__(self) -> None:
+    def __init__(self, wrapper: Sequence[str] = (), start_timeout: float = 10) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         self.dir = tempfile.mkdtemp(prefix="tg-bench-redis-")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [*wrapper, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -218,7 +220,7 @@ class RedisServer:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(5)
+        self.proc.wait(30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -65,28 +65,69 @@ def gcra_adjust(tat: float | None, now: int, c: Charge, delta: int) -> float | N
     return new_tat if new_tat > now else None
 
 
-def window_live(buckets: dict[int, int], now: int, c: Charge) -> list[tuple[int, int]]:
-    """Buckets still inside the window, oldest first: a bucket counts until its *end* is a
-    full period old, so usage is held between period and period + bucket width."""
-    horizon = now - c.period_ms
-    gran = c.bucket_ms
-    return sorted((s, v) for s, v in buckets.items() if s + gran > horizon)
+class Window:
+    """A sliding window's sub-buckets (start ms → units) with their running total.
+
+    A charge costs the same however many buckets the window holds: the total is kept as buckets
+    change, and the buckets are scanned only when the oldest one leaves the window (once per
+    bucket width), as in ``charge.lua`` (whose hash keeps the total and the oldest start in
+    fields ``-1`` and ``-2``). ``newest`` is exact here (``charge.lua`` reads the buckets when it
+    needs it: denials and full replies).
+    """
+
+    __slots__ = ("buckets", "newest", "oldest", "used")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.used = 0
+        self.oldest: int | None = None  # a lower bound on the buckets' starts
+        self.newest: int | None = None
+
+    def slide(self, now: int, c: Charge) -> None:
+        """Drop the buckets whose end is a full period old (they no longer count)."""
+        horizon = now - c.period_ms - c.bucket_ms  # a bucket starting at or before it is dead
+        if self.oldest is None or self.oldest > horizon:
+            return
+        buckets = self.buckets
+        for start in [s for s in buckets if s <= horizon]:
+            self.used -= buckets.pop(start)
+        self.oldest = min(buckets) if buckets else None
+        if not buckets:
+            self.newest = None
+
+    def add(self, bucket: int, units: int) -> None:
+        """Change one bucket by ``units`` (never below zero; a bucket holding nothing goes)."""
+        buckets = self.buckets
+        held = buckets.get(bucket, 0)
+        value = held + units if held + units > 0 else 0
+        self.used += value - held
+        if value:
+            buckets[bucket] = value
+            if self.oldest is None or bucket < self.oldest:
+                self.oldest = bucket
+            if self.newest is None or bucket > self.newest:
+                self.newest = bucket
+        elif held:
+            del buckets[bucket]
+            if bucket == self.newest:
+                self.newest = max(buckets) if buckets else None
+
+    def live(self, now: int, c: Charge) -> list[tuple[int, int]]:
+        """Buckets still inside the window, oldest first: a bucket counts until its *end* is a
+        full period old, so usage is held between period and period + bucket width."""
+        horizon = now - c.period_ms
+        gran = c.bucket_ms
+        return sorted((s, v) for s, v in self.buckets.items() if s + gran > horizon)
 
 
-def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
-    """Sliding window of sub-buckets; an exhausted budget (used >= limit) admits nothing."""
+def window_check(window: Window, now: int, c: Charge) -> Verdict:
+    """Sliding window of sub-buckets; an exhausted budget (used >= limit) admits nothing.
+    Drops the buckets that left the window (which changes nothing that counts)."""
     gran = c.bucket_ms
     cur = now - now % gran
-    horizon = now - c.period_ms
-    # One pass for the sum and the newest live bucket; sorting is only needed to find when a
-    # denied charge would fit.
-    used = 0
-    newest: int | None = None
-    for start, value in buckets.items():
-        if start + gran > horizon:
-            used += value
-            if newest is None or start > newest:
-                newest = start
+    window.slide(now, c)
+    used = window.used
+    newest = window.newest
     idle_reset = newest + gran + c.period_ms - now if newest is not None else 0
     if used < c.limit and used + c.cost <= c.limit:
         reset = cur + gran + c.period_ms - now if c.cost > 0 else idle_reset
@@ -94,9 +135,9 @@ def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
                        idle_remaining=c.limit - used, idle_reset_ms=idle_reset)
     reset = idle_reset
     retry = -1
-    if c.cost <= c.limit:
+    if c.cost <= c.limit:  # when would it fit: free the live buckets oldest first
         freed = 0
-        for start, value in window_live(buckets, now, c):
+        for start, value in window.live(now, c):
             freed += value
             left = used - freed
             if left < c.limit and left + c.cost <= c.limit:
@@ -106,16 +147,13 @@ def window_check(buckets: dict[int, int], now: int, c: Charge) -> Verdict:
                    idle_remaining=c.limit - used, idle_reset_ms=reset)
 
 
-def window_adjust(buckets: dict[int, int], now: int, c: Charge, bucket: int, delta: int) -> bool:
+def window_adjust(window: Window, now: int, c: Charge, bucket: int, delta: int) -> bool:
     """Apply ``delta`` to the bucket a reservation was charged in; False if it already left
     the window (then the adjustment no longer matters and is dropped)."""
     if bucket + c.bucket_ms <= now - c.period_ms:
         return False
-    value = max(0, buckets.get(bucket, 0) + delta)
-    if value:
-        buckets[bucket] = value
-    else:
-        buckets.pop(bucket, None)
+    window.slide(now, c)
+    window.add(bucket, delta)
     return True
 
 

@@ -98,7 +98,7 @@ class MemoryStore:
             if algorithm is Algorithm.GCRA:
                 v = alg.gcra_check(value, now, c)
             elif algorithm is Algorithm.WINDOW:
-                v = alg.window_check(value or {}, now, c)
+                v = alg.window_check(value or alg.Window(), now, c)
             else:
                 v = alg.lease_check(value or {}, now, c)
             verdicts.append(v)
@@ -126,17 +126,12 @@ class MemoryStore:
         elif c.algorithm is Algorithm.WINDOW:
             if c.cost == 0:
                 return
-            gran = c.bucket_ms
-            buckets: dict[int, int] | None = self._get(c.key, now)
-            if buckets is None:
-                buckets = {}
-            else:  # the dict is this store's own: drop buckets that left the window in place
-                horizon = now - c.period_ms - gran  # a bucket starting at or before it is dead
-                if buckets and min(buckets) <= horizon:  # (rare: scan only when the oldest is)
-                    for s in [s for s in buckets if s <= horizon]:
-                        del buckets[s]
-            buckets[v.bucket_ms] = buckets.get(v.bucket_ms, 0) + c.cost
-            self._put(c.key, buckets, max(buckets) + gran + c.period_ms + 1)
+            window: alg.Window | None = self._get(c.key, now)
+            if window is None:
+                window = alg.Window()
+            window.add(v.bucket_ms, c.cost)  # (window_check dropped the dead buckets)
+            assert window.newest is not None
+            self._put(c.key, window, window.newest + c.bucket_ms + c.period_ms + 1)
         else:
             leases: dict[str, int] = {
                 m: e for m, e in (self._get(c.key, now) or {}).items() if e > now
@@ -168,11 +163,12 @@ class MemoryStore:
                 else:
                     self._put(c.key, tat, math.ceil(tat) + 1)
             elif c.algorithm is Algorithm.WINDOW:
-                live: dict[int, int] | None = self._get(c.key, now)
-                buckets = {} if live is None else live  # the store's own dict: adjusted in place
-                if alg.window_adjust(buckets, now, c, r.bucket_ms, adj.delta):
-                    if buckets:
-                        self._put(c.key, buckets, max(buckets) + c.bucket_ms + c.period_ms + 1)
+                window: alg.Window | None = self._get(c.key, now)
+                if window is None:
+                    window = alg.Window()
+                if alg.window_adjust(window, now, c, r.bucket_ms, adj.delta):
+                    if window.newest is not None:
+                        self._put(c.key, window, window.newest + c.bucket_ms + c.period_ms + 1)
                     else:
                         self._data.pop(c.key, None)
             elif adj.delta < 0:

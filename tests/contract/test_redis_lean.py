@@ -44,13 +44,16 @@ class Outcomes:
 
 
 async def used(server: RedisServer, store: RedisStore, key: str) -> int:
-    """Units counted in a window key, read over a separate redis-py connection."""
+    """Units counted in a window key, read over a separate redis-py connection: the sum of its
+    buckets, which must equal the running total charge.lua keeps beside them (field ``-1``)."""
     client = Redis.from_url(server.url)
     try:
-        values = await client.hvals(store.key(key))  # type: ignore[misc]
-        return sum(int(v) for v in values)
+        fields = await client.hgetall(store.key(key))  # type: ignore[misc]
     finally:
         await client.aclose()
+    buckets = sum(int(v) for f, v in fields.items() if int(f) >= 0)
+    assert int(fields.get(b"-1", 0)) == buckets
+    return buckets
 
 
 async def test_pipelined_replies_resolve_in_order(redis_server: RedisServer) -> None:

@@ -192,6 +192,44 @@ async def test_long_stream_keeps_its_lease_with_a_real_ttl(redis_store: RedisSto
         await stage.guard.close()
 
 
+async def _window_of_30_buckets(store: RedisStore, name: str, units: int) -> tuple[str, Charge]:
+    """A window key holding ``units`` in each of its 30 buckets, written as a hash of buckets
+    only (the layout before the running total: what a key left by an older version holds)."""
+    charge = window(name, 10**9)
+    key = store.key(name)
+    seconds, micros = await store.client.time()
+    now = seconds * 1000 + micros // 1000
+    gran = charge.bucket_ms
+    newest = now - now % gran
+    await store.client.hset(key, mapping={str(newest - k * gran): units for k in range(30)})
+    await store.client.pexpire(key, charge.period_ms * 2)
+    return key, charge
+
+
+async def test_window_key_without_a_total_is_recounted(redis_store: RedisStore) -> None:
+    store = redis_store
+    key, charge = await _window_of_30_buckets(store, "legacy", 10)
+    result = await store.charge([charge])
+    assert result.states[0].remaining == 10**9 - 300 - 1
+    fields = await store.client.hgetall(key)
+    assert int(fields[b"-1"]) == 301 == sum(int(v) for f, v in fields.items() if int(f) >= 0)
+    assert int(fields[b"-2"]) == min(int(f) for f in fields if int(f) >= 0)
+
+
+async def test_window_charge_reads_no_buckets_while_none_left(redis_store: RedisStore) -> None:
+    """A daily token budget holds 30 buckets most of the time: a charge reads the total and the
+    oldest start (HMGET), not every bucket (HGETALL), until the oldest one leaves the window."""
+    store = redis_store
+    _, charge = await _window_of_30_buckets(store, "steady", 10)
+    await store.charge([charge])  # recounts once: the key had no total
+    await store.client.config_resetstat()
+    results = [await store.charge([charge]) for _ in range(20)]
+    assert [r.states[0].remaining for r in results] == [10**9 - 301 - i for i in range(1, 21)]
+    stats = await store.client.info("commandstats")
+    assert "cmdstat_hgetall" not in stats
+    assert stats["cmdstat_hmget"]["calls"] == 20
+
+
 async def test_window_keys_always_carry_their_expiry(redis_store: RedisStore) -> None:
     """charge.lua sets a window key's expiry only when a charge opens a new bucket, and adjust.lua
     only when it re-creates a bucket: every path must still leave a TTL that covers the newest

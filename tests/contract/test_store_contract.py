@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 
-from gateway.store.base import Adjustment, Algorithm, Charge, ChargeResult, Store
+from gateway.store.base import Adjustment, Algorithm, Charge, ChargeResult, Receipt, Store
 from gateway.store.redis import RedisStore
 from tests.contract.conftest import StoreHarness
 
@@ -112,6 +113,36 @@ async def test_reconcile_after_the_bucket_left_the_window_is_dropped(harness: St
     await harness.advance(0.4)
     await store.adjust([Adjustment(receipt, 30)])
     assert await remaining(store, "old", 100, 0.3) == 100
+
+
+async def test_window_counts_exactly_what_its_buckets_hold(harness: StoreHarness) -> None:
+    """Random charges and reconciles over three windows of 30 buckets each: at every step the
+    budget left is the limit minus the units of the buckets still inside the window, as kept in
+    a ledger here from the receipts. The stores keep a running total and drop the buckets that
+    left the window only when the oldest one does, so this checks that the total follows every
+    charge, refund to zero, debt and slide."""
+    store, limit, period = harness.store, 10**9, 0.3
+    gran = window("t", limit, period, 1).bucket_ms
+    rng = random.Random(5)
+    ledger: dict[int, int] = {}  # bucket start (store ms) -> units
+    young: list[tuple[Receipt, float]] = []  # receipts and when they were charged (store s)
+    for _ in range(60):
+        result = await store.charge([window("t", limit, period, rng.randint(1, 50))])
+        receipt = result.receipts[0]
+        ledger[receipt.bucket_ms] = ledger.get(receipt.bucket_ms, 0) + receipt.charge.cost
+        young.append((receipt, result.now))
+        # Reconcile a reservation at most 0.1 s old: its bucket is surely still in the window.
+        young = [(r, t) for r, t in young if result.now - t < 0.1]
+        if rng.random() < 0.4:
+            receipt, _ = rng.choice(young)
+            delta = rng.choice([-1000, -5, 7])  # a refund to zero, a part of it, a debt
+            await store.adjust([Adjustment(receipt, delta)])
+            ledger[receipt.bucket_ms] = max(0, ledger[receipt.bucket_ms] + delta)
+        peek = await store.charge([window("t", limit, period, 0)])
+        now_ms = round(peek.now * 1000)
+        held = sum(units for start, units in ledger.items() if start + gran > now_ms - period * 1000)
+        assert peek.states[0].remaining == limit - held
+        await harness.advance(rng.choice([0.0, 0.005, 0.02]))
 
 
 async def test_gcra_refund(harness: StoreHarness) -> None:

@@ -1,19 +1,20 @@
 -- Reconcile, refund or release earlier charges (port of the *_adjust functions in
--- gateway/store/algorithms.py). KEYS[i]: limit key. ARGV, 6 per adjustment:
+-- gateway/store/algorithms.py); window keys as in charge.lua (buckets, '-1' total, '-2' oldest).
+-- KEYS[i]: limit key. ARGV, 6 per adjustment:
 --   algo, limit, period_ms, bucket width ms, delta, reference (window bucket start | lease id)
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local NA = 6
 for i = 1, #KEYS do
   local b = (i - 1) * NA
   local algo = ARGV[b + 1]
-  local delta = tonumber(ARGV[b + 5])
+  local delta = ARGV[b + 5] + 0
   local ref = ARGV[b + 6]
   local key = KEYS[i]
-  -- numbers parsed only where used: tonumber is strtod, a noticeable cost per argument
+  -- numbers parsed only where used, by arithmetic ('x + 0': one strtod; tonumber makes two)
   if algo == 'g' then
-    local limit = tonumber(ARGV[b + 2])
-    local period = tonumber(ARGV[b + 3])
+    local limit = ARGV[b + 2] + 0
+    local period = ARGV[b + 3] + 0
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local new_tat = tat + delta * (period / limit)
@@ -30,19 +31,30 @@ for i = 1, #KEYS do
     end
   elseif algo == 'w' then
     -- Only the bucket the reservation was charged in; once it left the window it no longer counts.
-    local period = tonumber(ARGV[b + 3])
-    local gran = tonumber(ARGV[b + 4])
-    local bucket = tonumber(ref)
+    local period = ARGV[b + 3] + 0
+    local gran = ARGV[b + 4] + 0
+    local bucket = ref + 0
     if bucket + gran > now - period then
       local value = redis.call('HINCRBY', key, ref, ARGV[b + 5])
+      local change = delta  -- what the bucket really moved by (it never goes below zero)
       if value <= 0 then
         redis.call('HDEL', key, ref)
-      elseif value == delta then
-        -- The bucket was gone (buckets never hold 0), so the key may be new, without expiry.
-        -- A bucket that still held usage needs nothing more: the charge that created it set the
-        -- key's expiry to at least this bucket's end.
+        change = delta - value
+      end
+      -- The running total moves with the bucket (charge.lua: '-1'); nothing left at all (the
+      -- total is 0 and only the two totals' fields remain): the key goes.
+      if change ~= 0 and redis.call('HINCRBY', key, '-1', change == delta and ARGV[b + 5] or string.format('%d', change)) <= 0
+          and redis.call('HLEN', key) <= 2 then
+        redis.call('DEL', key)
+      elseif value == delta and value > 0 then
+        -- The bucket was gone (buckets never hold 0), so the key may be new, without expiry, and
+        -- the bucket may be older than the oldest one recorded ('-2'). A bucket that still held
+        -- usage needs nothing more: the charge that created it set the key's expiry to at least
+        -- this bucket's end.
         local want = bucket + gran + period + 1 - now
         if redis.call('PTTL', key) < want then redis.call('PEXPIRE', key, string.format('%d', want)) end
+        local oldest = tonumber(redis.call('HGET', key, '-2'))
+        if oldest == nil or bucket < oldest then redis.call('HSET', key, '-2', ref) end
       end
     end
   elseif delta < 0 then

@@ -9,88 +9,147 @@
 --   bucket_ms, idle_remaining, idle_reset_ms} (the last two: state as if not applied, for
 --   cross-slot denials); compact: {2, now_ms, then per charge: remaining, reset_ms, bucket_ms}.
 --
--- Redis runs this for every request, so it is written for Redis's CPU. Measured under callgrind
--- (bench/redis_lua.py), the costs are not the logic but the conversions: every number Lua hands
--- to redis.call is printed with "%.14g" (slow float formatting), so numbers go out as
--- string.format('%d') or as the argument strings themselves; every integer replied costs Redis
--- a type check, so an all-applied request gets the short reply; and writes that cannot change
--- anything are skipped (a window bucket that already holds usage already set the key's expiry).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Keys. GCRA: a string, the TAT in ms ('%.3f'). Lease: a sorted set of lease ids scored by
+-- expiry. Window: a hash of bucket start (ms) -> units, plus two fields with negative names
+-- (never a bucket): '-1' the total of the buckets held and '-2' the start of the oldest one held
+-- (a lower bound), so that a charge costs the same however many buckets the window holds; the
+-- buckets are read only when the oldest leaves the window (once per bucket width), the total is
+-- missing (a new key, or one written before it existed), or a denial needs them.
+--
+-- Redis runs this for every request, so it is written for Redis's CPU (docs/quotas.md, "What
+-- Redis spends per request"; bench/redis_scripts.py measures it). Each redis.call costs ~8 k
+-- instructions, more than any logic here, so a request makes as few as its limits allow: TIME,
+-- then a read and a write per limit. Numbers handed to redis.call would be printed with "%.14g"
+-- (slow), so they go out as string.format('%d') or as the argument strings themselves; strings
+-- become numbers by arithmetic ('x + 0', one strtod) rather than tonumber (two); an all-applied
+-- request gets the short reply (every integer replied costs a type check); and per-charge state
+-- lives in one flat table rather than a table per field.
+local call, tonumber, floor, ceil, fmt = redis.call, tonumber, math.floor, math.ceil, string.format
+local t = call('TIME')
+local now = t[1] * 1000 + floor(t[2] / 1000)
 local EPS = 0.01
 local LEASE_RETRY_MS = 1000
 local n = #KEYS
--- per charge i: ok, remaining, reset, retry, bucket, idle, idle_reset; new TAT / dead buckets
-local oks, rems, resets, retries, buckets, idles, idle_resets, tats, deads = {}, {}, {}, {}, {}, {}, {}, {}, {}
+
+-- Drop the buckets that left the window and write the total and the oldest again.
+-- Returns total, oldest (nil: the key holds nothing).
+local function recount(key, horizon, gran)
+  local raw = call('HGETALL', key)
+  if #raw == 0 then return 0, nil end
+  local total, oldest, dead = 0, nil, nil
+  for j = 1, #raw, 2 do
+    local s = raw[j] + 0
+    if s + gran > horizon then
+      total = total + raw[j + 1] + 0
+      if oldest == nil or s < oldest then oldest = s end
+    elseif s >= 0 then
+      if dead == nil then dead = {} end
+      dead[#dead + 1] = raw[j]
+    end
+  end
+  if oldest == nil then
+    call('DEL', key)
+    return 0, nil
+  end
+  if dead then call('HDEL', key, unpack(dead)) end
+  call('HSET', key, '-1', fmt('%d', total), '-2', fmt('%d', oldest))
+  return total, oldest
+end
+
+-- The live buckets of a window key as {start, units}, oldest first.
+local function live_buckets(key, horizon, gran)
+  local raw = call('HGETALL', key)
+  local live = {}
+  for j = 1, #raw, 2 do
+    local s = raw[j] + 0
+    if s + gran > horizon then live[#live + 1] = {s, raw[j + 1] + 0} end
+  end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  return live
+end
+
+-- When a window key's usage will all have left the window, in ms from now (0: it holds none).
+local function idle_reset_of(key, period, gran)
+  local live = live_buckets(key, now - period, gran)
+  if #live == 0 then return 0 end
+  return live[#live][1] + gran + period - now
+end
+
+-- Per charge i, S fields from (i - 1) * S: ok, remaining, reset, retry, bucket, idle,
+-- idle_reset (false: not worked out yet), then what its write needs: GCRA the new TAT; window
+-- the bucket's field, its units (false: a new bucket), the total and the oldest (nil: none).
+local S = 11
+-- (made with room for three charges: filling a table created empty costs a reallocation per
+-- power of two)
+local st = {false, 0, 0, 0, 0, 0, 0, false, false, false, false, false, 0, 0, 0, 0, 0, 0, false, false, false, false,
+  false, 0, 0, 0, 0, 0, 0, false, false, false, false}
 local allowed, all_ok = true, true
 
 for i = 1, n do
   local b = (i - 1) * 7 + 1
   local algo = ARGV[b + 1]
-  local limit = tonumber(ARGV[b + 2])
-  local period = tonumber(ARGV[b + 3])
-  local cost = tonumber(ARGV[b + 4])
-  local param = tonumber(ARGV[b + 5])
+  local limit = ARGV[b + 2] + 0
+  local period = ARGV[b + 3] + 0
+  local cost = ARGV[b + 4] + 0
   local key = KEYS[i]
   -- remaining/reset: state if this charge is applied; idle/idle_reset: if it is not (a denied
   -- request or a shadow would-deny must report what is really left).
   local ok, remaining, reset, retry, bucket, idle, idle_reset = false, 0, 0, 0, 0, 0, 0
+  local w1, w2, w3, w4 = false, false, false, nil
   if algo == 'g' then
     local interval = period / limit
-    local tau = interval * param
-    local tat = tonumber(redis.call('GET', key))
+    local tau = interval * ARGV[b + 5] + 0
+    local tat = call('GET', key)
+    if tat then tat = tat + 0 end
     local start = now
     if tat and tat > now then start = tat end
     local new_tat = start + cost * interval
     local diff = new_tat - now
-    idle = math.floor((tau - (start - now)) / interval + EPS / interval)
-    idle_reset = math.ceil(start - now)
+    idle = floor((tau - (start - now)) / interval + EPS / interval)
+    idle_reset = ceil(start - now)
     if diff <= tau + EPS then
       ok = true
-      remaining = math.floor((tau - diff) / interval + EPS / interval)
-      reset = math.ceil(diff)
-      tats[i] = new_tat
+      remaining = floor((tau - diff) / interval + EPS / interval)
+      reset = ceil(diff)
+      w1 = new_tat
     else
       remaining = idle
       reset = idle_reset
-      if cost * interval <= tau + EPS then retry = math.ceil(diff - tau) else retry = -1 end
+      if cost * interval <= tau + EPS then retry = ceil(diff - tau) else retry = -1 end
     end
   elseif algo == 'w' then
     -- A bucket counts until its end is a full period old: usage is held for period..period+gran.
-    local gran = param
+    local gran = ARGV[b + 5] + 0
     local horizon = now - period
-    local raw = redis.call('HGETALL', key)
-    local used, newest, dead = 0, nil, nil
-    for j = 1, #raw, 2 do
-      local s = tonumber(raw[j])
-      if s + gran > horizon then
-        used = used + tonumber(raw[j + 1])
-        if newest == nil or s > newest then newest = s end
-      else
-        if dead == nil then dead = {} end
-        dead[#dead + 1] = raw[j]
-      end
-    end
-    deads[i] = dead
     bucket = now - (now % gran)
+    local field = fmt('%d', bucket)
+    local got = call('HMGET', key, '-1', '-2', field)
+    local used, oldest = got[1], got[2]
+    if used then used = used + 0 end
+    if oldest then oldest = oldest + 0 end
+    if not used or not oldest or oldest + gran <= horizon then
+      used, oldest = recount(key, horizon, gran)
+    end
     idle = limit - used
-    if newest then idle_reset = newest + gran + period - now end
     if used < limit and used + cost <= limit then
       ok = true
       remaining = limit - used - cost
-      if cost > 0 then reset = bucket + gran + period - now else reset = idle_reset end
+      if cost > 0 then
+        reset = bucket + gran + period - now
+        idle_reset = false  -- worked out only if the reply needs it
+      else
+        idle_reset = idle_reset_of(key, period, gran)
+        reset = idle_reset
+      end
+      w1, w2, w3, w4 = field, got[3] and got[3] + 0, used, oldest
     else
+      local live = live_buckets(key, horizon, gran)
+      if #live > 0 then idle_reset = live[#live][1] + gran + period - now end
       remaining = idle
       reset = idle_reset
       retry = -1
       if cost <= limit then
-        -- when would it fit: free the live buckets oldest first (sorting only on this path)
-        local live = {}
-        for j = 1, #raw, 2 do
-          local s = tonumber(raw[j])
-          if s + gran > horizon then live[#live + 1] = {s, tonumber(raw[j + 1])} end
-        end
-        table.sort(live, function(x, y) return x[1] < y[1] end)
+        -- when would it fit: free the live buckets oldest first
         local freed = 0
         for j = 1, #live do
           freed = freed + live[j][2]
@@ -103,7 +162,7 @@ for i = 1, n do
       end
     end
   else
-    local used = redis.call('ZCOUNT', key, string.format('(%d', now), '+inf')
+    local used = call('ZCOUNT', key, fmt('(%d', now), '+inf')
     idle = limit - used
     if used + cost <= limit then
       ok = true
@@ -113,13 +172,15 @@ for i = 1, n do
       if cost > limit then
         retry = -1
       else
-        local first = redis.call('ZRANGEBYSCORE', key, string.format('(%d', now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+        local first = call('ZRANGEBYSCORE', key, fmt('(%d', now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
         retry = math.min(LEASE_RETRY_MS, tonumber(first[2]) - now)
       end
     end
   end
-  oks[i], rems[i], resets[i], retries[i], buckets[i], idles[i], idle_resets[i] =
+  local o = (i - 1) * S
+  st[o + 1], st[o + 2], st[o + 3], st[o + 4], st[o + 5], st[o + 6], st[o + 7] =
     ok, remaining, reset, retry, bucket, idle, idle_reset
+  st[o + 8], st[o + 9], st[o + 10], st[o + 11] = w1, w2, w3, w4
   if not ok then
     all_ok = false
     if ARGV[b + 6] ~= '1' then allowed = false end
@@ -131,54 +192,62 @@ local out
 if compact then out = {2, now} elseif allowed then out = {1, now} else out = {0, now} end
 local at = 2
 for i = 1, n do
-  local ok = oks[i]
+  local o = (i - 1) * S
+  local ok = st[o + 1]
+  local b = (i - 1) * 7 + 1
+  if not compact and st[o + 7] == false then  -- before this charge is written
+    st[o + 7] = idle_reset_of(KEYS[i], ARGV[b + 3] + 0, ARGV[b + 5] + 0)
+  end
   if allowed and ok then
-    local b = (i - 1) * 7 + 1
     local key = KEYS[i]
     local algo = ARGV[b + 1]
-    local period = tonumber(ARGV[b + 3])
     if algo == 'g' then
-      local tat = tats[i]
+      local tat = st[o + 8]
       -- '%.3f' as two integers: the same text, without float printing
-      local whole = math.floor(tat)
-      local frac = math.floor((tat - whole) * 1000 + 0.5)
+      local whole = floor(tat)
+      local frac = floor((tat - whole) * 1000 + 0.5)
       if frac >= 1000 then whole, frac = whole + 1, frac - 1000 end
-      redis.call('SET', key, string.format('%d.%03d', whole, frac), 'PX',
-                 string.format('%d', math.ceil(tat) + 1 - now))
+      call('SET', key, fmt('%d.%03d', whole, frac), 'PX', fmt('%d', ceil(tat) + 1 - now))
     elseif algo == 'w' then
-      local dead = deads[i]
-      if dead then redis.call('HDEL', key, unpack(dead)) end
-      local cost = tonumber(ARGV[b + 4])
+      local cost = ARGV[b + 4] + 0
       if cost > 0 then
-        -- A bucket that already held usage was created by an earlier charge (or adjust) in
-        -- this same bucket, which set the key's expiry to this same end: only a new bucket
-        -- (HINCRBY answers just the cost) needs PEXPIRE. Buckets never hold 0 (deleted instead).
-        local bucket = buckets[i]
-        if redis.call('HINCRBY', key, string.format('%d', bucket), ARGV[b + 4]) == cost then
-          redis.call('PEXPIRE', key, string.format('%d', bucket + tonumber(ARGV[b + 5]) + period + 1 - now))
+        -- One HSET for the bucket and the total. A bucket that already held usage was created
+        -- by an earlier charge (or adjust) in this same bucket, which set the key's expiry to
+        -- this same end: only a new bucket needs PEXPIRE. Buckets never hold 0 (deleted instead).
+        local field, units, total = st[o + 8], st[o + 9], fmt('%d', st[o + 10] + cost)
+        if units then
+          call('HSET', key, field, fmt('%d', units + cost), '-1', total)
+        else
+          if st[o + 11] == nil then
+            call('HSET', key, field, ARGV[b + 4], '-1', total, '-2', field)
+          else
+            call('HSET', key, field, ARGV[b + 4], '-1', total)
+          end
+          call('PEXPIRE', key, fmt('%d', st[o + 5] + ARGV[b + 5] + 0 + ARGV[b + 3] + 0 + 1 - now))
         end
       end
     else
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now))
-      redis.call('ZADD', key, string.format('%d', now + period), ARGV[b + 7])
-      if redis.call('PTTL', key) < period + 1 then redis.call('PEXPIRE', key, string.format('%d', period + 1)) end
+      local period = ARGV[b + 3] + 0
+      call('ZREMRANGEBYSCORE', key, '-inf', fmt('%d', now))
+      call('ZADD', key, fmt('%d', now + period), ARGV[b + 7])
+      if call('PTTL', key) < period + 1 then call('PEXPIRE', key, fmt('%d', period + 1)) end
     end
   end
   if compact then
-    out[at + 1] = rems[i]
-    out[at + 2] = resets[i]
-    out[at + 3] = buckets[i]
+    out[at + 1] = st[o + 2]
+    out[at + 2] = st[o + 3]
+    out[at + 3] = st[o + 5]
     at = at + 3
   else
-    local remaining, reset = idles[i], idle_resets[i]
-    if allowed and ok then remaining, reset = rems[i], resets[i] end
+    local remaining, reset = st[o + 6], st[o + 7]
+    if allowed and ok then remaining, reset = st[o + 2], st[o + 3] end
     if ok then out[at + 1] = 1 else out[at + 1] = 0 end
     out[at + 2] = remaining
     out[at + 3] = reset
-    out[at + 4] = retries[i]
-    out[at + 5] = buckets[i]
-    out[at + 6] = idles[i]
-    out[at + 7] = idle_resets[i]
+    out[at + 4] = st[o + 4]
+    out[at + 5] = st[o + 5]
+    out[at + 6] = st[o + 6]
+    out[at + 7] = st[o + 7]
     at = at + 7
   end
 end

@@ -421,8 +421,9 @@ async def test_memory_window_drops_buckets_that_left_the_window(clock: FakeClock
     for _ in range(100):  # 10 s: a bucket every 100 ms, over three windows
         assert (await store.charge([charge])).allowed
         clock.advance(0.1)
-    buckets = store._data["w"].value
-    assert 30 <= len(buckets) <= 32  # held: one window plus at most one bucket, never the 10 s
+    window = store._data["w"].value
+    assert 30 <= len(window.buckets) <= 32  # held: one window plus at most one bucket, never the 10 s
+    assert window.used == sum(window.buckets.values())  # the running total followed the drops
     peek = await store.charge([Charge("w", Algorithm.WINDOW, 1_000_000, 3_000, 0)])
     assert peek.states[0].remaining == 1_000_000 - 30  # the last 3 s of charges, one per 100 ms
 
