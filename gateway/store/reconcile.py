@@ -13,6 +13,9 @@ command in that write. Hence:
   by Redis after that reconcile: Redis runs one connection's commands in order;
 * ``drain`` (``RedisStore.close``) sends what is queued and waits for every batch.
 
+A batch reconciles each limit key and bucket once (:func:`merge`): the requests of one org, or
+one account, reconcile the same token budget, and on a busy key a batch holds several of them.
+
 Each batch has the store deadline. Its outcome goes to every settle in it through the ``done``
 callback given to :meth:`ReconcileQueue.submit` (``None``, or the ``StoreError``), where the
 breaker and ``settle_failures`` count it one settle at a time, as for an awaited reconcile. A
@@ -29,7 +32,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from gateway.store.base import Adjustment, StoreError
+from gateway.store.base import Adjustment, Algorithm, StoreError
 from gateway.store.resp import RespConnection
 
 # What a settle is told when its batch is done: None (applied) or the StoreError.
@@ -84,12 +87,17 @@ class ReconcileQueue:
             waiters.append(done)
             if len(batch) < self._max_batch and i + 1 < len(queue):
                 continue
+            self.adjustments += len(batch)
+            merged = merge(batch)
+            if not merged:  # they cancel out: nothing to send
+                _notify(waiters, None)
+                batch, waiters = [], []
+                continue
             fut: asyncio.Future[Any] = loop.create_future()  # the connection applies the deadline
             fut.add_done_callback(partial(self._answered, batch, waiters))
             self._inflight.add(fut)
             self.batches += 1
-            self.adjustments += len(batch)
-            out.append((self._pack(batch), fut))
+            out.append((self._pack(merged), fut))
             batch, waiters = [], []
         return out
 
@@ -142,6 +150,37 @@ class ReconcileQueue:
                 await asyncio.wait(list(self._inflight))
             else:
                 await asyncio.sleep(0)  # the write scheduled above takes the queue
+
+
+def merge(adjustments: Sequence[Adjustment]) -> Sequence[Adjustment]:
+    """One adjustment per limit key and bucket (or TAT), with the deltas summed, in the order
+    each first appeared; those that sum to zero are left out. Each reconcile costs Redis a few
+    commands, so a busy key's reconciles in one batch cost one reconcile. Lease releases are
+    never merged (each names its own lease). Summing first differs from applying one at a time
+    only where a refund would take a bucket below zero in between (it stops at zero), which a
+    refund of a request's own reservation cannot do while its bucket holds it."""
+    if len(adjustments) < 2:
+        return adjustments
+    at: dict[tuple[str, Algorithm, int, int, int], int] = {}  # merge key -> index in out
+    out: list[Adjustment] = []
+    for adjustment in adjustments:
+        receipt = adjustment.receipt
+        charge = receipt.charge
+        if charge.algorithm is Algorithm.LEASE:
+            out.append(adjustment)
+            continue
+        # The numbers too: a reload may change a limit's numbers under the same key.
+        key = (charge.key, charge.algorithm, charge.limit, charge.period_ms, receipt.bucket_ms)
+        index = at.get(key)
+        if index is None:
+            at[key] = len(out)
+            out.append(adjustment)
+        else:
+            first = out[index]
+            out[index] = Adjustment(first.receipt, first.delta + adjustment.delta)
+    if len(out) == len(adjustments):
+        return adjustments
+    return [adjustment for adjustment in out if adjustment.delta]
 
 
 def _notify(waiters: list[Done], error: StoreError | None) -> None:

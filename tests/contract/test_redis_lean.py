@@ -144,6 +144,29 @@ async def test_deferred_reconcile_delay_bound(redis_server: RedisServer, redis_s
     assert await used(redis_server, redis_store, "db") == 50
 
 
+async def test_a_batch_reconciles_each_bucket_once(redis_server: RedisServer,
+                                                   redis_store: RedisStore) -> None:
+    """Five settles of one token budget in one event-loop iteration: one reconcile of its bucket
+    in Redis (two HINCRBY: the bucket and the total), with the five deltas summed."""
+    first = await redis_store.charge([window("one", 1000, 100)])
+    other = await redis_store.charge([window("two", 1000, 100)])
+    await redis_store.client.config_resetstat()
+    outcomes = Outcomes()
+    for delta in (-10, -20, 5, -1, -4):
+        redis_store.adjust_soon([Adjustment(first.receipts[0], delta)], outcomes)
+    redis_store.adjust_soon([Adjustment(other.receipts[0], -50)], outcomes)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(outcomes.event.wait(), 1)
+    while len(outcomes.errors) < 6:
+        await asyncio.sleep(0.01)
+    assert outcomes.errors == [None] * 6  # every settle told once
+    assert await used(redis_server, redis_store, "one") == 70
+    assert await used(redis_server, redis_store, "two") == 50
+    stats = await redis_store.client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert stats["cmdstat_hincrby"]["calls"] == 4  # bucket and total, per key
+
+
 async def test_close_sends_queued_reconciles(redis_server: RedisServer) -> None:
     store = RedisStore.from_url(redis_server.url, deadline=2.0)
     first = await store.charge([window("cl", 1000, 300)])
