@@ -59,36 +59,32 @@ class HeaderItem(NamedTuple):
 
 def go_duration(seconds: float) -> str:
     """Format like Go's ``time.Duration`` (OpenAI's style): ``6m0s``, ``1.5s``, ``120ms``."""
-    text = _GO_MEMO.get(seconds)
-    if text is None:
-        text = _go_duration(seconds)
-        if len(_GO_MEMO) >= MEMO_ENTRIES:
-            _GO_MEMO.clear()
-        _GO_MEMO[seconds] = text
-    return text
-
-
-# Resets repeat (a request rate's is a few ms, a window's moves one ms at a time): text per value.
-_GO_MEMO: dict[float, str] = {}
-
-
-def _go_duration(seconds: float) -> str:
     ms = math.ceil(seconds * 1000)
-    if ms <= 0:
-        return "0s"
     if ms < 1000:
-        return f"{ms}ms"
-    if ms < 60_000:  # the usual case for request limits: no hours/minutes arithmetic
-        whole, frac = divmod(ms, 1000)
-        return f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    whole, frac = divmod(rest, 1000)
-    # integer ms: "<s>.<ms>" without trailing zeros, exactly what "%.3f" then rstrip gives
-    secs = f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s"
+        return _MILLIS[ms] if ms > 0 else "0s"
+    whole, frac = divmod(ms, 1000)
+    head = _WHOLE_SECONDS.get(whole)
+    if head is None:
+        if len(_WHOLE_SECONDS) >= MEMO_ENTRIES:
+            _WHOLE_SECONDS.clear()
+        head = _WHOLE_SECONDS[whole] = _go_whole_seconds(whole)
+    return head + _FRACTIONS[frac]
+
+
+# The reset of a day-long token budget changes every millisecond, so the text is put together
+# from parts: the whole seconds (which change once a second: memoised) and the fraction (a table).
+_MILLIS = tuple(f"{ms}ms" for ms in range(1000))
+_FRACTIONS = tuple(f".{ms:03d}".rstrip("0") + "s" if ms else "s" for ms in range(1000))
+_WHOLE_SECONDS: dict[int, str] = {}
+
+
+def _go_whole_seconds(whole: int) -> str:
+    """``59``, ``1m0``, ``23h59m59``: a duration of ``whole`` seconds before its fraction."""
+    if whole < 60:
+        return str(whole)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}" if hours else f"{minutes}m{secs}"
 
 
 def rfc3339(epoch: float) -> str:
