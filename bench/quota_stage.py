@@ -11,6 +11,10 @@ Wall time per call is ``perf_counter_ns``; CPU is ``process_time_ns`` of this pr
 whole measured loop divided by the requests, so for Redis it excludes redis-server's own work
 and the loopback wait. Contexts rotate over 2,000 accounts, 200 orgs and 500 addresses.
 
+A last run times one concurrency limit on MemoryStore, a charge and its release, with no lease
+and with ``--leases-held`` (1,000) other leases held: counting the live leases must not grow with
+them.
+
 A concurrent run (``--concurrency`` tasks, 3 limits, charge + settle request after request) is
 closer to the gateway under load: round trips overlap, commands share writes on the lean
 connection and reconciles are batched. It compares MemoryStore, RedisStore (lean connection,
@@ -46,7 +50,7 @@ from gateway.policy.registry import MatchedAction
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction, key_getter
 from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
-from gateway.store.base import Algorithm, Charge, Store
+from gateway.store.base import Adjustment, Algorithm, Charge, Store
 from gateway.store.memory import MemoryStore
 
 
@@ -224,6 +228,21 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+async def memory_leases_held(held: int, calls: int) -> float:
+    """µs per charge + release of one concurrency limit on MemoryStore while ``held`` other
+    leases are held (open streams): what counting the live leases costs as they grow."""
+    now = [1_000.0]
+    store = MemoryStore(lambda: now[0])
+    for i in range(held):
+        await store.charge([Charge("conc", Algorithm.LEASE, held + 10, 60_000, 1, lease_id=f"held{i}")])
+    start = time.perf_counter()
+    for i in range(calls):
+        result = await store.charge([Charge("conc", Algorithm.LEASE, held + 10, 60_000, 1, lease_id=f"r{i}")])
+        await store.adjust([Adjustment(result.receipts[0], -1)])
+        now[0] += 0.0001
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def _row(store: str, limits: int, r: dict[str, float]) -> str:
     return (f"| {store} | {limits} | {r['charge_p50']:.1f} | {r['charge_p99']:.1f} | {r['settle_p50']:.1f} "
             f"| {r['settle_p99']:.1f} | {r['total_p50']:.1f} | {r['total_p99']:.1f} | {r['cpu_mean']:.1f} |")
@@ -235,6 +254,8 @@ def main() -> None:
     parser.add_argument("--redis-calls", type=int, default=5000, help="calls in the redis-py micro benchmark")
     parser.add_argument("--no-redis", action="store_true", help="MemoryStore only")
     parser.add_argument("--concurrency", type=int, default=16, help="tasks in the concurrent run")
+    parser.add_argument("--leases-held", type=int, default=1000,
+                        help="leases held (open streams) in the MemoryStore concurrency-limit run")
     parser.add_argument("--api", choices=[a.value for a in ApiFamily], default=ApiFamily.OPENAI.value,
                         help="API family of the requests (picks the provider header aliases)")
     args = parser.parse_args()
@@ -243,6 +264,7 @@ def main() -> None:
     rows: list[str] = []
     client_cost: dict[str, tuple[float, float]] = {}
     concurrent: list[tuple[str, dict[str, float]]] = []
+    leases: dict[int, float] = {}
     server = RedisServer() if use_redis else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -260,6 +282,8 @@ def main() -> None:
                         runner.run(store.close())
                     rows.append(_row("redis", limits, result))
                 client_cost = runner.run(redis_client_cost(server.url, args.redis_calls))
+            for held in (0, args.leases_held):
+                leases[held] = runner.run(memory_leases_held(held, args.requests))
             concurrent.append(("memory", runner.run(measure_concurrent(MemoryStore(), 3, args.requests,
                                                                        args.concurrency, api=api))))
             if server is not None:
@@ -289,6 +313,11 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, r in concurrent:
         print(f"| {name} | {r['cpu_mean']:.1f} | {r['rps']:,.0f} |")
+    print("\nMemoryStore, one concurrency limit, charge + release while other leases are held:\n")
+    print("| leases held | µs per charge + release |")
+    print("|---:|---:|")
+    for held, us in leases.items():
+        print(f"| {held:,} | {us:.1f} |")
     if client_cost:
         try:
             import hiredis  # noqa: F401

@@ -6,6 +6,7 @@ ports, and the contract suite checks that both agree. Keep them in step when cha
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import NamedTuple
 
@@ -157,21 +158,73 @@ def window_adjust(window: Window, now: int, c: Charge, bucket: int, delta: int) 
     return True
 
 
-def lease_check(leases: dict[str, int], now: int, c: Charge) -> Verdict:
+class Leases:
+    """The leases held on one concurrency limit: lease id → expiry (ms), with a heap of expiries
+    so that counting the live ones costs no scan: expired leases are dropped from the heap's top
+    as time passes (``ZCOUNT`` does the same for ``charge.lua`` in a sorted set). A limit of
+    1,000 concurrent streams would otherwise sort 1,000 expiries for every request.
+
+    A released or renewed lease leaves its old heap entry behind, skipped when it reaches the top;
+    the heap is rebuilt when such entries outnumber the live ones.
+    """
+
+    __slots__ = ("expiry", "heap", "latest")
+
+    def __init__(self) -> None:
+        self.expiry: dict[str, int] = {}
+        self.heap: list[tuple[int, str]] = []
+        self.latest = 0  # the latest expiry ever set (the key lives until then)
+
+    def live(self, now: int) -> int:
+        """Leases held and not expired at ``now`` (expired ones are dropped)."""
+        heap, expiry = self.heap, self.expiry
+        while heap and heap[0][0] <= now:
+            expires, lease_id = heapq.heappop(heap)
+            if expiry.get(lease_id) == expires:
+                del expiry[lease_id]
+        return len(expiry)
+
+    def earliest(self, now: int) -> int | None:
+        """When the first live lease expires (None: none is held)."""
+        self.live(now)
+        heap, expiry = self.heap, self.expiry
+        while heap and expiry.get(heap[0][1]) != heap[0][0]:  # released or renewed since
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def hold(self, lease_id: str, expires: int) -> None:
+        self.expiry[lease_id] = expires
+        heap = self.heap
+        heapq.heappush(heap, (expires, lease_id))
+        if expires > self.latest:
+            self.latest = expires
+        if len(heap) > 2 * len(self.expiry) + 64:
+            self.heap = [(e, i) for i, e in self.expiry.items()]
+            heapq.heapify(self.heap)
+
+    def release(self, lease_id: str) -> None:
+        self.expiry.pop(lease_id, None)
+
+
+def lease_check(leases: Leases, now: int, c: Charge) -> Verdict:
     """Concurrency: live leases (expiry > now) against the limit; cost is the slots wanted."""
-    active = sorted(exp for exp in leases.values() if exp > now)
-    used = len(active)
+    used = leases.live(now)
     if used + c.cost <= c.limit:
         return Verdict(True, c.limit - used - c.cost, 0, 0, idle_remaining=c.limit - used)
-    retry = -1 if c.cost > c.limit else min(LEASE_RETRY_MS, active[0] - now)
+    if c.cost > c.limit:
+        retry = -1
+    else:  # used >= 1 here: some lease is live
+        first = leases.earliest(now)
+        retry = min(LEASE_RETRY_MS, (first if first is not None else now) - now)
     return Verdict(False, max(0, c.limit - used), 0, retry, idle_remaining=c.limit - used)
 
 
-def lease_renew(leases: dict[str, int], now: int, lease_id: str, ttl_ms: int) -> bool:
+def lease_renew(leases: Leases, now: int, lease_id: str, ttl_ms: int) -> bool:
     """Extend one lease to ``now + ttl_ms`` (never shorter) if it is still held; an expired or
     released lease stays gone. True if it was extended."""
-    expires = leases.get(lease_id)
+    expires = leases.expiry.get(lease_id)
     if expires is None or expires <= now:
         return False
-    leases[lease_id] = max(expires, now + ttl_ms)
+    if now + ttl_ms > expires:
+        leases.hold(lease_id, now + ttl_ms)
     return True

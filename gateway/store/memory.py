@@ -100,7 +100,7 @@ class MemoryStore:
             elif algorithm is Algorithm.WINDOW:
                 v = alg.window_check(value or alg.Window(), now, c)
             else:
-                v = alg.lease_check(value or {}, now, c)
+                v = alg.lease_check(value or alg.Leases(), now, c)
             verdicts.append(v)
             if not v.ok and not c.shadow:
                 allowed = False
@@ -133,11 +133,11 @@ class MemoryStore:
             assert window.newest is not None
             self._put(c.key, window, window.newest + c.bucket_ms + c.period_ms + 1)
         else:
-            leases: dict[str, int] = {
-                m: e for m, e in (self._get(c.key, now) or {}).items() if e > now
-            }
-            leases[c.lease_id] = now + c.period_ms
-            self._put(c.key, leases, max(leases.values()) + 1)
+            leases: alg.Leases | None = self._get(c.key, now)
+            if leases is None:
+                leases = alg.Leases()
+            leases.hold(c.lease_id, now + c.period_ms)  # (lease_check dropped the expired ones)
+            self._put(c.key, leases, leases.latest + 1)
 
     async def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         self._adjust(adjustments)
@@ -172,9 +172,9 @@ class MemoryStore:
                     else:
                         self._data.pop(c.key, None)
             elif adj.delta < 0:
-                leases = self._get(c.key, now)
-                if leases is not None:
-                    leases.pop(c.lease_id, None)
+                held: alg.Leases | None = self._get(c.key, now)
+                if held is not None:
+                    held.release(c.lease_id)
 
     async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:
         now = self._now_ms()
@@ -182,13 +182,13 @@ class MemoryStore:
         out: list[bool] = []
         for r in leases:
             c = r.charge
-            held: dict[str, int] | None = self._get(c.key, now) if r.applied else None
+            held: alg.Leases | None = self._get(c.key, now) if r.applied else None
             if held is None or c.algorithm is not Algorithm.LEASE:
                 out.append(False)
                 continue
             renewed = alg.lease_renew(held, now, c.lease_id, c.period_ms)
             if renewed:  # the key lives until its latest lease ends, as after a charge
-                self._put(c.key, held, max(held.values()) + 1)
+                self._put(c.key, held, held.latest + 1)
             out.append(renewed)
         return tuple(out)
 
