@@ -71,9 +71,8 @@ class Window:
 
     A charge costs the same however many buckets the window holds: the total is kept as buckets
     change, and the buckets are scanned only when the oldest one leaves the window (once per
-    bucket width), as in ``charge.lua`` (whose hash keeps the total and the oldest start in
-    fields ``-1`` and ``-2``). ``newest`` is exact here (``charge.lua`` reads the buckets when it
-    needs it: denials and full replies).
+    bucket width), as in ``charge.lua`` (whose hash keeps the total, the oldest and the newest
+    start in fields ``-1``, ``-2`` and ``-3``).
     """
 
     __slots__ = ("buckets", "newest", "oldest", "used")

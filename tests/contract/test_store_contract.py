@@ -120,7 +120,8 @@ async def test_window_counts_exactly_what_its_buckets_hold(harness: StoreHarness
     budget left is the limit minus the units of the buckets still inside the window, as kept in
     a ledger here from the receipts. The stores keep a running total and drop the buckets that
     left the window only when the oldest one does, so this checks that the total follows every
-    charge, refund to zero, debt and slide."""
+    charge, refund to zero, debt and slide; and when it will all have left the window (the
+    newest bucket, also kept beside the buckets), which a refund to zero may move back."""
     store, limit, period = harness.store, 10**9, 0.3
     gran = window("t", limit, period, 1).bucket_ms
     rng = random.Random(5)
@@ -140,8 +141,11 @@ async def test_window_counts_exactly_what_its_buckets_hold(harness: StoreHarness
             ledger[receipt.bucket_ms] = max(0, ledger[receipt.bucket_ms] + delta)
         peek = await store.charge([window("t", limit, period, 0)])
         now_ms = round(peek.now * 1000)
-        held = sum(units for start, units in ledger.items() if start + gran > now_ms - period * 1000)
-        assert peek.states[0].remaining == limit - held
+        live = [start for start, units in ledger.items() if units and start + gran > now_ms - period * 1000]
+        assert peek.states[0].remaining == limit - sum(ledger[start] for start in live)
+        # a zero-cost charge reports when all of it will have left: the newest bucket's end + period
+        newest_end = max(live) + gran + round(period * 1000) - now_ms if live else 0
+        assert round(peek.states[0].reset * 1000) == newest_end
         await harness.advance(rng.choice([0.0, 0.005, 0.02]))
 
 

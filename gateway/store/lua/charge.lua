@@ -10,11 +10,12 @@
 --   cross-slot denials); compact: {2, now_ms, then per charge: remaining, reset_ms, bucket_ms}.
 --
 -- Keys. GCRA: a string, the TAT in ms ('%.3f'). Lease: a sorted set of lease ids scored by
--- expiry. Window: a hash of bucket start (ms) -> units, plus two fields with negative names
--- (never a bucket): '-1' the total of the buckets held and '-2' the start of the oldest one held
--- (a lower bound), so that a charge costs the same however many buckets the window holds; the
--- buckets are read only when the oldest leaves the window (once per bucket width), the total is
--- missing (a new key, or one written before it existed), or a denial needs them.
+-- expiry. Window: a hash of bucket start (ms) -> units, plus three fields with negative names
+-- (never a bucket): '-1' the total of the buckets held, '-2' the start of the oldest one held (a
+-- lower bound) and '-3' the start of the newest, so that a charge costs the same however many
+-- buckets the window holds; the buckets are read only when the oldest leaves the window (once per
+-- bucket width), a field is missing (a new key, or one written before they existed), or a
+-- denial needs them (when would it fit).
 --
 -- Redis runs this for every request, so it is written for Redis's CPU (docs/quotas.md, "What
 -- Redis spends per request"; bench/redis_scripts.py measures it). Each redis.call costs ~8 k
@@ -31,17 +32,18 @@ local EPS = 0.01
 local LEASE_RETRY_MS = 1000
 local n = #KEYS
 
--- Drop the buckets that left the window and write the total and the oldest again.
--- Returns total, oldest (nil: the key holds nothing).
+-- Drop the buckets that left the window and write the total, the oldest and the newest again.
+-- Returns total, oldest, newest (nil, nil: the key holds nothing).
 local function recount(key, horizon, gran)
   local raw = call('HGETALL', key)
-  if #raw == 0 then return 0, nil end
-  local total, oldest, dead = 0, nil, nil
+  if #raw == 0 then return 0, nil, nil end
+  local total, oldest, newest, dead = 0, nil, nil, nil
   for j = 1, #raw, 2 do
     local s = raw[j] + 0
     if s + gran > horizon then
       total = total + raw[j + 1] + 0
       if oldest == nil or s < oldest then oldest = s end
+      if newest == nil or s > newest then newest = s end
     elseif s >= 0 then
       if dead == nil then dead = {} end
       dead[#dead + 1] = raw[j]
@@ -49,11 +51,11 @@ local function recount(key, horizon, gran)
   end
   if oldest == nil then
     call('DEL', key)
-    return 0, nil
+    return 0, nil, nil
   end
   if dead then call('HDEL', key, unpack(dead)) end
-  call('HSET', key, '-1', fmt('%d', total), '-2', fmt('%d', oldest))
-  return total, oldest
+  call('HSET', key, '-1', fmt('%d', total), '-2', fmt('%d', oldest), '-3', fmt('%d', newest))
+  return total, oldest, newest
 end
 
 -- The live buckets of a window key as {start, units}, oldest first.
@@ -68,21 +70,15 @@ local function live_buckets(key, horizon, gran)
   return live
 end
 
--- When a window key's usage will all have left the window, in ms from now (0: it holds none).
-local function idle_reset_of(key, period, gran)
-  local live = live_buckets(key, now - period, gran)
-  if #live == 0 then return 0 end
-  return live[#live][1] + gran + period - now
-end
-
 -- Per charge i, S fields from (i - 1) * S: ok, remaining, reset, retry, bucket, idle,
--- idle_reset (false: not worked out yet), then what its write needs: GCRA the new TAT; window
--- the bucket's field, its units (false: a new bucket), the total and the oldest (nil: none).
-local S = 11
+-- idle_reset, then what its write needs: GCRA the new TAT; window the bucket's field, its units
+-- (false: a new bucket), the total, the oldest and the newest (nil: none).
+local S = 12
 -- (made with room for three charges: filling a table created empty costs a reallocation per
 -- power of two)
-local st = {false, 0, 0, 0, 0, 0, 0, false, false, false, false, false, 0, 0, 0, 0, 0, 0, false, false, false, false,
-  false, 0, 0, 0, 0, 0, 0, false, false, false, false}
+local st = {false, 0, 0, 0, 0, 0, 0, false, false, false, false, false,
+  false, 0, 0, 0, 0, 0, 0, false, false, false, false, false,
+  false, 0, 0, 0, 0, 0, 0, false, false, false, false, false}
 local allowed, all_ok = true, true
 
 for i = 1, n do
@@ -95,7 +91,7 @@ for i = 1, n do
   -- remaining/reset: state if this charge is applied; idle/idle_reset: if it is not (a denied
   -- request or a shadow would-deny must report what is really left).
   local ok, remaining, reset, retry, bucket, idle, idle_reset = false, 0, 0, 0, 0, 0, 0
-  local w1, w2, w3, w4 = false, false, false, nil
+  local w1, w2, w3, w4, w5 = false, false, false, nil, nil
   if algo == 'g' then
     local interval = period / limit
     local tau = interval * ARGV[b + 5] + 0
@@ -123,28 +119,22 @@ for i = 1, n do
     local horizon = now - period
     bucket = now - (now % gran)
     local field = fmt('%d', bucket)
-    local got = call('HMGET', key, '-1', '-2', field)
-    local used, oldest = got[1], got[2]
-    if used then used = used + 0 end
-    if oldest then oldest = oldest + 0 end
-    if not used or not oldest or oldest + gran <= horizon then
-      used, oldest = recount(key, horizon, gran)
+    local got = call('HMGET', key, '-1', '-2', '-3', field)
+    local used, oldest, newest = got[1], got[2], got[3]
+    if used and oldest and newest and oldest + gran > horizon then
+      used, oldest, newest = used + 0, oldest + 0, newest + 0
+    else
+      used, oldest, newest = recount(key, horizon, gran)
     end
     idle = limit - used
+    if newest then idle_reset = newest + gran + period - now end  -- when all of it has left
     if used < limit and used + cost <= limit then
       ok = true
       remaining = limit - used - cost
-      if cost > 0 then
-        reset = bucket + gran + period - now
-        idle_reset = false  -- worked out only if the reply needs it
-      else
-        idle_reset = idle_reset_of(key, period, gran)
-        reset = idle_reset
-      end
-      w1, w2, w3, w4 = field, got[3] and got[3] + 0, used, oldest
+      if cost > 0 then reset = bucket + gran + period - now else reset = idle_reset end
+      w1, w2, w3, w4, w5 = field, got[4] and got[4] + 0, used, oldest, newest
     else
       local live = live_buckets(key, horizon, gran)
-      if #live > 0 then idle_reset = live[#live][1] + gran + period - now end
       remaining = idle
       reset = idle_reset
       retry = -1
@@ -180,7 +170,7 @@ for i = 1, n do
   local o = (i - 1) * S
   st[o + 1], st[o + 2], st[o + 3], st[o + 4], st[o + 5], st[o + 6], st[o + 7] =
     ok, remaining, reset, retry, bucket, idle, idle_reset
-  st[o + 8], st[o + 9], st[o + 10], st[o + 11] = w1, w2, w3, w4
+  st[o + 8], st[o + 9], st[o + 10], st[o + 11], st[o + 12] = w1, w2, w3, w4, w5
   if not ok then
     all_ok = false
     if ARGV[b + 6] ~= '1' then allowed = false end
@@ -195,9 +185,6 @@ for i = 1, n do
   local o = (i - 1) * S
   local ok = st[o + 1]
   local b = (i - 1) * 7 + 1
-  if not compact and st[o + 7] == false then  -- before this charge is written
-    st[o + 7] = idle_reset_of(KEYS[i], ARGV[b + 3] + 0, ARGV[b + 5] + 0)
-  end
   if allowed and ok then
     local key = KEYS[i]
     local algo = ARGV[b + 1]
@@ -218,12 +205,21 @@ for i = 1, n do
         if units then
           call('HSET', key, field, fmt('%d', units + cost), '-1', total)
         else
-          if st[o + 11] == nil then
+          -- A new bucket: the newest, unless the server's clock stepped back (then it may even
+          -- be older than the oldest, and the key's expiry already covers it).
+          local bucket, oldest, newest = st[o + 5], st[o + 11], st[o + 12]
+          if oldest == nil then
+            call('HSET', key, field, ARGV[b + 4], '-1', total, '-2', field, '-3', field)
+          elseif bucket > newest then
+            call('HSET', key, field, ARGV[b + 4], '-1', total, '-3', field)
+          elseif bucket < oldest then
             call('HSET', key, field, ARGV[b + 4], '-1', total, '-2', field)
           else
             call('HSET', key, field, ARGV[b + 4], '-1', total)
           end
-          call('PEXPIRE', key, fmt('%d', st[o + 5] + ARGV[b + 5] + 0 + ARGV[b + 3] + 0 + 1 - now))
+          if oldest == nil or bucket > newest then
+            call('PEXPIRE', key, fmt('%d', bucket + ARGV[b + 5] + 0 + ARGV[b + 3] + 0 + 1 - now))
+          end
         end
       end
     else
