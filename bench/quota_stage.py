@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
                                           [--concurrency 16] [--api openai|anthropic]
+                                          [--leases-held 1000]
 
 For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
 total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
@@ -11,14 +12,14 @@ Wall time per call is ``perf_counter_ns``; CPU is ``process_time_ns`` of this pr
 whole measured loop divided by the requests, so for Redis it excludes redis-server's own work
 and the loopback wait. Contexts rotate over 2,000 accounts, 200 orgs and 500 addresses.
 
-A last run times one concurrency limit on MemoryStore, a charge and its release, with no lease
-and with ``--leases-held`` (1,000) other leases held: counting the live leases must not grow with
-them.
-
 A concurrent run (``--concurrency`` tasks, 3 limits, charge + settle request after request) is
 closer to the gateway under load: round trips overlap, commands share writes on the lean
 connection and reconciles are batched. It compares MemoryStore, RedisStore (lean connection,
 deferred reconciles; the mean batch size is shown) and RedisStore on redis-py (``lean=False``).
+
+A last run times one concurrency limit on MemoryStore, a charge and its release, with no lease
+and with ``--leases-held`` (1,000) other leases held: counting the live leases must not grow with
+them.
 
 With Redis a ``redis-server`` is started on a free port (persistence off) and killed at the end;
 a micro benchmark also reports the client CPU per sequential call (PING through redis-py, one
