@@ -94,7 +94,7 @@ for i = 1, n do
   local w1, w2, w3, w4, w5 = false, false, false, nil, nil
   if algo == 'g' then
     local interval = period / limit
-    local tau = interval * ARGV[b + 5] + 0
+    local tau = interval * (ARGV[b + 5] + 0)
     local tat = call('GET', key)
     if tat then tat = tat + 0 end
     local start = now
@@ -134,12 +134,12 @@ for i = 1, n do
       if cost > 0 then reset = bucket + gran + period - now else reset = idle_reset end
       w1, w2, w3, w4, w5 = field, got[4] and got[4] + 0, used, oldest, newest
     else
-      local live = live_buckets(key, horizon, gran)
       remaining = idle
       reset = idle_reset
       retry = -1
       if cost <= limit then
-        -- when would it fit: free the live buckets oldest first
+        -- when would it fit: free the live buckets oldest first (only here are they read)
+        local live = live_buckets(key, horizon, gran)
         local freed = 0
         for j = 1, #live do
           freed = freed + live[j][2]
