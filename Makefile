@@ -20,7 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
-	$(BIN)/mypy gateway bench
+	$(BIN)/mypy gateway bench tests
 
 check: lint test
 

@@ -48,7 +48,7 @@ async def used(server: RedisServer, store: RedisStore, key: str) -> int:
     buckets, which must equal the running total charge.lua keeps beside them (field ``-1``)."""
     client = Redis.from_url(server.url)
     try:
-        fields = await client.hgetall(store.key(key))  # type: ignore[misc]
+        fields = await client.hgetall(store.key(key))
     finally:
         await client.aclose()
     buckets = sum(int(v) for f, v in fields.items() if int(f) >= 0)

@@ -118,7 +118,9 @@ async def test_redis_killed_and_restarted_mid_load(
                 break
             assert time.monotonic() < deadline, "breaker did not recover"
             await asyncio.sleep(0.05)
-        assert status == 200 and stage.guard.stats.breaker_state is BreakerState.CLOSED
+        # Through a fresh name: mypy would keep the OPEN asserted above, though the awaits since changed it.
+        stats = stage.guard.stats
+        assert status == 200 and stats.breaker_state is BreakerState.CLOSED
     finally:
         await stage.guard.close()
 
@@ -180,7 +182,9 @@ async def test_long_stream_keeps_its_lease_with_a_real_ttl(redis_store: RedisSto
             await asyncio.sleep(0.5)
             refused = await stage(make_ctx(action))
             assert refused is not None and refused.status == 429
-            (_, expires), = await redis_store.client.zrange(key, 0, -1, withscores=True)
+            (entry,) = await redis_store.client.zrange(key, 0, -1, withscores=True)
+            assert not isinstance(entry, (bytes, str))  # withscores: a (member, score) pair
+            _, expires = entry
             assert expires - (await redis_store.now()) * 1000 > 300  # renewed ~0.33 s ago at most
         stats = stage.guard.stats
         assert stats.lease_renewals >= 5 and stats.renew_failures == stats.leases_lost == 0
@@ -256,7 +260,8 @@ async def test_window_keys_always_carry_their_expiry(redis_store: RedisStore) ->
     assert await ttl_ms() <= period_ms
     await store.adjust([Adjustment(first.receipts[0], 5)])  # an existing bucket: left alone
     assert await ttl_ms() <= period_ms
-    assert int(await client.hget(key, str(first.receipts[0].bucket_ms))) == 25
+    bucket = await client.hget(key, str(first.receipts[0].bucket_ms))
+    assert bucket is not None and int(bucket) == 25
 
     await client.delete(key)  # the key is gone (expired, or removed by hand)
     await store.adjust([Adjustment(first.receipts[0], 7)])  # re-created by a reconcile: needs a TTL

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.admin import create_admin_app
 from gateway.upstream.mock_server import MockServer
+from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 POLICY = """version: 1
@@ -45,8 +46,8 @@ async def chat(gw: RunningGateway, n: int) -> int:
 
 
 async def test_metrics_status_reload_and_explain(
-    mock_upstream: MockServer, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     policy_dir = tmp_path / "pol"
     policy_dir.mkdir()
     (policy_dir / "rules.yaml").write_text(POLICY)

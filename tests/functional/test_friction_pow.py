@@ -11,6 +11,8 @@ import anthropic
 import httpx2
 import openai
 import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.client import PowTransport, solve_challenge
 from gateway.upstream.mock_server import MockServer
@@ -44,7 +46,10 @@ rules:
     when: {field: principal.authenticated, equals: true}
     friction: {tarpit: {first_byte_delay: 300ms}}
 """
-MESSAGES = [{"role": "user", "content": "Let's think step by step: what is 2 + 2?"}]
+PROMPT = "Let's think step by step: what is 2 + 2?"
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+# The same message: each SDK types it as its own TypedDict, and neither accepts the other's.
+ANT_MESSAGES: list[MessageParam] = [{"role": "user", "content": PROMPT}]
 
 
 def policy_yaml(tmp: Path, text: str) -> str:
@@ -67,7 +72,7 @@ async def test_challenge_is_raised_then_solved_by_hand(
         oa(gw.url, max_retries=2) as c,
     ):
         with pytest.raises(openai.AuthenticationError) as caught:
-            await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+            await c.chat.completions.create(model="m", messages=MESSAGES)
         response = caught.value.response
         assert response.headers["x-should-retry"] == "false"  # the SDK did not retry blindly
         assert response.headers["www-authenticate"].startswith("Tollgate-PoW ")
@@ -77,12 +82,12 @@ async def test_challenge_is_raised_then_solved_by_hand(
         solution = solve_challenge(body)
         result = await c.chat.completions.create(
             model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution}
-        )  # type: ignore[arg-type]
+        )
         assert result.choices[0].message.content
         with pytest.raises(openai.AuthenticationError):  # a solution is good once
             await c.chat.completions.create(
                 model="m", messages=MESSAGES, extra_headers={"x-tollgate-solution": solution}
-            )  # type: ignore[arg-type]
+            )
         records = await gw.access_records()
     assert len(mock_upstream.state.requests) == 1
     assert [r["status"] for r in records] == [401, 200, 401]
@@ -94,9 +99,9 @@ async def test_pow_transport_solves_transparently(
     async with start_gateway(mock_upstream.url, policy_yaml(tmp_path, POW)) as gw:
         http = httpx2.AsyncClient(transport=PowTransport())
         async with oa(gw.url, max_retries=0, http_client=http) as c:
-            result = await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+            result = await c.chat.completions.create(model="m", messages=MESSAGES)
             assert result.choices[0].message.content
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
             assert [chunk async for chunk in stream]
 
 
@@ -107,7 +112,7 @@ async def test_degrade_edits_the_request_and_strips_the_response(
         async with oa(gw.url, max_retries=0) as c:
             result = await c.chat.completions.create(
                 model="m", messages=MESSAGES, logprobs=True, top_logprobs=3, n=3, max_tokens=1000
-            )  # type: ignore[arg-type]
+            )
         sent = mock_upstream.state.requests[-1].body
         assert "logprobs" not in sent and "top_logprobs" not in sent
         assert sent["n"] == 1 and sent["max_tokens"] == 64
@@ -117,8 +122,8 @@ async def test_degrade_edits_the_request_and_strips_the_response(
                 model="claude-mock",
                 max_tokens=2000,
                 thinking={"type": "enabled", "budget_tokens": 1024},
-                messages=MESSAGES,
-            ) as stream:  # type: ignore[arg-type]
+                messages=ANT_MESSAGES,
+            ) as stream:
                 final = await stream.get_final_message()
     # The upstream did think (a thinking block came first); the gateway dropped it and renumbered
     # the rest, and the SDK rebuilt the message from the relayed events without complaint.
@@ -132,5 +137,5 @@ async def test_tarpit_delays_the_first_byte(
 ) -> None:
     async with start_gateway(mock_upstream.url, policy_yaml(tmp_path, TARPIT)) as gw, oa(gw.url) as c:
         started = time.monotonic()
-        await c.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        await c.chat.completions.create(model="m", messages=MESSAGES)
         assert time.monotonic() - started >= 0.3

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway.upstream.mock_server import MockOptions, MockServer, serve_mock
+from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 CHAT = "/v1/chat/completions"
@@ -18,7 +21,7 @@ BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 
 async def post(
     gw: RunningGateway, path: str, data: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, object], aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, dict[str, object], CIMultiDictProxy[str]]:
     headers = {"Authorization": f"Bearer {CLIENT_KEY}", **(headers or {})}
     async with aiohttp.ClientSession() as s, s.post(gw.url + path, data=data, headers=headers) as r:
         return r.status, await r.json(), r.headers
@@ -58,7 +61,7 @@ async def test_anthropic_route_errors_use_anthropic_shape(gateway: RunningGatewa
 
 
 async def test_oversized_chunked_body_is_refused(mock_upstream: MockServer, start_gateway) -> None:  # type: ignore[no-untyped-def]
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(100):
             yield b" " * 1024
 
@@ -84,8 +87,8 @@ async def test_wrong_method_and_unknown_route(gateway: RunningGateway) -> None:
 
 
 async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(
-    start_gateway, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", "sk-provider-secret")
     async with (
         serve_mock(MockOptions(api_key="sk-provider-secret")) as upstream,

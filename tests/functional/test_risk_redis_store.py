@@ -15,6 +15,7 @@ import pytest
 from gateway.risk.redis_sigstore import RedisSignalStore
 from gateway.risk.sigstore import AccountState, AccountTouch
 from gateway.upstream.mock_server import MockServer
+from tests.conftest import GatewayFactory
 from tests.functional.test_admin import admin
 from tests.support.gateway import CLIENT_ACCOUNT, CLIENT_KEY
 from tests.support.redis_servers import RedisServer, start_server
@@ -38,7 +39,7 @@ async def _chat(client: openai.AsyncOpenAI, i: int) -> None:
 @pytest.mark.parametrize("mode", ["behind", "inline"])
 async def test_risk_signals_on_redis_through_the_gateway(mode: str, redis_server: RedisServer,
                                                           mock_upstream: MockServer,
-                                                          start_gateway) -> None:  # type: ignore[no-untyped-def]
+                                                          start_gateway: GatewayFactory) -> None:
     prefix = f"t:{mode}:"
     store = f"{{backend: redis, url: '{redis_server.url}', prefix: '{prefix}', mode: {mode}}}"
     extra = f"risk: {{store: {store}}}\n"

@@ -24,6 +24,7 @@ from gateway.risk.sigstore import (
     DecayAdd,
     HllAdd,
     MemorySignalStore,
+    Op,
     SignalStore,
     StateDelete,
     StateGet,
@@ -206,7 +207,7 @@ async def test_redis_hll_view_counts_equal_the_two_bucket_merge(redis_server: Re
                 checked += 1
             await harness.advance(window - (result.now % window) + 0.01)  # the next bucket
         assert checked > 60 and result.results[-1] > 1500
-        assert (await client.execute_command("OBJECT", "ENCODING", f"{prefix}{{k}}:u{b}")) == b"raw"
+        assert (await client.object("ENCODING", f"{prefix}{{k}}:u{b}")) == b"raw"
     finally:
         await client.aclose()
         await store.close()
@@ -276,10 +277,10 @@ def test_repeated_hll_and_decay_parameters_are_sent_once() -> None:
     from gateway.risk.redis_sigstore import _encode
 
     ev = (1.0, 0.5)
-    ops = [HllAdd("t:x", "acct", 60.0), DecayAdd("tr:x", ev, 30.0), HllAdd("ip:y", "acct", 60.0),
-           DecayAdd("ce:y", ev, 30.0), HllAdd("p:y", "other", 60.0), HllAdd("q", "other", 90.0),
-           DecayAdd("ce:z", tuple([1.0, 0.5]), 30.0), DecayAdd("ce:w", ev, 45.0),
-           AccountTouch("a:acct", (1.0,), "", 60.0, 60.0), StateGet("fr:acct")]
+    ops: list[Op] = [HllAdd("t:x", "acct", 60.0), DecayAdd("tr:x", ev, 30.0), HllAdd("ip:y", "acct", 60.0),
+                     DecayAdd("ce:y", ev, 30.0), HllAdd("p:y", "other", 60.0), HllAdd("q", "other", 90.0),
+                     DecayAdd("ce:z", tuple([1.0, 0.5]), 30.0), DecayAdd("ce:w", ev, 45.0),
+                     AccountTouch("a:acct", (1.0,), "", 60.0, 60.0), StateGet("fr:acct")]
     assert _encode(ops) == ["h", "acct", 60.0, "d", 30.0, 2, 1.0, 0.5, "H", "D", "h", "other", 60.0,
                             "h", "other", 90.0,
                             "d", 30.0, 2, 1.0, 0.5,  # equal amounts, another tuple: in full

@@ -12,12 +12,17 @@ import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.upstream.mock.text import mock_text
 from gateway.upstream.mock_server import MOCK_STATE, MockOptions, MockState, create_mock_app, serve_mock
 
 ServerFactory = Callable[..., Any]
-USER = [{"role": "user", "content": "say hello to the gateway"}]  # 5 input tokens
+PROMPT = "say hello to the gateway"  # 5 input tokens
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+# The same message: each SDK types it as its own TypedDict, and neither accepts the other's.
+ANT_USER: list[MessageParam] = [{"role": "user", "content": PROMPT}]
 
 
 @pytest.fixture
@@ -28,7 +33,7 @@ async def server(aiohttp_server: ServerFactory) -> TestServer:
 
 @pytest.fixture
 def state(server: TestServer) -> MockState:
-    return server.app[MOCK_STATE]  # type: ignore[index]
+    return server.app[MOCK_STATE]
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ async def ant(server: TestServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
 
 # -- OpenAI chat completions ------------------------------------------------------------------
 async def test_chat_non_stream(oai: openai.AsyncOpenAI) -> None:
-    r = await oai.chat.completions.create(model="gpt-4o-mini", messages=USER)  # type: ignore[arg-type]
+    r = await oai.chat.completions.create(model="gpt-4o-mini", messages=USER)
     assert r.object == "chat.completion"
     assert r.choices[0].message.content == mock_text(8)
     assert r.choices[0].finish_reason == "stop"
@@ -60,7 +65,7 @@ async def test_chat_non_stream(oai: openai.AsyncOpenAI) -> None:
 async def test_chat_stream_usage_and_logprobs(oai: openai.AsyncOpenAI) -> None:
     stream = await oai.chat.completions.create(
         model="gpt-4o-mini",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         stream_options={"include_usage": True},
         logprobs=True,
@@ -84,7 +89,7 @@ async def test_chat_stream_usage_and_logprobs(oai: openai.AsyncOpenAI) -> None:
 
 
 async def test_chat_stream_without_include_usage_has_no_usage(oai: openai.AsyncOpenAI) -> None:
-    stream = await oai.chat.completions.create(model="m", messages=USER, stream=True)  # type: ignore[arg-type]
+    stream = await oai.chat.completions.create(model="m", messages=USER, stream=True)
     chunks = [c async for c in stream]
     assert all(c.usage is None and c.choices for c in chunks)
 
@@ -92,7 +97,7 @@ async def test_chat_stream_without_include_usage_has_no_usage(oai: openai.AsyncO
 async def test_chat_reasoning_stream(oai: openai.AsyncOpenAI) -> None:
     stream = await oai.chat.completions.create(
         model="o4-mini",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         stream_options={"include_usage": True},
         reasoning_effort="low",
@@ -117,7 +122,7 @@ async def test_chat_reasoning_stream(oai: openai.AsyncOpenAI) -> None:
 async def test_chat_n_choices_and_length_limit(oai: openai.AsyncOpenAI) -> None:
     r = await oai.chat.completions.create(
         model="m",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         n=3,
         max_completion_tokens=5,
     )
@@ -128,7 +133,7 @@ async def test_chat_n_choices_and_length_limit(oai: openai.AsyncOpenAI) -> None:
 
     stream = await oai.chat.completions.create(
         model="m",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         n=2,
         stream=True,
         max_tokens=3,
@@ -240,11 +245,11 @@ async def test_models(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic) ->
 
 # -- Anthropic --------------------------------------------------------------------------------
 async def test_messages_non_stream(ant: anthropic.AsyncAnthropic) -> None:
-    m = await ant.messages.create(model="claude-mock", max_tokens=100, messages=USER, system="sys")  # type: ignore[arg-type]
+    m = await ant.messages.create(model="claude-mock", max_tokens=100, messages=ANT_USER, system="sys")
     assert m.type == "message" and m.stop_reason == "end_turn"
     assert m.content[0].type == "text" and m.content[0].text == mock_text(8)
     assert (m.usage.input_tokens, m.usage.output_tokens) == (6, 8)
-    count = await ant.messages.count_tokens(model="claude-mock", messages=USER, system="sys")  # type: ignore[arg-type]
+    count = await ant.messages.count_tokens(model="claude-mock", messages=ANT_USER, system="sys")
     assert count.input_tokens == 6
 
 
@@ -252,7 +257,7 @@ async def test_messages_stream_with_thinking(ant: anthropic.AsyncAnthropic) -> N
     async with ant.messages.stream(
         model="claude-mock",
         max_tokens=2048,
-        messages=USER,  # type: ignore[arg-type]
+        messages=ANT_USER,
         thinking={"type": "enabled", "budget_tokens": 1024},
     ) as stream:
         events = [event async for event in stream]
@@ -270,7 +275,7 @@ async def test_messages_stream_with_thinking(ant: anthropic.AsyncAnthropic) -> N
 
 
 async def test_messages_raw_stream_max_tokens(ant: anthropic.AsyncAnthropic) -> None:
-    stream = await ant.messages.create(model="c", max_tokens=3, messages=USER, stream=True)  # type: ignore[arg-type]
+    stream = await ant.messages.create(model="c", max_tokens=3, messages=ANT_USER, stream=True)
     text, output_tokens, stop = "", 0, None
     async for event in stream:
         if event.type == "content_block_delta" and event.delta.type == "text_delta":
@@ -285,7 +290,7 @@ async def test_messages_validation_errors(ant: anthropic.AsyncAnthropic) -> None
         await ant.messages.create(
             model="c",
             max_tokens=100,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANT_USER,
             thinking={"type": "enabled", "budget_tokens": 1024},
         )
 
@@ -297,18 +302,18 @@ async def test_status_faults_raise_the_sdk_exceptions(
     with pytest.raises(openai.InternalServerError):
         await oai.chat.completions.create(
             model="m", messages=USER, extra_headers={"x-mock-fault": "status-500"}
-        )  # type: ignore[arg-type]
+        )
     with pytest.raises(openai.RateLimitError) as rl:
         await oai.chat.completions.create(
             model="m", messages=USER, extra_headers={"x-mock-fault": "status-429"}
-        )  # type: ignore[arg-type]
+        )
     assert rl.value.response.headers["retry-after"] == "1"
     assert rl.value.code == "rate_limit_exceeded"
     with pytest.raises(anthropic.RateLimitError) as arl:
         await ant.messages.create(
             model="c",
             max_tokens=10,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANT_USER,
             extra_headers={"x-mock-fault": "status-429"},
         )
     assert arl.value.response.headers["request-id"].startswith("req_mock_")
@@ -316,17 +321,17 @@ async def test_status_faults_raise_the_sdk_exceptions(
         await ant.messages.create(
             model="c",
             max_tokens=10,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANT_USER,
             extra_headers={"x-mock-fault": "status-500"},
         )
     with pytest.raises(openai.BadRequestError):
-        await oai.chat.completions.create(model="m", messages=USER, extra_headers={"x-mock-fault": "nope"})  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=USER, extra_headers={"x-mock-fault": "nope"})
 
 
 async def test_reset_mid_stream(oai: openai.AsyncOpenAI, state: MockState) -> None:
     stream = await oai.chat.completions.create(
         model="m",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         extra_headers={"x-mock-fault": "reset-mid-stream"},
     )
@@ -340,14 +345,14 @@ async def test_reset_mid_stream(oai: openai.AsyncOpenAI, state: MockState) -> No
         await oai.chat.completions.create(
             model="m",
             messages=USER,
-            extra_headers={"x-mock-fault": "reset-mid-stream"},  # type: ignore[arg-type]
+            extra_headers={"x-mock-fault": "reset-mid-stream"},
         )
 
 
 async def test_error_mid_stream(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic) -> None:
     stream = await oai.chat.completions.create(
         model="m",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         extra_headers={"x-mock-fault": "error-mid-stream"},
     )
@@ -357,7 +362,7 @@ async def test_error_mid_stream(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnt
     astream = await ant.messages.create(
         model="c",
         max_tokens=10,
-        messages=USER,  # type: ignore[arg-type]
+        messages=ANT_USER,
         stream=True,
         extra_headers={"x-mock-fault": "error-mid-stream"},
     )
@@ -369,7 +374,7 @@ async def test_error_mid_stream(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnt
 async def test_bad_json(oai: openai.AsyncOpenAI, server: TestServer) -> None:
     stream = await oai.chat.completions.create(
         model="m",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         extra_headers={"x-mock-fault": "bad-json"},
     )
@@ -391,7 +396,7 @@ async def test_hang_times_out_and_is_seen_as_cancelled(oai: openai.AsyncOpenAI, 
     with pytest.raises(openai.APITimeoutError):
         await oai.chat.completions.create(
             model="m",
-            messages=USER,  # type: ignore[arg-type]
+            messages=USER,
             timeout=0.3,
             extra_headers={"x-mock-fault": "hang"},
         )
@@ -452,7 +457,7 @@ async def test_client_disconnect_is_recorded_as_cancelled(server: TestServer, st
 async def test_recording_endpoints(oai: openai.AsyncOpenAI, server: TestServer) -> None:
     await oai.chat.completions.create(
         model="gpt-4o-mini",
-        messages=USER,  # type: ignore[arg-type]
+        messages=USER,
         stream=True,
         extra_headers={"x-custom": "1"},
     )
@@ -466,7 +471,7 @@ async def test_recording_endpoints(oai: openai.AsyncOpenAI, server: TestServer) 
         assert req["headers"]["x-custom"] == "1"
         assert req["body"]["model"] == "gpt-4o-mini" and req["body"]["stream"] is True
         # the SDK closes the stream before our bookkeeping may run: wait for the stats to settle
-        await server.app[MOCK_STATE].wait_for(lambda s: s.streams_completed == 1)  # type: ignore[index]
+        await server.app[MOCK_STATE].wait_for(lambda s: s.streams_completed == 1)
         async with session.get(server.make_url("/_mock/stats")) as resp:
             stats = await resp.json()
         assert stats["streams_started"] == stats["streams_completed"] == 1
@@ -489,7 +494,7 @@ async def test_api_key_and_serve_mock() -> None:
             with pytest.raises(openai.AuthenticationError):
                 await bad.models.list()
         async with anthropic.AsyncAnthropic(base_url=mock.url, api_key="sk-right", max_retries=0) as good:
-            m = await good.messages.create(model="c", max_tokens=10, messages=USER)  # type: ignore[arg-type]
+            m = await good.messages.create(model="c", max_tokens=10, messages=ANT_USER)
             assert m.content[0].type == "text" and m.content[0].text == mock_text(2)
         assert mock.state.requests_total == 2
         assert mock.state.last_request is not None
