@@ -221,6 +221,24 @@ async def test_window_key_without_a_total_is_recounted(redis_store: RedisStore) 
     assert int(fields[b"-3"]) == max(int(f) for f in fields if int(f) >= 0)
 
 
+async def test_window_stays_exact_beside_a_replica_of_the_older_layout(redis_store: RedisStore) -> None:
+    """During a rolling upgrade an older replica charges the same key: it adds to the bucket and,
+    reading the fields with negative names as long-dead buckets, deletes them. The next charge
+    here finds them missing and recounts, so nothing the older replica charged is lost."""
+    store = redis_store
+    key, charge = await _window_of_30_buckets(store, "mixed", 10)
+    first = await store.charge([charge])
+    assert first.states[0].remaining == 10**9 - 301
+    bucket = str(first.receipts[0].bucket_ms)
+    # what charge.lua before the running total did to this key, cost 40
+    await store.client.hincrby(key, bucket, 40)
+    await store.client.hdel(key, "-1", "-2", "-3")
+    again = await store.charge([charge])
+    assert again.states[0].remaining == 10**9 - 301 - 40 - 1
+    fields = await store.client.hgetall(key)
+    assert int(fields[b"-1"]) == 342 == sum(int(v) for f, v in fields.items() if int(f) >= 0)
+
+
 async def test_window_charge_reads_no_buckets_while_none_left(redis_store: RedisStore) -> None:
     """A daily token budget holds 30 buckets most of the time: a charge reads the total, the
     oldest and newest starts and its bucket (HMGET), not every bucket (HGETALL), until the oldest
