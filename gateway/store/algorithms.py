@@ -1,7 +1,9 @@
-"""The three limit algorithms as pure functions on integer milliseconds.
+"""The three limit algorithms on integer milliseconds: functions over the state one key holds
+(a GCRA TAT, a :class:`Window` of buckets, a :class:`Leases` book).
 
-``MemoryStore`` runs these directly; ``lua/charge.lua`` and ``lua/adjust.lua`` are line-for-line
-ports, and the contract suite checks that both agree. Keep them in step when changing either.
+``MemoryStore`` runs these directly; ``lua/charge.lua`` and ``lua/adjust.lua`` are ports (the
+same decisions and numbers, on Redis data types), and the contract suite checks that both agree.
+Keep them in step when changing either.
 """
 
 from __future__ import annotations
