@@ -10,6 +10,7 @@ encoded exactly as in production), with the bench policy's three limits: request
 
 Scenarios:
 
+- ``charge, one request-rate limit``: requests per account alone (``bench/policies/rpm``);
 - ``charge, young window``: the token window holds one bucket (a key created seconds ago, as in
   every short load run);
 - ``charge, full window``: the token window holds 30 buckets, its steady state once a day of
@@ -109,6 +110,13 @@ async def charge_calls(store: RedisStore, calls: int) -> None:
         await asyncio.gather(*(store.charge(charges(i)) for i in range(start, min(calls, start + depth))))
 
 
+async def charge_one_limit_calls(store: RedisStore, calls: int) -> None:
+    """The requests-per-minute limit alone (``gateway:redis1``'s policy)."""
+    depth = 16
+    for start in range(0, calls, depth):
+        await asyncio.gather(*(store.charge(charges(i)[:1]) for i in range(start, min(calls, start + depth))))
+
+
 async def adjust_calls(store: RedisStore, calls: int, receipts: list[Receipt]) -> None:
     """``calls`` adjust.lua calls of four reconciles each (+7 and -7: the buckets stay put)."""
     def batch(i: int) -> list[Adjustment]:
@@ -144,6 +152,7 @@ def scenarios() -> list[Scenario]:
         await adjust_calls(store, calls, receipts)
 
     return [
+        ("charge.lua, one request-rate limit", fresh, charge_one_limit_calls, 1),
         ("charge.lua, young window", fresh, charge_calls, 1),
         ("charge.lua, full window (30 buckets)", full, charge_calls, 1),
         ("adjust.lua, per window reconcile", reserve, adjust, 4),
