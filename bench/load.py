@@ -198,16 +198,22 @@ def _ratio(a: float, b: float | None) -> str:
 def round_ratios(parts: dict[tuple[str, str, int], list[Cell]], baseline: str) -> list[str]:
     """Markdown rows: each target's req/s over the baseline's, per mode and concurrency, as the
     median (and range) of the per-round ratios. A round's cells ran back to back, so a slow spell
-    of a shared machine touches both sides of its ratio; pooled req/s mixes spells instead."""
+    of a shared machine touches both sides of its ratio; pooled req/s mixes spells instead.
+    Beside it, the baseline's CPU per request over the target's, also per round: the throughput
+    ratio of a deployment bound by the process under test's own CPU (its own cores, the model
+    elsewhere), which moves less with the other processes sharing this machine."""
     rows: list[str] = []
     for (target, mode, conc), cells in parts.items():
         base = parts.get((baseline, mode, conc))
         if target == baseline or not base:
             continue
-        ratios = sorted(c.rps / b.rps for c, b in zip(cells, base, strict=False) if b.rps)
-        if ratios:
+        pairs = list(zip(cells, base, strict=False))
+        ratios = sorted(c.rps / b.rps for c, b in pairs if b.rps)
+        cpu = sorted(b.cpu_us / c.cpu_us for c, b in pairs if c.cpu_us)
+        if ratios and cpu:
             rows.append(f"| {target} | {mode} | {conc} | {statistics.median(ratios):.2f}x "
-                        f"| {ratios[0]:.2f}–{ratios[-1]:.2f} | {len(ratios)} |")
+                        f"| {ratios[0]:.2f}–{ratios[-1]:.2f} | {statistics.median(cpu):.2f}x "
+                        f"| {cpu[0]:.2f}–{cpu[-1]:.2f} | {len(ratios)} |")
     return rows
 
 
@@ -242,10 +248,11 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
     if ratios:
         lines += [
             "",
-            f"Throughput vs `{args.baseline}`, round by round (median of the per-round ratios):",
+            f"Throughput vs `{args.baseline}`, round by round (median of the per-round ratios); CPU-bound: "
+            f"`{args.baseline}`'s CPU per request over the target's:",
             "",
-            "| target | mode | conc | req/s ratio | range | rounds |",
-            "|---|---|---:|---:|---:|---:|",
+            "| target | mode | conc | req/s ratio | range | CPU-bound ratio | range | rounds |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
             *ratios,
         ]
     if slow:
