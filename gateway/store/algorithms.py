@@ -114,6 +114,10 @@ class Window:
             if bucket == self.newest:
                 self.newest = max(buckets) if buckets else None
 
+    def expires(self, c: Charge) -> int:
+        """When the key can go (store ms): its newest bucket has left the window."""
+        return (self.newest or 0) + c.bucket_ms + c.period_ms + 1
+
     def live(self, now: int, c: Charge) -> list[tuple[int, int]]:
         """Buckets still inside the window, oldest first: a bucket counts until its *end* is a
         full period old, so usage is held between period and period + bucket width."""

@@ -126,16 +126,11 @@ class MemoryStore:
         elif c.algorithm is Algorithm.WINDOW:
             if c.cost == 0:
                 return
-            window: alg.Window | None = self._get(c.key, now)
-            if window is None:
-                window = alg.Window()
+            window: alg.Window = self._get(c.key, now) or alg.Window()
             window.add(v.bucket_ms, c.cost)  # (window_check dropped the dead buckets)
-            assert window.newest is not None
-            self._put(c.key, window, window.newest + c.bucket_ms + c.period_ms + 1)
+            self._put(c.key, window, window.expires(c))
         else:
-            leases: alg.Leases | None = self._get(c.key, now)
-            if leases is None:
-                leases = alg.Leases()
+            leases: alg.Leases = self._get(c.key, now) or alg.Leases()
             leases.hold(c.lease_id, now + c.period_ms)  # (lease_check dropped the expired ones)
             self._put(c.key, leases, leases.latest + 1)
 
@@ -163,12 +158,10 @@ class MemoryStore:
                 else:
                     self._put(c.key, tat, math.ceil(tat) + 1)
             elif c.algorithm is Algorithm.WINDOW:
-                window: alg.Window | None = self._get(c.key, now)
-                if window is None:
-                    window = alg.Window()
+                window: alg.Window = self._get(c.key, now) or alg.Window()
                 if alg.window_adjust(window, now, c, r.bucket_ms, adj.delta):
-                    if window.newest is not None:
-                        self._put(c.key, window, window.newest + c.bucket_ms + c.period_ms + 1)
+                    if window.buckets:
+                        self._put(c.key, window, window.expires(c))
                     else:
                         self._data.pop(c.key, None)
             elif adj.delta < 0:
