@@ -198,5 +198,7 @@ class RequestContext:
     upstream_ttfb: float | None = None
     finished: float | None = None
     client_disconnected: bool = False
-    # Free-form per-stage notes that reach the audit record (never prompt text).
+    # Free-form per-stage notes that reach the audit record (never prompt text). Values are what
+    # orjson serialises, which includes orjson.Fragment: JSON already serialised, which a hot path
+    # may build from a template instead of a tree of dicts (see QuotaStage._admitted).
     audit: dict[str, Any] = field(default_factory=dict)

@@ -163,10 +163,11 @@ class HeaderLayout:
         self.anthropic = tuple(family for family in anthropic if family[1])
 
     def render(self, states: Sequence[LimitState], now: float, api: ApiFamily | None,
-               times: dict[int, str] | None = None) -> dict[str, str]:
+               times: dict[int, str] | None = None, into: dict[str, str] | None = None) -> dict[str, str]:
         """The headers for ``states`` (one per limit, in layout order); ``now`` is the store's
         time; aliases of ``api`` only (``None``: both families). ``times`` memoises RFC 3339
-        text per second across calls."""
+        text per second across calls. Written into ``into`` (returned) when given, else into a
+        new dict: the stage renders straight into the response's headers."""
         ceil = math.ceil
         if len(states) == 1:  # the usual sizes unrolled
             s0 = states[0]
@@ -179,7 +180,9 @@ class HeaderLayout:
             rate = self.rate_format % (s0[2], ceil(s0[3]), s1[2], ceil(s1[3]), s2[2], ceil(s2[3]))
         else:
             rate = self.rate_format % tuple([v for s in states for v in (s[2], ceil(s[3]))])
-        headers = {"RateLimit-Policy": self.policy, "RateLimit": rate}
+        headers = {} if into is None else into
+        headers["RateLimit-Policy"] = self.policy
+        headers["RateLimit"] = rate
         if api is not ApiFamily.ANTHROPIC:
             for names, candidates in self.openai:
                 i, limit = candidates[0] if len(candidates) == 1 else _pick(candidates, states)

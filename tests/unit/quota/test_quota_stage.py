@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+import orjson
 import pytest
 
 from gateway.context import ApiFamily, RequestContext
@@ -121,6 +122,28 @@ async def test_spend_is_priced_per_model(stage: QuotaStage) -> None:
     # 1000 × $2.5/M + 500 × $10/M = $0.0075 = 7500 micro-USD; it stops counting one day plus
     # at most one bucket (1/30 day) later: t = 86400 + 2880 - (offset of now in its bucket)
     assert ctx.response_headers["RateLimit"] == '"usd";r=992500;t=87040'
+
+
+async def test_audit_limits_same_json_on_the_admitted_fast_path(stage: QuotaStage) -> None:
+    # The all-admitted path writes quota.limits from a pre-serialised template; a shadow limit
+    # takes the general path (dicts). Names with JSON and %-format metacharacters on both.
+    odd = 'r"1%d\\'
+    enforced = quota(odd, limit("rpm%s", LimitKind.REQUESTS, 60, 60, burst=5),
+                     limit('tp"d', LimitKind.TOTAL_TOKENS, 10_000, 86400))
+    shadowed = quota("s%%", limit("rpm", LimitKind.REQUESTS, 60, 60, burst=5), shadow=True)
+    fast, general = make_ctx(enforced), make_ctx(enforced, shadowed)
+    assert await stage(fast) is None and await stage(general) is None
+    fast_limits = orjson.loads(orjson.dumps(fast.audit["quota"]))["limits"]
+    general_limits = orjson.loads(orjson.dumps(general.audit["quota"]))["limits"]
+    assert isinstance(fast.audit["quota"]["limits"], orjson.Fragment)  # (else this tests nothing)
+    assert fast_limits == [
+        {"rule": odd, "limit": "rpm%s", "kind": "requests", "shadow": False, "allowed": True, "remaining": 4},
+        {"rule": odd, "limit": 'tp"d', "kind": "total_tokens", "shadow": False, "allowed": True,
+         "remaining": 10_000 - 100 - 200}]
+    assert general_limits[:2] == [dict(entry, remaining=entry["remaining"] - (1 if i == 0 else 300))
+                                  for i, entry in enumerate(fast_limits)]
+    assert general_limits[2] == {"rule": "s%%", "limit": "rpm", "kind": "requests", "shadow": True,
+                                 "allowed": True, "remaining": 4}
 
 
 async def test_concurrency_lease_released_on_settle(stage: QuotaStage) -> None:
