@@ -78,7 +78,8 @@ class ReconcileQueue:
         if not self._queue:
             return []
         queue, self._queue, self._pending = self._queue, [], 0
-        loop = asyncio.get_running_loop()
+        proto = self._conn.proto  # the connection taking the queue
+        loop = proto.loop if proto is not None else asyncio.get_running_loop()
         out: list[tuple[bytes, asyncio.Future[Any]]] = []
         batch: list[Adjustment] = []
         waiters: list[Done] = []

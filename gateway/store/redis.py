@@ -215,7 +215,7 @@ class RedisStore:
         if proto is None or proto.closed:
             return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
         deadline = self._deadline
-        until = asyncio.get_running_loop().time() + deadline
+        until = proto.loop.time() + deadline
         fut = proto.send(packed, deadline)
         try:
             try:

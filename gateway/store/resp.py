@@ -74,7 +74,7 @@ class RespProtocol(asyncio.Protocol):
         self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._stale_check: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # (asyncio.get_running_loop makes a getpid syscall on 3.11)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it
@@ -89,7 +89,7 @@ class RespProtocol(asyncio.Protocol):
         of Redis), in order. Either way ``_write`` puts the prelude's commands first."""
         if self.closed or self.transport is None:
             raise RedisConnectionError("connection to Redis closed")
-        loop = self._loop
+        loop = self.loop
         fut: asyncio.Future[Any] = loop.create_future()
         idle = not self.waiting
         self._out.append(packed)
@@ -107,18 +107,18 @@ class RespProtocol(asyncio.Protocol):
     def _expire_at(self, at: float, fut: asyncio.Future[Any]) -> None:
         self._deadlines.append((at, fut))
         if self._sweeper is None:
-            self._sweeper = self._loop.call_at(at, self._sweep)
+            self._sweeper = self.loop.call_at(at, self._sweep)
 
     def _sweep(self) -> None:
         """Fail the calls whose deadline passed; their replies, if they come, are dropped."""
         self._sweeper = None
         deadlines = self._deadlines
-        now = self._loop.time()
+        now = self.loop.time()
         while deadlines:
             at, fut = deadlines[0]
             if not fut.done():
                 if at > now:
-                    self._sweeper = self._loop.call_at(at, self._sweep)
+                    self._sweeper = self.loop.call_at(at, self._sweep)
                     return
                 fut.set_exception(TimeoutError("Redis reply overdue"))
                 fut.exception()  # retrieved: the caller may be gone already
@@ -129,7 +129,7 @@ class RespProtocol(asyncio.Protocol):
         """A caller gave up on ``fut``: if its reply has not come ``stale_after`` seconds later,
         the connection is presumed dead and aborted (one check at a time is enough)."""
         if self._stale_check is None and not self.closed:
-            self._stale_check = self._loop.call_later(self._stale_after, self._abort_if_pending, fut)
+            self._stale_check = self.loop.call_later(self._stale_after, self._abort_if_pending, fut)
 
     def _abort_if_pending(self, fut: asyncio.Future[Any]) -> None:
         self._stale_check = None
@@ -140,7 +140,7 @@ class RespProtocol(asyncio.Protocol):
         """Make sure a write happens on the next loop iteration (the prelude has commands)."""
         if not self._write_scheduled and not self.closed:
             self._write_scheduled = True
-            self._loop.call_soon(self._write)
+            self.loop.call_soon(self._write)
 
     def _write(self) -> None:
         self._write_scheduled = False
@@ -152,7 +152,7 @@ class RespProtocol(asyncio.Protocol):
             if first:  # ahead of everything buffered: their futures go before the buffered ones
                 waiting = self.waiting
                 at = len(waiting) - len(out)
-                expiry = self._loop.time() + self.deadline
+                expiry = self.loop.time() + self.deadline
                 for i, (_, fut) in enumerate(first):
                     waiting.insert(at + i, fut)
                     self._expire_at(expiry, fut)
