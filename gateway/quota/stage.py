@@ -232,7 +232,6 @@ class QuotaStage(SettlesNow):
         shown: list[LimitState] = []  # states of the enforced limits, in plan order
         denied: list[tuple[_Slot, Charge, LimitState]] = []
         applied: list[tuple[LimitKind, Receipt]] = []  # what settle may adjust
-        charged = False
         leases: list[Receipt] = []
         slots = plan.slots
         for state, receipt, i in zip(result.states, result.receipts, guarded.indices, strict=True):
@@ -247,7 +246,6 @@ class QuotaStage(SettlesNow):
                 if not state.allowed:
                     denied.append((slot, receipt.charge, state))
             if receipt.applied:
-                charged = True
                 kind = slot.kind
                 if kind is not LimitKind.REQUESTS:  # a request rate has nothing to settle
                     applied.append((kind, receipt))
@@ -266,7 +264,9 @@ class QuotaStage(SettlesNow):
         if denied:
             audit["denied"] = [f"{slot.rule_id}/{slot.limit.name}" for slot, _, _ in denied]
             return self._deny(denied, headers)
-        if charged:  # (a ticket even without adjustments: settle audits the usage)
+        # A ticket when something may need settling (tokens, spend, leases); settle then audits
+        # the usage it settled to, even when it equals the reservation.
+        if applied:
             self._pending[id(ctx)] = (tuple(applied), guarded.backend, input_est, price, bool(leases))
             if leases:
                 self.renewer.track(id(ctx), tuple(leases), guarded.backend)
@@ -281,6 +281,8 @@ class QuotaStage(SettlesNow):
             plan.admitted_audit % tuple([state.remaining for state in states]))
         assert plan.headers is not None  # checked by the caller
         plan.headers.render(states, result.now, ctx.request.api, self._headers.times, ctx.response_headers)
+        if not plan.settle_slots:  # request rates only: nothing to settle
+            return
         receipts = result.receipts
         key = id(ctx)
         self._pending[key] = (tuple([(kind, receipts[i]) for i, kind in plan.settle_slots]), "store",

@@ -146,6 +146,21 @@ async def test_audit_limits_same_json_on_the_admitted_fast_path(stage: QuotaStag
                                  "allowed": True, "remaining": 4}
 
 
+async def test_request_rates_leave_nothing_to_settle(stage: QuotaStage) -> None:
+    rates = quota("r1", limit("rpm", LimitKind.REQUESTS, 60, 60, burst=5))
+    tokens = quota("r2", limit("tpm", LimitKind.TOTAL_TOKENS, 10_000, 60))
+    rate_only, with_tokens = make_ctx(rates), make_ctx(rates, tokens)
+    assert await stage(rate_only) is None and await stage(with_tokens) is None
+    assert stage.pending == 1  # only the request with a token reservation holds a ticket
+    for ctx in (rate_only, with_tokens):
+        ctx.upstream_started = time.perf_counter()
+        ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.complete = 90, 10, True
+        await stage.settle(ctx)
+    assert "settled" not in rate_only.audit["quota"]
+    assert with_tokens.audit["quota"]["settled"] == {"input_tokens": 90, "output_tokens": 10}
+    assert stage.pending == 0
+
+
 async def test_concurrency_lease_released_on_settle(stage: QuotaStage) -> None:
     action = quota("r1", limit("conc", LimitKind.CONCURRENCY, 1))
     first, second = make_ctx(action), make_ctx(action)
