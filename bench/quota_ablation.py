@@ -9,6 +9,8 @@ runs ``gateway run ...`` with ``QuotaStage.__call__`` replaced for the whole pro
   of any design that makes one Redis round trip per request;
 - ``charge``: the real plan, charges and ``EVALSHA`` (all limits checked and charged), then
   nothing: no audit section, no rate-limit headers, no ticket, so no reconcile;
+- ``noheaders``: the stage unchanged except that no rate-limit header is rendered or sent (what
+  the headers cost: rendering, merging and aiohttp writing them);
 - ``full``: the stage unchanged (the same code path as the plain target; a control).
 
 ``bench/load.py`` runs it for targets named ``gateway:VARIANT@ABLATION`` (for example
@@ -20,14 +22,16 @@ the Redis store's private parts, and mypy checks that they still exist.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.cli import main  # noqa: E402
-from gateway.context import Decision, RequestContext  # noqa: E402
+from gateway.context import ApiFamily, Decision, RequestContext  # noqa: E402
+from gateway.quota.headers import HeaderLayout  # noqa: E402
 from gateway.quota.stage import QuotaStage  # noqa: E402
+from gateway.store.base import LimitState  # noqa: E402
 from gateway.store.redis import RedisStore  # noqa: E402
 from gateway.store.resp import pack  # noqa: E402
 
@@ -72,7 +76,13 @@ async def _charge(stage: QuotaStage, ctx: RequestContext) -> Decision | None:
     return None
 
 
-VARIANTS: dict[str, StageCall | None] = {"noop": _noop, "ping": _ping, "charge": _charge, "full": None}
+def _no_headers(layout: HeaderLayout, states: Sequence[LimitState], now: float, api: ApiFamily | None,
+                times: dict[int, str] | None = None, into: dict[str, str] | None = None) -> dict[str, str]:
+    return {} if into is None else into
+
+
+VARIANTS: dict[str, StageCall | None] = {"noop": _noop, "ping": _ping, "charge": _charge, "noheaders": None,
+                                         "full": None}
 
 
 def run(argv: list[str]) -> int:
@@ -80,6 +90,8 @@ def run(argv: list[str]) -> int:
         print(f"usage: quota_ablation.py {{{','.join(VARIANTS)}}} run ...", file=sys.stderr)
         return 2
     replacement = VARIANTS[argv[0]]
+    if argv[0] == "noheaders":
+        HeaderLayout.render = _no_headers  # type: ignore[method-assign,assignment]
     if replacement is not None:
         QuotaStage.__call__ = replacement  # type: ignore[method-assign,assignment]
     return main(argv[1:])
