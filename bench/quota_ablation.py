@@ -81,19 +81,21 @@ def _no_headers(layout: HeaderLayout, states: Sequence[LimitState], now: float, 
     return {} if into is None else into
 
 
-VARIANTS: dict[str, StageCall | None] = {"noop": _noop, "ping": _ping, "charge": _charge, "noheaders": None,
-                                         "full": None}
+def _stage_call(call: StageCall) -> Callable[[], None]:
+    return lambda: setattr(QuotaStage, "__call__", call)
+
+
+# Each variant patches the process before the gateway starts.
+VARIANTS: dict[str, Callable[[], None]] = {
+    "noop": _stage_call(_noop), "ping": _stage_call(_ping), "charge": _stage_call(_charge),
+    "noheaders": lambda: setattr(HeaderLayout, "render", _no_headers), "full": lambda: None}
 
 
 def run(argv: list[str]) -> int:
     if not argv or argv[0] not in VARIANTS:
         print(f"usage: quota_ablation.py {{{','.join(VARIANTS)}}} run ...", file=sys.stderr)
         return 2
-    replacement = VARIANTS[argv[0]]
-    if argv[0] == "noheaders":
-        HeaderLayout.render = _no_headers  # type: ignore[method-assign,assignment]
-    if replacement is not None:
-        QuotaStage.__call__ = replacement  # type: ignore[method-assign,assignment]
+    VARIANTS[argv[0]]()
     return main(argv[1:])
 
 
