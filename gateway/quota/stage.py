@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.context import ApiFamily, Decision, RequestContext
+from gateway.memo import make_room
 from gateway.policy.registry import MatchedAction
 from gateway.quota.headers import HeaderBuilder, HeaderItem, HeaderLayout
 from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
@@ -35,7 +36,7 @@ from gateway.store.breaker import FailureMode, GuardedStore
 log = logging.getLogger(__name__)
 
 # Bound on each limit's memo of store keys (one entry per key values seen recently); when full
-# the oldest entry goes, so a flood of distinct keys costs a rebuild each.
+# the oldest eighth goes (gateway.memo), so a flood of distinct keys costs a rebuild each.
 KEY_MEMO_ENTRIES = 16384
 # Bound on the memo of plans (one per combination of matched quota rules; a handful per policy).
 PLAN_MEMO_ENTRIES = 1024
@@ -332,8 +333,7 @@ class QuotaStage(SettlesNow):
         # distinct actions (a reload that changed nothing here) would plan the same anyway.
         if plan is None or plan.matched != matched:
             plans = self._plans
-            if len(plans) >= PLAN_MEMO_ENTRIES:
-                del plans[next(iter(plans))]  # oldest first
+            make_room(plans, PLAN_MEMO_ENTRIES)
             plan = plans[memo_key] = _Plan(list(matched), self.settings)
         return plan
 
@@ -349,8 +349,7 @@ class QuotaStage(SettlesNow):
             return combo.charges
         charges = self._build(ctx, plan, values, input_est, output_res, price)
         if combo is None:
-            if len(combos) >= KEY_MEMO_ENTRIES:
-                del combos[next(iter(combos))]  # oldest first
+            make_room(combos, KEY_MEMO_ENTRIES)
             combos[values] = _Combo(charges, inputs)
         else:
             combo.charges, combo.inputs = charges, inputs
@@ -371,8 +370,7 @@ class QuotaStage(SettlesNow):
             memo = slot.entries
             entry = memo.get(value)
             if entry is None:
-                if len(memo) >= KEY_MEMO_ENTRIES:
-                    del memo[next(iter(memo))]  # oldest first
+                make_room(memo, KEY_MEMO_ENTRIES)
                 entry = memo[value] = _KeyEntry(lim.identity(slot.rule_id, ctx))
             kind = slot.kind
             charge = entry.charge

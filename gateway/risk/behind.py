@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from gateway.memo import make_room
 from gateway.risk.sigstore import (
     AccountState,
     AccountTouch,
@@ -195,8 +196,7 @@ class BehindSignalStore:
 
     def _insert(self, key: str, value: Any) -> _Mirrored:
         mirror = self._mirror
-        if len(mirror) >= self._max_entries:
-            del mirror[next(iter(mirror))]
+        make_room(mirror, self._max_entries)
         entry = mirror[key] = _Mirrored(value)
         return entry
 

@@ -2,15 +2,18 @@
 
 Templated traffic repeats the same system prompt and wrapper sentences thousands of times;
 remembering what they fold to skips the regex, normalisation and hashing work. Eviction is
-first-in first-out (dict order): cheaper than LRU bookkeeping on every hit, and a hot entry that
-is evicted is simply recomputed once. Memory: ``max_entries`` keys and values, and text longer
-than ``max_key_chars`` is never cached (so a handful of huge prompts cannot pin megabytes).
+first-in first-out (dict order, the oldest eighth at once: gateway.memo): cheaper than LRU
+bookkeeping on every hit, and a hot entry that is evicted is simply recomputed once. Memory:
+``max_entries`` keys and values, and text longer than ``max_key_chars`` is never cached (so a
+handful of huge prompts cannot pin megabytes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from gateway.memo import make_room
 
 V = TypeVar("V")
 _MISSING = object()  # values may be None
@@ -39,8 +42,7 @@ class Memo(Generic[V]):
         self.misses += 1
         value = fn(text)
         if len(text) <= self._max_key:
-            if len(data) >= self._max:
-                del data[next(iter(data))]
+            make_room(data, self._max)
             data[text] = value
         return value
 

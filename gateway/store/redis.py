@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from gateway.memo import make_room
 from gateway.store.base import (
     Adjustment,
     Algorithm,
@@ -57,7 +58,7 @@ RedisClient = Redis | RedisCluster
 # scripts (pipelined, still one round trip) so that no single script holds Redis for long.
 RENEW_BATCH = 512
 # Bound on the memo of encoded charges (one per charge object the stage keeps: rule × limit × key
-# values seen recently); when full the oldest entry goes.
+# values seen recently); when full the oldest eighth goes (gateway.memo).
 WIRE_MEMO_ENTRIES = 16384
 # Bound on the memo of whole charge.lua calls by charges tuple. Kept small: with per-request token
 # costs every request brings a new tuple, and a miss only costs joining the memoised pieces.
@@ -282,8 +283,7 @@ class RedisStore:
         packed = b"".join(parts)
         if type(charges) is tuple:
             packs = self._packed
-            if len(packs) >= WHOLE_MEMO_ENTRIES:
-                del packs[next(iter(packs))]  # oldest first
+            make_room(packs, WHOLE_MEMO_ENTRIES)
             packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
         return packed
 
@@ -301,8 +301,7 @@ class RedisStore:
         args = pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:]
         adjust = pack(c.algorithm, c.limit, c.period_ms, c.bucket_ms)[4:]
         memo = self._wire
-        if len(memo) >= WIRE_MEMO_ENTRIES:
-            del memo[next(iter(memo))]  # oldest first
+        make_room(memo, WIRE_MEMO_ENTRIES)
         wire = memo[id(c)] = (c, key, args, adjust)  # the entry pins c, so its id is not reused meanwhile
         return wire
 
