@@ -41,6 +41,8 @@ KEY_MEMO_ENTRIES = 16384
 # Bound on the memo of plans (one per combination of matched quota rules; a handful per policy).
 PLAN_MEMO_ENTRIES = 1024
 
+_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (one per settle)
+
 # What ``settle`` needs: (applied (limit kind, receipt) pairs other than request rates, backend,
 # input reserved, price, whether leases are being renewed).
 _Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None, bool]
@@ -78,8 +80,8 @@ class _Plan:
     snapshot builds its ``MatchedAction`` objects once, so every request matching the same rules
     brings the same objects and finds its plan by their ids (``actions`` pins them)."""
 
-    __slots__ = ("actions", "admitted_audit", "combos", "enforced_only", "getters", "headers", "lease_slots",
-                 "matched", "modes", "reusable", "settle_slots", "slots")
+    __slots__ = ("actions", "admitted_audit", "combos", "enforced_only", "fast", "getters", "headers",
+                 "lease_slots", "matched", "modes", "reusable", "settle_slots", "slots")
 
     def __init__(self, matched: list[Any], settings: QuotaSettings) -> None:
         self.matched = matched  # every action the rules contributed (the memo key's objects)
@@ -100,6 +102,7 @@ class _Plan:
         self.headers = HeaderLayout([(s.name, s.limit) for s in enforced]) if enforced else None
         # The usual case, done without per-limit branching: every limit enforced, all admitted.
         self.enforced_only = bool(slots) and len(enforced) == len(slots)
+        self.fast = self.enforced_only and self.headers is not None
         self.admitted_audit = _admitted_audit(slots)
         self.settle_slots = tuple((i, s.kind) for i, s in enumerate(slots)
                                   if s.kind is not LimitKind.REQUESTS)
@@ -210,6 +213,10 @@ class QuotaStage(SettlesNow):
         price = self._price(req.model) if self.settings.prices else None
         charges = self._charges(ctx, plan, input_est, output_res, price)
         guarded = await self.guard.charge(charges, plan.modes)
+        result = guarded.result
+        if plan.fast and guarded.backend == "store" and result is not None and result.allowed:
+            self._admitted(ctx, plan, result, input_est, price)
+            return None
         audit: dict[str, Any] = {"backend": guarded.backend}
         ctx.audit["quota"] = audit
         if guarded.fallback is not None:
@@ -220,12 +227,8 @@ class QuotaStage(SettlesNow):
                             rule_id=next(s.rule_id for s in plan.slots if s.mode is FailureMode.CLOSED),
                             headers={"Retry-After": str(retry)}, retryable=True,
                             code="quota_store_unavailable")
-        result = guarded.result
         if result is None:  # failed open: nothing was checked, nothing to advertise or settle
             audit["limits"] = []
-            return None
-        if result.allowed and plan.enforced_only and guarded.backend == "store" and plan.headers is not None:
-            self._admitted(ctx, plan, result, input_est, price)
             return None
         limits_audit: list[dict[str, Any]] = []
         audit["limits"] = limits_audit
@@ -278,8 +281,8 @@ class QuotaStage(SettlesNow):
         """:meth:`__call__` when the shared store admitted every limit and none is in shadow
         mode (the common case): the same audit, headers and ticket, without per-limit branches."""
         states = result.states
-        ctx.audit["quota"]["limits"] = orjson.Fragment(
-            plan.admitted_audit % tuple([state.remaining for state in states]))
+        ctx.audit["quota"] = {"backend": "store", "limits": orjson.Fragment(
+            plan.admitted_audit % tuple([state.remaining for state in states]))}
         assert plan.headers is not None  # checked by the caller
         plan.headers.render(states, result.now, ctx.request.api, self._headers.times, ctx.response_headers)
         if not plan.settle_slots:  # request rates only: nothing to settle
@@ -428,11 +431,11 @@ class QuotaStage(SettlesNow):
         adjustments: list[Adjustment] = []
         for kind, receipt in applied:
             if kind is LimitKind.CONCURRENCY:
-                adjustments.append(Adjustment(receipt, -1))
+                adjustments.append(_new(Adjustment, (receipt, -1)))
             else:
                 delta = cost_of(kind, actual_in, actual_out, price) - receipt.charge.cost
                 if delta:
-                    adjustments.append(Adjustment(receipt, delta))
+                    adjustments.append(_new(Adjustment, (receipt, delta)))
         audit = ctx.audit.get("quota")
         if audit is None:
             audit = ctx.audit["quota"] = {}

@@ -131,6 +131,8 @@ class GuardedCharge(NamedTuple):
     unavailable: bool = False
 
 
+_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (one GuardedCharge per request)
+
 # ``tuple(range(n))`` for the usual small n, shared (GuardedCharge.indices on the happy path).
 _RANGES: tuple[tuple[int, ...], ...] = tuple(tuple(range(k)) for k in range(17))
 
@@ -194,7 +196,7 @@ class GuardedStore:
                 breaker = self.breaker
                 if breaker.failures:  # closed with no failures counted: success() changes nothing
                     breaker.success()
-                return GuardedCharge(result, _indices(len(charges)), "store")
+                return _new(GuardedCharge, (result, _indices(len(charges)), "store", None, False))
         else:
             try:
                 result = await self.call(lambda s: s.charge(charges))
