@@ -16,6 +16,11 @@ import yaml
 
 T = TypeVar("T")
 
+# libyaml's parser (PyYAML's C binding, present in its wheels) composes the same nodes with the
+# same marks ~5x faster than the pure-Python one: a keys file of 20,000 keys took 15 s to compose,
+# long enough to starve the event loop of the GIL during a reload. Pure Python where it is absent.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True, slots=True)
 class Mark:
@@ -119,7 +124,12 @@ class Node:
     def parse(cls, text: str, filename: str, issues: Issues) -> Node | None:
         """Parse one YAML document; syntax errors are reported into ``issues``."""
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            try:
+                root = yaml.compose(text, Loader=_LOADER)
+            except yaml.YAMLError:
+                # the pure-Python parser words its errors better ("expected ',' or '}', but got
+                # '<stream end>'" where libyaml says "did not find expected ',' or '}'"): let it report
+                root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
             m = exc.problem_mark
             mark = Mark(filename, m.line + 1, m.column + 1) if m else Mark(filename, 1, 1)
@@ -130,31 +140,31 @@ class Node:
             return None
         if root is None:
             return cls({}, Mark(filename, 1, 1), "", issues, children={})
-        return cls._build(root, filename, "", issues)
+        # One constructor per document, for its scalars (a loader per scalar cost more than the parse).
+        return cls._build(root, filename, "", issues, yaml.constructor.SafeConstructor())
 
     @classmethod
-    def _build(cls, node: yaml.Node, filename: str, path: str, issues: Issues) -> Node:
+    def _build(cls, node: yaml.Node, filename: str, path: str, issues: Issues,
+               scalars: yaml.constructor.SafeConstructor) -> Node:
         mark = _mark(filename, node)
         if isinstance(node, yaml.MappingNode):
             children: dict[str, Node] = {}
             key_marks: dict[str, Mark] = {}
             for key_node, value_node in node.value:
-                key = str(yaml.SafeLoader(" ").construct_object(key_node))
+                key = str(scalars.construct_object(key_node))
                 child_path = f"{path}.{key}" if path else key
                 if key in children:
                     issues.error(_mark(filename, key_node), child_path, "duplicate key")
                 key_marks[key] = _mark(filename, key_node)
-                children[key] = cls._build(value_node, filename, child_path, issues)
+                children[key] = cls._build(value_node, filename, child_path, issues, scalars)
             plain = {k: v.value for k, v in children.items()}
             return cls(plain, mark, path, issues, key_marks, children)
         if isinstance(node, yaml.SequenceNode):
-            items = [
-                cls._build(item, filename, f"{path}[{i}]", issues) for i, item in enumerate(node.value)
-            ]
+            items = [cls._build(item, filename, f"{path}[{i}]", issues, scalars)
+                     for i, item in enumerate(node.value)]
             return cls([i.value for i in items], mark, path, issues, children=items)
-        loader = yaml.SafeLoader(" ")
         try:
-            value = loader.construct_object(node)
+            value = scalars.construct_object(node)
         except yaml.YAMLError as exc:
             issues.error(mark, path, f"cannot read value: {exc}")
             value = None
