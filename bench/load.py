@@ -7,6 +7,7 @@ at each concurrency for a fixed duration and prints a markdown table:
     .venv/bin/python bench/load.py                       # full matrix, ~1 min
     .venv/bin/python bench/load.py --targets direct,passthrough --duration 2
     .venv/bin/python bench/load.py --slow-streams 1000   # matrix, then 1,000 slow streams
+    .venv/bin/python bench/load.py --clients 20000       # requests from 20,000 keys and addresses
 
 Figures: req/s, p50/p99 latency (request written -> last byte read), and server CPU µs per
 request of the process under test (utime+stime from /proc/<pid>/stat, summed over its process
@@ -18,12 +19,20 @@ pre-encoded requests and a minimal response parser (Content-Length or chunked). 
 µs per request, far less than aiohttp's client; more loadgen processes would only steal CPU from
 the servers on a 2-core machine. ``--pin`` pins the process under test to the last CPU and
 everything else to the others.
+
+By default every request carries the one bench key from one address, so every per-key memo of the
+gateway always hits. ``--clients N`` spreads the requests round-robin over N clients instead,
+each its own key (account; orgs of ten accounts) and its own /24 (sent in ``X-Forwarded-For``
+from a trusted loopback proxy, inside 127.0.0.0/8 so the region rules still admit it): the
+key cardinality of a provider's real traffic, and of distillation traffic above all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import itertools
 import json
 import os
 import resource
@@ -70,16 +79,17 @@ class Cell:
     store_cpu_us: float | None = None  # redis-server, per request, for targets that use it
 
 
-async def _drive(conns: list[Conn], payload: bytes, until: float, lat: list[float] | None) -> int:
+async def _drive(conns: list[Conn], payloads: list[bytes], until: float, lat: list[float] | None) -> int:
     loop = asyncio.get_running_loop()
     errors = 0
+    turn = itertools.cycle(payloads)
 
     async def one(conn: Conn) -> None:
         nonlocal errors
         clock = time.perf_counter
         while loop.time() < until:
             t = clock()
-            status, _ = await conn.request(payload)
+            status, _ = await conn.request(next(turn))
             if lat is not None:
                 lat.append(clock() - t)
             if status != 200:
@@ -96,15 +106,16 @@ def _pct(values: list[float], q: float) -> float:
 
 async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argparse.Namespace,
                    store_pid: int | None = None) -> Cell:
-    payload = request_bytes(t.port, stream, {"x-mock-chunks": str(args.chunks)})
+    payloads = [request_bytes(t.port, stream, {"x-mock-chunks": str(args.chunks), **client})
+                for client in client_headers(args.clients)]
     conns = [await connect(t.port) for _ in range(conc)]
     loop = asyncio.get_running_loop()
     try:
-        await _drive(conns, payload, loop.time() + args.warmup, None)
+        await _drive(conns, payloads, loop.time() + args.warmup, None)
         lat: list[float] = []
         scpu0 = cpu_seconds(store_pid) if store_pid else 0.0
         cpu0, mcpu0, t0 = cpu_seconds(t.pid), cpu_seconds(mock_pid), time.perf_counter()
-        errors = await _drive(conns, payload, loop.time() + args.duration, lat)
+        errors = await _drive(conns, payloads, loop.time() + args.duration, lat)
         elapsed = time.perf_counter() - t0
         cpu1, mcpu1 = cpu_seconds(t.pid), cpu_seconds(mock_pid)
         scpu1 = cpu_seconds(store_pid) if store_pid else 0.0
@@ -223,7 +234,9 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
     lines = [
         f"Chat completions ({args.chunks} content chunks per stream), {args.duration:g} s per cell"
         f"{f' in each of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}, "
-        f"{os.cpu_count()} CPUs{', pinned' if args.pin else ''}. CPU = utime+stime per request of the "
+        f"{os.cpu_count()} CPUs{', pinned' if args.pin else ''}"
+        f"{f', requests spread over {args.clients:,} keys and /24s' if args.clients > 1 else ''}. "
+        "CPU = utime+stime per request of the "
         "process under test (for `direct`: the mock upstream itself).",
         "",
         "| target | mode | conc | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs pass-through "
@@ -273,21 +286,58 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
     return "\n".join(lines)
 
 
+# -- clients -----------------------------------------------------------------------------------
+BENCH_KEYS = "keys_file: bench-keys.yaml"
+
+
+def _client_key(i: int) -> str:
+    return f"tg_bench_client_{i:06d}"
+
+
+def client_headers(clients: int) -> list[dict[str, str]]:
+    """Per client: its key and address (one /24 each). One client: the bench key, no forwarding."""
+    if clients == 1:
+        return [{}]
+    return [{"Authorization": f"Bearer {_client_key(i)}",
+             "X-Forwarded-For": f"127.{(i >> 8) & 255}.{i & 255}.{1 + (i >> 16)}"} for i in range(clients)]
+
+
+def _clients_keys_file(clients: int) -> Path:
+    """bench/.rendered-keys-N.yaml: bench-keys.yaml (whose key the readiness probe uses) and N
+    client keys (hashes only, like any keys file), orgs of ten."""
+    path = ROOT / "bench" / f".rendered-keys-{clients}.yaml"
+    lines = [(ROOT / "bench" / "bench-keys.yaml").read_text().rstrip("\n")]
+    for i in range(clients):
+        digest = hashlib.sha256(_client_key(i).encode()).hexdigest()
+        lines += [f"  - id: key_client_{i}", f"    hash: sha256:{digest}", f"    account: bench-account-{i}",
+                  f"    org: bench-org-{i // 10}", "    tier: pro", "    attributes: {org_country: US}"]
+    text = "\n".join(lines) + "\n"
+    if not path.exists() or path.read_text() != text:  # a rewrite would make running gateways reload it
+        path.write_text(text)
+    return path
+
+
 # -- main --------------------------------------------------------------------------------------
-def _gateway_config(name: str, default: str, redis_url: str | None) -> str:
+def _gateway_config(name: str, default: str, redis_url: str | None, clients: int = 1) -> str:
     """``gateway`` uses --config; ``gateway:VARIANT`` uses bench/gateway-VARIANT.yaml, with
-    ``{redis_url}`` filled in (the rendered copy sits beside it, git-ignored)."""
+    ``{redis_url}`` filled in and, for ``--clients N``, the clients' keys file and the loopback
+    as a trusted proxy (the rendered copy sits beside it, git-ignored)."""
     variant = name.partition(":")[2].partition("@")[0]
-    if not variant:
-        return default
-    source = ROOT / "bench" / f"gateway-{variant}.yaml"
+    source = ROOT / "bench" / f"gateway-{variant}.yaml" if variant else Path(default)
     text = source.read_text()
-    if "{redis_url}" not in text:
+    if "{redis_url}" not in text and clients == 1:
         return str(source)
-    if redis_url is None:
-        raise SystemExit(f"{source.name} needs Redis but redis-server could not be started")
-    rendered = source.with_name(f".rendered-{variant}.yaml")
-    rendered.write_text(text.replace("{redis_url}", redis_url))
+    if "{redis_url}" in text:
+        if redis_url is None:
+            raise SystemExit(f"{source.name} needs Redis but redis-server could not be started")
+        text = text.replace("{redis_url}", redis_url)
+    if clients > 1:
+        if BENCH_KEYS not in text or "client_ip:" in text:
+            raise SystemExit(f"--clients: {source} must use {BENCH_KEYS!r} and set no client_ip")
+        text = text.replace(BENCH_KEYS, f"keys_file: {_clients_keys_file(clients).name}")
+        text += "client_ip: {trusted_proxies: [127.0.0.1/32]}  # load.py --clients\n"
+    rendered = ROOT / "bench" / f".rendered-{variant or source.stem}.yaml"
+    rendered.write_text(text)
     return str(rendered)
 
 
@@ -327,7 +377,7 @@ async def main(args: argparse.Namespace) -> int:
                                          "no"], logs / "redis.log")
                 redis_url = f"redis://127.0.0.1:{rport}/0"
                 await asyncio.sleep(0.3)
-            cmd = _command(name, port, upstream, _gateway_config(name, args.config, redis_url))
+            cmd = _command(name, port, upstream, _gateway_config(name, args.config, redis_url, args.clients))
             if cmd is None:
                 print(f"unknown target {name!r}", file=sys.stderr)
                 return 2
@@ -400,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, default=8, help="content chunks per streamed response")
     ap.add_argument("--config", default="bench/gateway-bench.yaml")
     ap.add_argument("--pin", action="store_true", help="pin the process under test to its own CPU")
+    ap.add_argument("--clients", type=int, default=1, metavar="N",
+                    help="spread requests over N keys and /24s (gateway targets; default: the one bench key)")
     ap.add_argument("--baseline", default="", metavar="TARGET",
                     help="also report each target's req/s over TARGET's, per round (median, range)")
     ap.add_argument("--slow-streams", type=int, default=0, metavar="N", help="also hold N slow streams")
@@ -407,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 <= args.slow_streams <= 5000 or not 0 < args.duration <= 120 or not 1 <= args.rounds <= 20:
         ap.error("--slow-streams must be in [0, 5000], --duration in (0, 120], --rounds in [1, 20]")
+    if not 1 <= args.clients <= 1_000_000:
+        ap.error("--clients must be in [1, 1000000]")
     return args
 
 
