@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
                                           [--concurrency 16] [--api openai|anthropic]
-                                          [--leases-held 1000]
+                                          [--leases-held 1000] [--accounts 2000]
 
 For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
 total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
@@ -10,7 +10,10 @@ total tokens per org, requests per client /24), each request is timed alone: ``a
 reservation with the reported usage, which differs from it, so a token limit needs a reconcile).
 Wall time per call is ``perf_counter_ns``; CPU is ``process_time_ns`` of this process over the
 whole measured loop divided by the requests, so for Redis it excludes redis-server's own work
-and the loopback wait. Contexts rotate over 2,000 accounts, 200 orgs and 500 addresses.
+and the loopback wait. Contexts draw at random from ``--accounts`` (2,000) accounts, a tenth as
+many orgs and a quarter as many client /24s (at least 500). The stage and the Redis store memoise
+per key, 16,384 keys per limit: ``--accounts 100000`` makes nearly every request miss (many
+accounts, the distillation traffic shape), the default makes them hit.
 
 A concurrent run (``--concurrency`` tasks, 3 limits, charge + settle request after request) is
 closer to the gateway under load: round trips overlap, commands share writes on the lean
@@ -79,7 +82,7 @@ def _actions(limits: int) -> list[MatchedAction]:
 
 
 def _contexts(count: int, actions: list[MatchedAction], seed: int = 7,
-              api: ApiFamily = ApiFamily.OPENAI) -> list[RequestContext]:
+              api: ApiFamily = ApiFamily.OPENAI, accounts: int = 2000) -> list[RequestContext]:
     rng = random.Random(seed)
     out: list[RequestContext] = []
     route, path = (("messages", "/v1/messages") if api is ApiFamily.ANTHROPIC
@@ -89,10 +92,11 @@ def _contexts(count: int, actions: list[MatchedAction], seed: int = 7,
                            method="POST", headers={}, model="gpt-4o-mini", max_tokens=64,
                            input_tokens_estimate=20)
         ctx = RequestContext(request_id=f"req-{i:08x}", request=view)
-        acct = rng.randrange(2000)
-        ctx.principal = Principal(authenticated=True, account=f"acct{acct}", org=f"org{acct % 200}")
-        octets = (rng.randrange(4), rng.randrange(125), rng.randrange(1, 250))
-        ctx.client.ip = ipaddress.ip_address("10.{}.{}.{}".format(*octets))
+        acct = rng.randrange(accounts)
+        ctx.principal = Principal(authenticated=True, account=f"acct{acct}",
+                                  org=f"org{acct % max(1, accounts // 10)}")
+        net = rng.randrange(max(500, accounts // 4))
+        ctx.client.ip = ipaddress.ip_address(f"10.{net // 125}.{net % 125}.{rng.randrange(1, 250)}")
         ctx.outcome = _Outcome(actions)
         out.append(ctx)
     return out
@@ -110,9 +114,9 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 async def measure(store: Store, limits: int, requests: int, warmup: int = 2000,
-                  api: ApiFamily = ApiFamily.OPENAI) -> dict[str, float]:
+                  api: ApiFamily = ApiFamily.OPENAI, accounts: int = 2000) -> dict[str, float]:
     stage = QuotaStage(store, QuotaSettings())
-    contexts = _contexts(requests + warmup, _actions(limits), api=api)
+    contexts = _contexts(requests + warmup, _actions(limits), api=api, accounts=accounts)
     for ctx in contexts[:warmup]:
         assert await stage(ctx) is None
         _finish(ctx)
@@ -141,11 +145,12 @@ async def measure(store: Store, limits: int, requests: int, warmup: int = 2000,
 
 
 async def measure_concurrent(store: Store, limits: int, requests: int, concurrency: int = 16,
-                             warmup: int = 2000, api: ApiFamily = ApiFamily.OPENAI) -> dict[str, float]:
+                             warmup: int = 2000, api: ApiFamily = ApiFamily.OPENAI,
+                             accounts: int = 2000) -> dict[str, float]:
     """Like the gateway under load: ``concurrency`` tasks, each charging and settling request
     after request, so round trips overlap, commands pipeline and reconciles batch."""
     stage = QuotaStage(store, QuotaSettings())
-    contexts = _contexts(requests + warmup, _actions(limits), api=api)
+    contexts = _contexts(requests + warmup, _actions(limits), api=api, accounts=accounts)
 
     async def worker(share: list[RequestContext]) -> None:
         for ctx in share:
@@ -259,8 +264,13 @@ def main() -> None:
                         help="leases held (open streams) in the MemoryStore concurrency-limit run")
     parser.add_argument("--api", choices=[a.value for a in ApiFamily], default=ApiFamily.OPENAI.value,
                         help="API family of the requests (picks the provider header aliases)")
+    parser.add_argument("--accounts", type=int, default=2000,
+                        help="accounts the requests come from (orgs: a tenth; /24s: a quarter, >= 500)")
     args = parser.parse_args()
+    if not 1 <= args.accounts <= 10_000_000:
+        parser.error("--accounts must be in [1, 10000000]")
     api = ApiFamily(args.api)
+    accounts = args.accounts
     use_redis = not args.no_redis and shutil.which("redis-server") is not None
     rows: list[str] = []
     client_cost: dict[str, tuple[float, float]] = {}
@@ -270,7 +280,7 @@ def main() -> None:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             for limits in (1, 3):
-                result = runner.run(measure(MemoryStore(), limits, args.requests, api=api))
+                result = runner.run(measure(MemoryStore(), limits, args.requests, api=api, accounts=accounts))
                 rows.append(_row("memory", limits, result))
             if server is not None:
                 from gateway.store.redis import RedisStore
@@ -278,22 +288,22 @@ def main() -> None:
                 for limits in (1, 3):
                     store = RedisStore.from_url(server.url, deadline=1.0)
                     try:
-                        result = runner.run(measure(store, limits, args.requests, api=api))
+                        result = runner.run(measure(store, limits, args.requests, api=api, accounts=accounts))
                     finally:
                         runner.run(store.close())
                     rows.append(_row("redis", limits, result))
                 client_cost = runner.run(redis_client_cost(server.url, args.redis_calls))
             for held in (0, args.leases_held):
                 leases[held] = runner.run(memory_leases_held(held, args.requests))
-            concurrent.append(("memory", runner.run(measure_concurrent(MemoryStore(), 3, args.requests,
-                                                                       args.concurrency, api=api))))
+            concurrent.append(("memory", runner.run(measure_concurrent(
+                MemoryStore(), 3, args.requests, args.concurrency, api=api, accounts=accounts))))
             if server is not None:
                 for name, lean in (("redis, lean connection + batched reconciles", True),
                                    ("redis, redis-py (lean=False)", False)):
                     store = RedisStore.from_url(server.url, deadline=1.0, lean=lean)
                     try:
                         result = runner.run(measure_concurrent(store, 3, args.requests, args.concurrency,
-                                                                    api=api))
+                                                                    api=api, accounts=accounts))
                         queue = store.reconcile
                         if queue is not None and queue.batches:
                             name += f" (mean batch {queue.adjustments / queue.batches:.1f})"
@@ -303,8 +313,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    print(f"Quota stage per request ({args.requests} requests, {api.value} routes, µs; "
-          f"CPU = process time / request; pid {os.getpid()})\n")
+    print(f"Quota stage per request ({args.requests} requests from {accounts:,} accounts, {api.value} "
+          f"routes, µs; CPU = process time / request; pid {os.getpid()})\n")
     print("| store | limits | charge p50 | charge p99 | settle p50 | settle p99 | total p50 | total p99 "
           "| CPU mean |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
