@@ -110,15 +110,27 @@ class CompiledLimit:
     lease_ttl: float | None = None
     key_fields: tuple[str, ...] = ()
     getters: tuple[KeyGetter, ...] = field(default=(), compare=False, repr=False)
+    # Per rule id: the escaped head "q|rule|name|kind" and each key field's "|path=" (built once:
+    # a key is built for every key value the quota stage has not seen, i.e. every new account).
+    _templates: dict[str, tuple[str, tuple[str, ...]]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def identity(self, rule_id: str, ctx: RequestContext) -> str:
         """Store key: (rule id, name, kind, key fields and values), never the numbers, so state
-        survives a reload while changed numbers apply at once."""
-        parts = ["q", rule_id, self.name, self.kind.value]
-        for path, getter in zip(self.key_fields, self.getters, strict=True):
+        survives a reload while changed numbers apply at once. Each part is escaped, and the
+        parts joined by '|': ``q|rule|name|kind|path=value...``."""
+        template = self._templates.get(rule_id)
+        if template is None:
+            template = self._templates[rule_id] = (
+                "|".join([_escape(p) for p in ("q", rule_id, self.name, self.kind.value)]),
+                tuple([f"|{_escape(path)}=" for path in self.key_fields]))  # '=' is never escaped
+        head, prefixes = template
+        parts = [head]
+        for prefix, getter in zip(prefixes, self.getters, strict=True):
             value = getter(ctx)
-            parts.append(f"{path}={MISSING if value is None else value}")
-        return "|".join(_escape(p) for p in parts)
+            parts.append(prefix)
+            parts.append(MISSING if value is None else _escape(str(value)))
+        return "".join(parts)
 
     def describe(self) -> str:
         """Human text for messages: ``60 requests per 1m``, ``$5.00 spend per 1d``."""

@@ -113,6 +113,10 @@ class RedisStore:
         self._heads: dict[int, bytes] = {}
         # id(charge) → (charge, key, charge.lua arguments, adjust.lua arguments before delta/ref)
         self._wire: dict[int, tuple[Charge, bytes, bytes, bytes]] = {}
+        # (algorithm, limit, period, cost, burst or bucket, shadow) → (charge.lua arguments,
+        # adjust.lua arguments): shared by every key of a limit (a new account's charge only
+        # encodes its key)
+        self._shapes: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         self._adjust_heads: dict[int, bytes] = {}
         self._packed: dict[int, tuple[Sequence[Charge], bytes]] = {}
         scripts = (self._charge, self._adjust, self._renew)
@@ -296,10 +300,18 @@ class RedisStore:
 
     def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes]:
         param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
-        # hiredis packs each part as a bulk string; drop the array headers ("*1\r\n", "*7\r\n", ...)
-        key = pack(f"{self._prefix}{{{c.key}}}")[4:]
-        args = pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:]
-        adjust = pack(c.algorithm, c.limit, c.period_ms, c.bucket_ms)[4:]
+        # hiredis packs each part as a bulk string; drop the array headers ("*7\r\n", "*4\r\n")
+        shape = (c.algorithm, c.limit, c.period_ms, c.cost, param, c.shadow)
+        encoded = None if c.lease_id else self._shapes.get(shape)  # a lease id is per request
+        if encoded is None:
+            encoded = (pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:],
+                       pack(c.algorithm, c.limit, c.period_ms, c.bucket_ms)[4:])
+            if not c.lease_id:
+                make_room(self._shapes, WIRE_MEMO_ENTRIES)
+                self._shapes[shape] = encoded
+        args, adjust = encoded
+        name = f"{self._prefix}{{{c.key}}}".encode()
+        key = b"$%d\r\n%b\r\n" % (len(name), name)  # a RESP bulk string, as hiredis packs it
         memo = self._wire
         make_room(memo, WIRE_MEMO_ENTRIES)
         wire = memo[id(c)] = (c, key, args, adjust)  # the entry pins c, so its id is not reused meanwhile

@@ -214,6 +214,8 @@ def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.Monk
         Charge("q|r|shadow", Algorithm.GCRA, 5, 1_000, 1, shadow=True),
         Charge("q|r|conc", Algorithm.LEASE, 4, 600_000, 1, lease_id="req-1.ab1"),
         Charge("q|r|empty-cost", Algorithm.WINDOW, 10, 30_000, 0),
+        # the first charge's limit for another account: its arguments come from the shape memo
+        Charge("q|r|rpm|requests|principal.account=b\u00fcro", Algorithm.GCRA, 10**9, 60_000, 1, burst=7),
     ]
     for _ in range(2):  # cold, then from the memo (evicting: it holds only 3)
         for n in range(1, len(charges) + 1):
@@ -222,9 +224,9 @@ def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.Monk
             assert store._pack_charge(charges[:n]) == expected
             whole = tuple(charges[:n])  # a tuple is memoised whole, by identity
             assert store._pack_charge(whole) == expected and store._pack_charge(whole) == expected
-    assert len(store._wire) == 3 and len(store._packed) == 3
+    assert len(store._wire) == 3 and len(store._packed) == 3 and len(store._shapes) <= 3
     receipts = [Receipt(c, 1_795_898_880_000 + i, True) for i, c in enumerate(charges)]
-    adjustments = [Adjustment(r, delta) for r, delta in zip(receipts, (-1, 37, -5, -1, 12), strict=True)]
+    adjustments = [Adjustment(r, delta) for r, delta in zip(receipts, (-1, 37, -5, -1, 12, 3), strict=True)]
     for n in range(1, len(adjustments) + 1):  # the settle path joins memoised pieces too
         keys, args = store._adjust_args(adjustments[:n])
         assert store._pack_adjust(adjustments[:n]) == pack("EVALSHA", store._adjust.sha, n, *keys, *args)

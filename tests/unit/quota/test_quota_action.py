@@ -261,3 +261,22 @@ def test_ipv6_prefix_is_a_48() -> None:
     assert action is not None
     identity = action.limits[0].identity("r", ctx)
     assert identity.endswith("client.ip_prefix=2001:db8:1::/48|principal.account=~")
+
+
+def test_identity_escapes_every_part_as_the_store_keys_always_have() -> None:
+    """Store keys must not change across upgrades (quota state would reset): every part escaped,
+    rule id and limit name included, then joined by '|'."""
+    ctx = RequestContext("r", RequestView(ApiFamily.OPENAI, "chat", "/", "POST", {}),
+                         principal=Principal(account="100%{x}", org=None))
+    action, _ = parse("quota:\n  limits: [{name: per-acct, kind: input_tokens, limit: 9, per: 1d, "
+                      "key: [principal.account, principal.org]}]\n")
+    assert action is not None
+    limit = action.limits[0]
+
+    def reference(rule_id: str) -> str:
+        parts = ["q", rule_id, "per-acct", "input_tokens", "principal.account=100%{x}", "principal.org=~"]
+        return "|".join(p.replace("%", "%25").replace("|", "%7C").replace("{", "%7B").replace("}", "%7D")
+                        for p in parts)
+
+    for rule_id in ("plain", "odd|rule{1}%", "plain"):  # the second "plain" comes from the template
+        assert limit.identity(rule_id, ctx) == reference(rule_id)
