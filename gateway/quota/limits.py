@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -119,6 +119,10 @@ class CompiledLimit:
         """Store key: (rule id, name, kind, key fields and values), never the numbers, so state
         survives a reload while changed numbers apply at once. Each part is escaped, and the
         parts joined by '|': ``q|rule|name|kind|path=value...``."""
+        return self.identity_of(rule_id, [getter(ctx) for getter in self.getters])
+
+    def identity_of(self, rule_id: str, values: Sequence[str | None]) -> str:
+        """:meth:`identity` from the key fields' values, already read (in ``key_fields`` order)."""
         template = self._templates.get(rule_id)
         if template is None:
             template = self._templates[rule_id] = (
@@ -126,8 +130,7 @@ class CompiledLimit:
                 tuple([f"|{_escape(path)}=" for path in self.key_fields]))  # '=' is never escaped
         head, prefixes = template
         parts = [head]
-        for prefix, getter in zip(prefixes, self.getters, strict=True):
-            value = getter(ctx)
+        for prefix, value in zip(prefixes, values, strict=True):
             parts.append(prefix)
             parts.append(MISSING if value is None else _escape(str(value)))
         return "".join(parts)

@@ -374,7 +374,8 @@ class QuotaStage(SettlesNow):
             entry = memo.get(value)
             if entry is None:
                 make_room(memo, KEY_MEMO_ENTRIES)
-                entry = memo[value] = _KeyEntry(lim.identity(slot.rule_id, ctx))
+                entry = memo[value] = _KeyEntry(
+                    lim.identity_of(slot.rule_id, (value,) if slot.end == start + 1 else value))
             kind = slot.kind
             charge = entry.charge
             if kind is LimitKind.REQUESTS:
