@@ -16,13 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.context import Decision, IPAddress, RequestContext
-from gateway.ipaddr import CidrSet, normalize, parse_host, parse_network
+from gateway.ipaddr import MAX_ADDRESS_CHARS, CidrSet, normalize, parse_host, parse_network
+from gateway.memo import make_room
 from gateway.yamlsource import Node
 
 SUPPORTED_HEADERS = ("x-forwarded-for", "forwarded")
 _FOR_PARAM = re.compile(r'(?:^|;)\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
 _REV_TOKENS = re.compile(r'[^",]+|"|,')
 _MAX_CHAIN_ITEM = 64  # chars kept per hop in ctx.client.forwarded_chain (audit), not for parsing
+# Parsed hops remembered (text → address or None): clients and our proxies repeat their hops
+# request after request, and ipaddress parsing costs microseconds. Only hops short enough to be
+# an address are kept, so the memo's memory stays bounded whatever clients send.
+PARSED_HOP_ENTRIES = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,7 @@ class ClientIpStage:
         self._headers = tuple(h.lower() for h in headers)
         self._max_entries = max_entries
         self._max_bytes = max_header_bytes
+        self._parsed: dict[str, IPAddress | None] = {}
 
     @classmethod
     def from_config(cls, config: ClientIpConfig) -> ClientIpStage:
@@ -153,8 +159,15 @@ class ClientIpStage:
 
     def _walk(self, hops: list[str], peer: IPAddress) -> IPAddress:
         last_trusted = peer
+        parsed = self._parsed
         for hop in reversed(hops):
-            ip = parse_host(hop)
+            if hop in parsed:
+                ip = parsed[hop]
+            else:
+                ip = parse_host(hop)
+                if len(hop) <= MAX_ADDRESS_CHARS + 8:  # longer is never an address (parse_host)
+                    make_room(parsed, PARSED_HOP_ENTRIES)
+                    parsed[hop] = ip
             if ip is None:
                 return peer
             if ip not in self._trusted:

@@ -165,6 +165,28 @@ async def test_huge_header_bytes_are_cut_from_the_left() -> None:
     assert ctx.client.ip == ip("198.51.100.4")
 
 
+async def test_remembered_hops_resolve_as_parsed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed hops are remembered (bounded, short hops only); a remembered hop resolves exactly
+    as a freshly parsed one, garbage included."""
+    import gateway.stages.client_ip as module
+
+    monkeypatch.setattr(module, "PARSED_HOP_ENTRIES", 8)
+    stage = ClientIpStage(PROXIES, headers=("x-forwarded-for", "forwarded"))
+    cases = [("198.51.100.4, 10.0.0.9", "198.51.100.4"), ("[2001:db8::7]:443, 10.0.0.9", "2001:db8::7"),
+             ("unknown, 10.0.0.9", "10.0.0.2"), ("::ffff:203.0.113.5", "203.0.113.5"),
+             ("x" * 200 + ", 10.0.0.9", "10.0.0.2")]
+    for _ in range(2):  # parsed, then remembered
+        for chain, expected in cases:
+            ctx = await resolve("10.0.0.2", [("X-Forwarded-For", chain)], stage)
+            assert ctx.client.ip == ip(expected), chain
+    assert "x" * 200 not in stage._parsed  # never an address: not worth remembering
+    for i in range(50):
+        await resolve("10.0.0.2", [("X-Forwarded-For", f"203.0.113.{i}")], stage)
+    assert len(stage._parsed) <= 8
+    ctx = await resolve("10.0.0.2", [("X-Forwarded-For", "203.0.113.49")], stage)
+    assert ctx.client.ip == ip("203.0.113.49")
+
+
 async def test_no_peer_means_no_ip() -> None:
     ctx = await resolve(None, [("X-Forwarded-For", "1.1.1.1")])
     assert ctx.client.ip is None
