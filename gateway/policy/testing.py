@@ -33,6 +33,10 @@ _CLIENT = {"ip": str, "peer_ip": str, "country": str, "registered_country": str,
 _RISK = {"score": float, "cluster_id": str, "cluster_score": float, "cluster_size": int, "template_id": str}
 _MAPS = {"request": ("headers",), "principal": ("claims", "attributes"), "client": (), "risk": ("signals",)}
 REQUEST_KEYS = ("request", "principal", "client", "risk", "time", "tags")
+# When a test case sets no ``time``: a fixed instant (a Wednesday, noon UTC), not the clock, so a
+# policy's tests give the same answer whenever they run (a rule on time.hour or time.weekday
+# would otherwise match in CI at one hour of the week only).
+TEST_DEFAULT_TIME = dt.datetime(2025, 1, 1, 12, 0, tzinfo=dt.UTC).timestamp()
 _EXPECT_KEYS = ("decision", "rule", "status", "matched", "actions", "tags", "shadow", "would_decide")
 
 
@@ -126,8 +130,9 @@ def _ip(node: Node | None, key: str, value: str | None) -> Any:
         return None
 
 
-def context_factory(node: Node) -> Callable[[], RequestContext] | None:
-    """Validate a request mapping (request/principal/client/risk/time/tags); None on errors."""
+def context_factory(node: Node, default_time: float | None = None) -> Callable[[], RequestContext] | None:
+    """Validate a request mapping (request/principal/client/risk/time/tags); None on errors.
+    Without ``time`` the request starts at ``default_time``, or now when that is None."""
     before = len(node.issues.errors)
     if not node.expect_mapping():
         return None
@@ -137,6 +142,8 @@ def context_factory(node: Node) -> Callable[[], RequestContext] | None:
     cli = _section(node.child("client"), _CLIENT, ())
     risk = _section(node.child("risk"), _RISK, _MAPS["risk"])
     when = _time(node.child("time"))
+    if when is None:
+        when = default_time
     tags_node = node.child("tags")
     tags = [str(t) for t in tags_node.value] if tags_node is not None and tags_node.expect_list() else []
     client_node = node.child("client")
@@ -199,7 +206,7 @@ def parse_tests(node: Node, rule_ids: set[str], action_names: frozenset[str]) ->
         if not item.expect_mapping("a test case (name, request..., expect)"):
             continue
         name = item.get("name", str, required=True)
-        make = context_factory(item)
+        make = context_factory(item, TEST_DEFAULT_TIME)
         expect = item.child("expect")
         if expect is None:
             item.error("missing required key 'expect'")

@@ -66,3 +66,29 @@ def test_read_policy_dir_skips_hidden_and_non_yaml(tmp_path: Path) -> None:
 def test_missing_directory_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy directory not found"):
         read_policy_dir(tmp_path / "nope")
+
+
+def test_a_case_without_time_runs_at_a_fixed_instant_not_the_clock() -> None:
+    """Wednesday 2025-01-01 12:00 UTC, whenever the tests run: otherwise a time rule would make a
+    policy's tests fail at one hour of the week (the all-operators fixture did, on Mondays 03:00)."""
+    text = """version: 1
+rules:
+  - id: wednesday-noon
+    when: {all: [{field: time.weekday, equals: 2}, {field: time.hour, equals: 12}]}
+    tag: midweek
+  - id: monday-3am
+    when: {all: [{field: time.weekday, equals: 0}, {field: time.hour, equals: 3}]}
+    tag: monday
+tests:
+  - name: no time given
+    principal: {account: a}
+    expect: {matched: [wednesday-noon], tags: [midweek]}
+  - name: a time given
+    principal: {account: a}
+    time: 2025-03-03T03:15:00Z
+    expect: {matched: [monday-3am], tags: [monday]}
+"""
+    snapshot, issues = compile_sources([Source("t.yaml", text)])
+    assert snapshot is not None and issues == []
+    report = run_tests(snapshot)
+    assert len(report.results) == 2 and not report.failed, [r.failures for r in report.failed]
