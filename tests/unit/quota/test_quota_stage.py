@@ -502,3 +502,24 @@ async def test_charges_are_reused_per_combination_and_slot(clock: FakeClock) -> 
     assert other[0].key != first[0].key and other[1] is costlier[1]  # org slot: same key, same cost
     assert [c.key for c in first] == ["q|r|rpm|requests|principal.account=a",
                                       "q|r|tpd|total_tokens|principal.org=o"]
+
+
+async def test_keys_of_several_fields_are_the_limits_identity(clock: FakeClock) -> None:
+    """A limit keyed on several fields: the stage builds the store key from the values it read,
+    and it must be exactly the limit's identity (what quota state is found by, across reloads)."""
+    store = _RecordingStore(clock)
+    stage = QuotaStage(store, SETTINGS, clock)
+    pair = limit("rpm-net", "requests", 10**6, burst=10**6, key=("principal.account", "principal.org"))
+    rule = quota("r|1", pair, limit("rpm", "requests", 10**6, burst=10**6))
+    contexts = []
+    for account, org in (("a", "o{1}"), ("a", None), ("b", "o{1}"), ("a", "o{1}")):
+        c = make_ctx(rule, account=account)
+        c.principal.org = org
+        contexts.append(c)
+        assert await stage(c) is None
+        await stage.settle(c)
+    keys = [[charge.key for charge in seen] for seen in store.seen]
+    assert keys == [[pair.identity("r|1", c), rule.value.limits[1].identity("r|1", c)] for c in contexts]
+    assert keys[0][0] == "q|r%7C1|rpm-net|requests|principal.account=a|principal.org=o%7B1%7D"
+    assert keys[1][0] == "q|r%7C1|rpm-net|requests|principal.account=a|principal.org=~"
+    assert keys[3] == keys[0]
