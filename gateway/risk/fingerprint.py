@@ -16,7 +16,7 @@ signals instead, see docs/distillation.md).
 Cost: four regex passes over each segment (system prompt, head and tail sentence of the newest
 user turn), normalisation, one CRC-based 64-bit hash per token 3-shingle and a bit-sliced
 majority count: about 10-25 µs for a new prompt; segments seen before (templates, repeated system
-prompts) cost one dict lookup each through a :class:`~gateway.risk.memo.Memo`.
+prompts) cost one dict lookup each through a :class:`~gateway.memo.Memo`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 
-from gateway.risk.memo import Memo
+from gateway.memo import Memo
 from gateway.risk.normalize import normalize
 
 _URL = re.compile(r"\b(?:https?://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+")

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from gateway.context import RequestContext
+from gateway.memo import Memo
 from gateway.risk.extract import extract_prompt
 from gateway.risk.fingerprint import MAX_SEGMENT_CHARS, NO_FINGERPRINT, Fingerprint, fingerprint
-from gateway.risk.memo import Memo
 from gateway.risk.normalize import normalize
 from gateway.risk.patterns import PatternHit, PatternSet
 from gateway.risk.settings import RiskSettings

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from gateway.memo import Memo
 from gateway.risk.hll import HyperLogLog, index_rank
-from gateway.risk.memo import Memo
 
 Clock = Callable[[], float]
 MAX_GAP = 6 * 3600.0  # gaps longer than this are sessions apart, not request cadence

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gateway.context import Decision, IPAddress, RequestContext
 from gateway.ipaddr import MAX_ADDRESS_CHARS, CidrSet, normalize, parse_host, parse_network
-from gateway.memo import make_room
+from gateway.memo import Memo
 from gateway.yamlsource import Node
 
 SUPPORTED_HEADERS = ("x-forwarded-for", "forwarded")
@@ -106,7 +106,7 @@ class ClientIpStage:
         self._headers = tuple(h.lower() for h in headers)
         self._max_entries = max_entries
         self._max_bytes = max_header_bytes
-        self._parsed: dict[str, IPAddress | None] = {}
+        self._parsed: Memo[IPAddress | None] = Memo(PARSED_HOP_ENTRIES, MAX_ADDRESS_CHARS + 8)
 
     @classmethod
     def from_config(cls, config: ClientIpConfig) -> ClientIpStage:
@@ -161,13 +161,7 @@ class ClientIpStage:
         last_trusted = peer
         parsed = self._parsed
         for hop in reversed(hops):
-            if hop in parsed:
-                ip = parsed[hop]
-            else:
-                ip = parse_host(hop)
-                if len(hop) <= MAX_ADDRESS_CHARS + 8:  # longer is never an address (parse_host)
-                    make_room(parsed, PARSED_HOP_ENTRIES)
-                    parsed[hop] = ip
+            ip = parsed(hop, parse_host)  # longer than an address is never one: not remembered
             if ip is None:
                 return peer
             if ip not in self._trusted:

@@ -179,7 +179,8 @@ async def test_remembered_hops_resolve_as_parsed_ones(monkeypatch: pytest.Monkey
         for chain, expected in cases:
             ctx = await resolve("10.0.0.2", [("X-Forwarded-For", chain)], stage)
             assert ctx.client.ip == ip(expected), chain
-    assert "x" * 200 not in stage._parsed  # never an address: not worth remembering
+    # five short hops remembered; the 200-character one is never an address: not worth remembering
+    assert len(stage._parsed) == 5
     for i in range(50):
         await resolve("10.0.0.2", [("X-Forwarded-For", f"203.0.113.{i}")], stage)
     assert len(stage._parsed) <= 8
