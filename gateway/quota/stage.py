@@ -30,7 +30,16 @@ from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
 from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.settling import SettlesNow
-from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, LimitState, Receipt, Store
+from gateway.store.base import (
+    Adjustment,
+    Charge,
+    ChargeResult,
+    Clock,
+    LimitState,
+    Receipt,
+    Store,
+    new_named,
+)
 from gateway.store.breaker import FailureMode, GuardedStore
 
 log = logging.getLogger(__name__)
@@ -41,7 +50,6 @@ KEY_MEMO_ENTRIES = 16384
 # Bound on the memo of plans (one per combination of matched quota rules; a handful per policy).
 PLAN_MEMO_ENTRIES = 1024
 
-_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (one per settle)
 
 # What ``settle`` needs: (applied (limit kind, receipt) pairs other than request rates, backend,
 # input reserved, price, whether leases are being renewed).
@@ -432,11 +440,11 @@ class QuotaStage(SettlesNow):
         adjustments: list[Adjustment] = []
         for kind, receipt in applied:
             if kind is LimitKind.CONCURRENCY:
-                adjustments.append(_new(Adjustment, (receipt, -1)))
+                adjustments.append(new_named(Adjustment, (receipt, -1)))
             else:
                 delta = cost_of(kind, actual_in, actual_out, price) - receipt.charge.cost
                 if delta:
-                    adjustments.append(_new(Adjustment, (receipt, delta)))
+                    adjustments.append(new_named(Adjustment, (receipt, delta)))
         audit = ctx.audit.get("quota")
         if audit is None:
             audit = ctx.audit["quota"] = {}

@@ -85,6 +85,9 @@ class Charge:
 
 # The per-request results below are NamedTuples, not frozen dataclasses: as immutable, but built
 # several times per request, and a frozen dataclass pays one object.__setattr__ per field.
+# Hot paths build them with ``new_named(Class, (field, ...))``: tuple.__new__ in C, without the
+# Python frame of the generated __new__ (no defaults: every field is given).
+new_named = tuple.__new__
 
 
 class LimitState(NamedTuple):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
-from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, Receipt, Store, StoreError
+from gateway.store.base import Adjustment, Charge, ChargeResult, Clock, Receipt, Store, StoreError, new_named
 from gateway.store.memory import MemoryStore
 
 T = TypeVar("T")
@@ -131,7 +131,6 @@ class GuardedCharge(NamedTuple):
     unavailable: bool = False
 
 
-_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (one GuardedCharge per request)
 
 # ``tuple(range(n))`` for the usual small n, shared (GuardedCharge.indices on the happy path).
 _RANGES: tuple[tuple[int, ...], ...] = tuple(tuple(range(k)) for k in range(17))
@@ -196,7 +195,7 @@ class GuardedStore:
                 breaker = self.breaker
                 if breaker.failures:  # closed with no failures counted: success() changes nothing
                     breaker.success()
-                return _new(GuardedCharge, (result, _indices(len(charges)), "store", None, False))
+                return new_named(GuardedCharge, (result, _indices(len(charges)), "store", None, False))
         else:
             try:
                 result = await self.call(lambda s: s.charge(charges))

@@ -46,6 +46,7 @@ from gateway.store.base import (
     LimitState,
     Receipt,
     StoreError,
+    new_named,
     state_from_ms,
 )
 from gateway.store.reconcile import Done, ReconcileQueue
@@ -63,7 +64,6 @@ WIRE_MEMO_ENTRIES = 16384
 # Bound on the memo of whole charge.lua calls by charges tuple. Kept small: with per-request token
 # costs every request brings a new tuple, and a miss only costs joining the memoised pieces.
 WHOLE_MEMO_ENTRIES = 4096
-_new = tuple.__new__  # a named tuple from a tuple of its fields, in C (see _charge_result)
 # charge.lua's first argument: compact replies when every charge applied (the lean path)
 _COMPACT = pack("c")[4:]
 
@@ -322,28 +322,27 @@ class RedisStore:
         """Parse charge.lua's reply (RESP integers: both hiredis and redis-py's own parser give
         Python ints). Compact (2, when every charge applied): now_ms, then remaining, reset_ms and
         bucket_ms per charge. Full: allowed, now_ms, then 7 integers per charge."""
-        # tuple.__new__ builds the named tuples without the Python-level __new__ each one has
         if raw[0] == 2:  # the usual case; charge.lua never returns negatives here
             states: list[LimitState] = []
             receipts: list[Receipt] = []
             at = 2
             for c in charges:
-                states.append(_new(LimitState, (True, c.limit, raw[at], raw[at + 1] / 1000.0, 0.0)))
-                receipts.append(_new(Receipt, (c, raw[at + 2], True)))
+                states.append(new_named(LimitState, (True, c.limit, raw[at], raw[at + 1] / 1000.0, 0.0)))
+                receipts.append(new_named(Receipt, (c, raw[at + 2], True)))
                 at += 3
-            return _new(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
+            return new_named(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
         allowed = raw[0] == 1
         states, receipts, at = [], [], 2
         for c in charges:
             if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
                 reset = max(0, raw[at + 2]) / 1000.0
-                states.append(_new(LimitState, (True, c.limit, max(0, raw[at + 1]), reset, 0.0)))
-                receipts.append(_new(Receipt, (c, raw[at + 4], allowed)))
+                states.append(new_named(LimitState, (True, c.limit, max(0, raw[at + 1]), reset, 0.0)))
+                receipts.append(new_named(Receipt, (c, raw[at + 4], allowed)))
             else:
                 states.append(state_from_ms(False, c.limit, raw[at + 1], raw[at + 2], raw[at + 3]))
-                receipts.append(_new(Receipt, (c, raw[at + 4], False)))
+                receipts.append(new_named(Receipt, (c, raw[at + 4], False)))
             at += 7
-        return _new(ChargeResult, (allowed, raw[1] / 1000.0, tuple(states), tuple(receipts)))
+        return new_named(ChargeResult, (allowed, raw[1] / 1000.0, tuple(states), tuple(receipts)))
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,
