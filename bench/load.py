@@ -39,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ from loadkit import (  # noqa: E402
     rss_kib,
     spawn,
 )
+
+sys.path.insert(0, str(ROOT))
+from tests.support.redis_servers import RedisClusterServers, start_cluster  # noqa: E402
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -105,7 +109,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argparse.Namespace,
-                   store_pid: int | None = None) -> Cell:
+                   store_pids: tuple[int, ...] = ()) -> Cell:
     payloads = [request_bytes(t.port, stream, {"x-mock-chunks": str(args.chunks), **client})
                 for client in client_headers(args.clients)]
     conns = [await connect(t.port) for _ in range(conc)]
@@ -113,12 +117,12 @@ async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argp
     try:
         await _drive(conns, payloads, loop.time() + args.warmup, None)
         lat: list[float] = []
-        scpu0 = cpu_seconds(store_pid) if store_pid else 0.0
+        scpu0 = sum(cpu_seconds(pid) for pid in store_pids)
         cpu0, mcpu0, t0 = cpu_seconds(t.pid), cpu_seconds(mock_pid), time.perf_counter()
         errors = await _drive(conns, payloads, loop.time() + args.duration, lat)
         elapsed = time.perf_counter() - t0
         cpu1, mcpu1 = cpu_seconds(t.pid), cpu_seconds(mock_pid)
-        scpu1 = cpu_seconds(store_pid) if store_pid else 0.0
+        scpu1 = sum(cpu_seconds(pid) for pid in store_pids)
     finally:
         for c in conns:
             c.close()
@@ -136,7 +140,7 @@ async def run_cell(t: Target, mock_pid: int, stream: bool, conc: int, args: argp
         cpu_us=(cpu1 - cpu0) / n * 1e6,
         mock_cpu_us=(mcpu1 - mcpu0) / n * 1e6,
         latencies=lat,
-        store_cpu_us=(scpu1 - scpu0) / n * 1e6 if store_pid else None,
+        store_cpu_us=(scpu1 - scpu0) / n * 1e6 if store_pids else None,
     )
 
 
@@ -256,7 +260,7 @@ def render(cells: list[Cell], slow: list[SlowResult], args: argparse.Namespace,
         )
     stores = [c for c in cells if c.store_cpu_us is not None]
     if stores:
-        lines += ["", "CPU of the redis-server the Redis targets use, per request: " + "; ".join(
+        lines += ["", "CPU of the redis-server(s) the Redis targets use, per request: " + "; ".join(
             f"{c.target} {c.mode} c={c.concurrency} {c.store_cpu_us:.0f} µs" for c in stores) + "."]
     if ratios:
         lines += [
@@ -318,19 +322,29 @@ def _clients_keys_file(clients: int) -> Path:
 
 
 # -- main --------------------------------------------------------------------------------------
-def _gateway_config(name: str, default: str, redis_url: str | None, clients: int = 1) -> str:
-    """``gateway`` uses --config; ``gateway:VARIANT`` uses bench/gateway-VARIANT.yaml, with
-    ``{redis_url}`` filled in and, for ``--clients N``, the clients' keys file and the loopback
-    as a trusted proxy (the rendered copy sits beside it, git-ignored)."""
+def _config_source(name: str, default: str) -> Path:
     variant = name.partition(":")[2].partition("@")[0]
-    source = ROOT / "bench" / f"gateway-{variant}.yaml" if variant else Path(default)
+    return ROOT / "bench" / f"gateway-{variant}.yaml" if variant else Path(default)
+
+
+def _gateway_config(name: str, default: str, redis_url: str | None, clients: int = 1,
+                    cluster_urls: list[str] | None = None) -> str:
+    """``gateway`` uses --config; ``gateway:VARIANT`` uses bench/gateway-VARIANT.yaml, with
+    ``{redis_url}`` (or ``{cluster_nodes}``) filled in and, for ``--clients N``, the clients' keys
+    file and the loopback as a trusted proxy (the rendered copy sits beside it, git-ignored)."""
+    variant = name.partition(":")[2].partition("@")[0]
+    source = _config_source(name, default)
     text = source.read_text()
-    if "{redis_url}" not in text and clients == 1:
+    if "{redis_url}" not in text and "{cluster_nodes}" not in text and clients == 1:
         return str(source)
     if "{redis_url}" in text:
         if redis_url is None:
             raise SystemExit(f"{source.name} needs Redis but redis-server could not be started")
         text = text.replace("{redis_url}", redis_url)
+    if "{cluster_nodes}" in text:
+        if cluster_urls is None:
+            raise SystemExit(f"{source.name} needs a Redis Cluster but it could not be started")
+        text = text.replace("{cluster_nodes}", json.dumps(cluster_urls))
     if clients > 1:
         if BENCH_KEYS not in text or "client_ip:" in text:
             raise SystemExit(f"--clients: {source} must use {BENCH_KEYS!r} and set no client_ip")
@@ -361,6 +375,7 @@ async def main(args: argparse.Namespace) -> int:
     procs = {"mock": spawn([PY, "-m", "gateway.upstream.mock", "--port", str(up)], logs / "mock.log")}
     targets: list[Target] = []
     redis_url: str | None = None
+    cluster: RedisClusterServers | None = None
     try:
         if not await ready(up, 15):
             print("mock upstream did not start; see bench/results/mock.log", file=sys.stderr)
@@ -377,7 +392,10 @@ async def main(args: argparse.Namespace) -> int:
                                          "no"], logs / "redis.log")
                 redis_url = f"redis://127.0.0.1:{rport}/0"
                 await asyncio.sleep(0.3)
-            cmd = _command(name, port, upstream, _gateway_config(name, args.config, redis_url, args.clients))
+            if "{cluster_nodes}" in _config_source(name, args.config).read_text() and cluster is None:
+                cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tg-bench-cluster-")))
+            cmd = _command(name, port, upstream, _gateway_config(
+                name, args.config, redis_url, args.clients, cluster.urls if cluster else None))
             if cmd is None:
                 print(f"unknown target {name!r}", file=sys.stderr)
                 return 2
@@ -401,7 +419,11 @@ async def main(args: argparse.Namespace) -> int:
                             for pid in everyone - {t.pid}:
                                 os.sched_setaffinity(pid, cpus[:-1])
                             os.sched_setaffinity(t.pid, cpus[-1:])
-                        store = procs["redis"].pid if "redis" in t.name and "redis" in procs else None
+                        store: tuple[int, ...] = ()
+                        if "redis" in t.name and "redis" in procs:
+                            store = (procs["redis"].pid,)
+                        elif "cluster" in t.name and cluster is not None:
+                            store = tuple(node.proc.pid for node in cluster.nodes if node.proc is not None)
                         cell = await run_cell(t, mock_pid, mode == "stream", conc, args, store)
                         parts.setdefault((t.name, cell.mode, conc), []).append(cell)
                         print(
@@ -429,6 +451,8 @@ async def main(args: argparse.Namespace) -> int:
         failed = any(c.errors for c in cells) or any(s.completed != s.streams for s in slow)
         return 1 if failed else 0
     finally:
+        if cluster is not None:
+            cluster.stop()
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():

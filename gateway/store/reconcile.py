@@ -44,10 +44,14 @@ class ReconcileQueue:
 
     def __init__(self, conn: RespConnection, pack: Callable[[Sequence[Adjustment]], bytes],
                  resend: Callable[[Sequence[Adjustment]], Awaitable[None]], *, deadline: float,
-                 max_batch: int = 128) -> None:
+                 max_batch: int = 128,
+                 split: Callable[[Sequence[Adjustment]], list[Sequence[Adjustment]]] | None = None) -> None:
         self._conn = conn
         self._pack = pack  # a batch as one packed EVALSHA
         self._resend = resend  # the awaited path (connects, reloads scripts); raises StoreError
+        # A Cluster primary's queue: a script may touch one slot only, so a batch goes out as one
+        # EVALSHA per slot (its settles are told once all of them are answered).
+        self._split = split
         self._deadline = deadline
         self._max_batch = max(1, max_batch)
         self._queue: list[tuple[Sequence[Adjustment], Done]] = []  # one entry per settle
@@ -66,7 +70,7 @@ class ReconcileQueue:
         """Queue one settle's adjustments; ``done`` is called once with the outcome."""
         proto = self._conn.proto
         if proto is None or proto.closed:  # not connected (first use, or Redis went away): connect, then send
-            self._spawn(list(adjustments), [done])
+            self._spawn(list(adjustments), Outcome([done], 1))
             return
         self._queue.append((adjustments, done))
         self._pending += len(adjustments)
@@ -94,11 +98,14 @@ class ReconcileQueue:
                 _notify(waiters, None)
                 batch, waiters = [], []
                 continue
-            fut: asyncio.Future[Any] = loop.create_future()  # the connection applies the deadline
-            fut.add_done_callback(partial(self._answered, batch, waiters))
-            self._inflight.add(fut)
-            self.batches += 1
-            out.append((self._pack(merged), fut))
+            pieces = [merged] if self._split is None else self._split(merged)
+            outcome = Outcome(waiters, len(pieces))
+            for piece in pieces:
+                fut: asyncio.Future[Any] = loop.create_future()  # the connection applies the deadline
+                fut.add_done_callback(partial(self._answered, piece, outcome))
+                self._inflight.add(fut)
+                self.batches += 1
+                out.append((self._pack(piece), fut))
             batch, waiters = [], []
         return out
 
@@ -106,16 +113,16 @@ class ReconcileQueue:
         """The connection died before the queue was written: send it the awaited way."""
         queue, self._queue, self._pending = self._queue, [], 0
         for adjustments, done in queue:
-            self._spawn(list(adjustments), [done])
+            self._spawn(list(adjustments), Outcome([done], 1))
 
-    def _answered(self, batch: list[Adjustment], waiters: list[Done], fut: asyncio.Future[Any]) -> None:
+    def _answered(self, batch: Sequence[Adjustment], outcome: Outcome, fut: asyncio.Future[Any]) -> None:
         self._inflight.discard(fut)
         if fut.cancelled():  # only by close()
             error: StoreError | None = StoreError("store closed")
         else:
             exc = fut.exception()
             if isinstance(exc, NoScriptError):  # flushed scripts: the awaited path reloads them
-                self._spawn(batch, waiters)
+                self._spawn(batch, outcome)
                 return
             if exc is None:
                 error = None
@@ -123,20 +130,20 @@ class ReconcileQueue:
                 error = StoreError(f"store deadline of {self._deadline * 1000:.0f} ms exceeded")
             else:
                 error = StoreError(f"store error: {exc}")
-        _notify(waiters, error)
+        outcome.part_done(error)
 
-    def _spawn(self, batch: list[Adjustment], waiters: list[Done]) -> None:
-        task = asyncio.ensure_future(self._send_awaited(batch, waiters))
+    def _spawn(self, batch: Sequence[Adjustment], outcome: Outcome) -> None:
+        task = asyncio.ensure_future(self._send_awaited(batch, outcome))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _send_awaited(self, batch: list[Adjustment], waiters: list[Done]) -> None:
+    async def _send_awaited(self, batch: Sequence[Adjustment], outcome: Outcome) -> None:
         try:
             await self._resend(batch)
         except StoreError as exc:
-            _notify(waiters, exc)
+            outcome.part_done(exc)
         else:
-            _notify(waiters, None)
+            outcome.part_done(None)
 
     async def drain(self) -> None:
         """Send what is queued and wait until every batch is answered or has failed."""
@@ -187,3 +194,22 @@ def merge(adjustments: Sequence[Adjustment]) -> Sequence[Adjustment]:
 def _notify(waiters: list[Done], error: StoreError | None) -> None:
     for done in waiters:
         done(error)
+
+
+class Outcome:
+    """The settles of one batch, told once every part of it (one per slot in a Cluster) is
+    answered: the first failure, or None."""
+
+    __slots__ = ("error", "left", "waiters")
+
+    def __init__(self, waiters: list[Done], parts: int) -> None:
+        self.waiters = waiters
+        self.left = parts
+        self.error: StoreError | None = None
+
+    def part_done(self, error: StoreError | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.left -= 1
+        if self.left == 0:
+            _notify(self.waiters, self.error)

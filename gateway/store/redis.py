@@ -35,7 +35,8 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from gateway.memo import make_room
 from gateway.store.base import (
@@ -49,8 +50,9 @@ from gateway.store.base import (
     new_named,
     state_from_ms,
 )
-from gateway.store.reconcile import Done, ReconcileQueue
-from gateway.store.resp import RespConnection, host_port, lean_connection, pack
+from gateway.store.cluster import ClusterRoutes, redirected
+from gateway.store.reconcile import Done, Outcome, ReconcileQueue
+from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
 
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
@@ -66,6 +68,7 @@ WIRE_MEMO_ENTRIES = 16384
 WHOLE_MEMO_ENTRIES = 4096
 # charge.lua's first argument: compact replies when every charge applied (the lean path)
 _COMPACT = pack("c")[4:]
+_FULL = pack("f")[4:]
 
 
 def _evalsha_head(sha: str, count: int, parts: int) -> bytes:
@@ -111,8 +114,9 @@ class RedisStore:
         # RESP encoding memo for the lean path: charge.lua call heads per key count, and each
         # Charge's key and arguments keyed by id (see _pack_charge)
         self._heads: dict[int, bytes] = {}
-        # id(charge) → (charge, key, charge.lua arguments, adjust.lua arguments before delta/ref)
-        self._wire: dict[int, tuple[Charge, bytes, bytes, bytes]] = {}
+        # id(charge) → (charge, key, charge.lua arguments, adjust.lua arguments before delta/ref,
+        # hash slot in a Cluster)
+        self._wire: dict[int, tuple[Charge, bytes, bytes, bytes, int]] = {}
         # (algorithm, limit, period, cost, burst or bucket, shadow) → (charge.lua arguments,
         # adjust.lua arguments): shared by every key of a limit (a new account's charge only
         # encodes its key)
@@ -120,9 +124,14 @@ class RedisStore:
         self._adjust_heads: dict[int, bytes] = {}
         self._packed: dict[int, tuple[Sequence[Charge], bytes]] = {}
         scripts = (self._charge, self._adjust, self._renew)
-        self._lean = lean_connection(client, deadline, [
-            pack("SCRIPT", "LOAD", script.body) for script in scripts
-        ]) if lean else None
+        loads = [pack("SCRIPT", "LOAD", script.body) for script in scripts]
+        self._lean = lean_connection(client, deadline, loads) if lean else None
+        # A Cluster: script calls over lean connections to its primaries (gateway/store/cluster.py)
+        self._routes = ClusterRoutes(client, deadline, loads, self._node_queue) \
+            if lean and isinstance(client, RedisCluster) else None
+        self._settle_batch = settle_batch
+        # A Cluster: one deferred-reconcile queue per primary, riding on its lean connection
+        self._node_queues: dict[RespConnection, ReconcileQueue] = {}
         self._reconcile = None if self._lean is None else ReconcileQueue(
             self._lean, self._pack_adjust, self._adjust_now, deadline=deadline, max_batch=settle_batch)
 
@@ -176,9 +185,28 @@ class RedisStore:
 
     async def _evalsha(self, sha: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         lean = self._lean
-        if lean is None:
+        if lean is not None:
+            return await lean.call(pack("EVALSHA", sha, len(keys), *keys, *args))
+        routes = self._routes
+        if routes is None or not keys:
             return await self._client.evalsha(sha, len(keys), *keys, *args)
-        return await lean.call(pack("EVALSHA", sha, len(keys), *keys, *args))
+        conn = routes.connection(key_slot(keys[0].encode()))
+        if conn is not None:
+            try:
+                return await conn.call(pack("EVALSHA", sha, len(keys), *keys, *args))
+            except NoScriptError:
+                raise
+            except ResponseError as exc:
+                if not redirected(exc):
+                    raise
+                routes.redirects += 1
+                routes.forget()  # not run: redis-py follows the redirection and refreshes its map
+            except (RedisConnectionError, OSError):
+                routes.forget()  # a failover may have moved the slot; never resent (it may have run)
+                raise
+        reply = await self._client.evalsha(sha, len(keys), *keys, *args)
+        routes.warm()
+        return reply
 
     async def _lean_eval(self, lean: RespConnection, script: _Script, packed: bytes) -> Any:
         """EVALSHA on the lean connection: the connection enforces the deadline (no
@@ -208,6 +236,9 @@ class RedisStore:
             return ChargeResult(True, await self.now(), (), ())
         lean = self._lean
         if lean is None:
+            routes = self._routes
+            if routes is not None and not routes.cold:
+                return await self._charge_lean_cluster(routes, charges)
             groups = self._groups([c.key for c in charges])
             if len(groups) == 1:
                 return await self._guard(lambda: self._charge_group(charges))
@@ -249,10 +280,115 @@ class RedisStore:
                                  ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
         """One EVALSHA for charges in one slot; also returns the states as if not applied."""
         keys, args = self._charge_args(charges)
-        raw = await self._eval(self._charge, keys, args)
+        return self._group_result(charges, await self._eval(self._charge, keys, args))
+
+    def _group_result(self, charges: Sequence[Charge], raw: Any
+                      ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
+        """A full charge.lua reply as the result and the states as if not applied."""
         idle = tuple(state_from_ms(bool(raw[2 + 7 * i]), c.limit, int(raw[7 + 7 * i]), int(raw[8 + 7 * i]),
                                    int(raw[5 + 7 * i])) for i, c in enumerate(charges))
         return self._charge_result(charges, raw), idle
+
+    async def _charge_lean_cluster(self, routes: ClusterRoutes, charges: Sequence[Charge]) -> ChargeResult:
+        """A Cluster's hot path: each slot's EVALSHA on its primary's lean connection, every one
+        written before any reply is awaited (one round-trip time for all slots). A primary not
+        connected yet takes the awaited path (which connects); a slot answered with NOSCRIPT or a
+        redirection is sent again the awaited way (reload, or redis-py), as the script did not run."""
+        wires = [self._wire_of(c) for c in charges]
+        slot = wires[0][4]
+        if all(wire[4] == slot for wire in wires):
+            groups = [(slot, list(range(len(charges))))]
+        else:
+            by_slot: dict[int, list[int]] = {}
+            for i, wire in enumerate(wires):
+                by_slot.setdefault(wire[4], []).append(i)
+            groups = list(by_slot.items())
+        protos: list[RespProtocol] = []
+        for slot, _ in groups:
+            conn = routes.connection(slot)
+            proto = None if conn is None else conn.ready
+            if proto is None:
+                break
+            protos.append(proto)
+        if len(protos) < len(groups):
+            indices = [g for _, g in groups]
+            if len(indices) == 1:
+                return await self._guard(lambda: self._charge_group(charges))
+            return await self._guard(lambda: self._charge_slots(charges, indices))
+        deadline = self._deadline
+        if len(groups) == 1:
+            subs: list[Sequence[Charge]] = [charges]
+            futs = [protos[0].send(self._pack_charge(charges), deadline)]
+        else:  # full replies: a denial elsewhere needs each slot's state as if not applied
+            subs = [[charges[i] for i in g] for _, g in groups]
+            futs = [proto.send(self._pack_charge(sub, full=True), deadline)
+                    for proto, sub in zip(protos, subs, strict=True)]
+        replies: list[Any] = []
+        for at, fut in enumerate(futs):
+            try:
+                replies.append(await fut)
+            except asyncio.CancelledError:
+                for proto, left in zip(protos[at:], futs[at:], strict=True):
+                    if not left.done():
+                        proto.watch(left)
+                raise
+            except Exception as exc:  # noqa: BLE001 (each slot's outcome is judged below)
+                replies.append(exc)
+        try:
+            if len(groups) == 1:
+                raw = replies[0]
+                if isinstance(raw, Exception):
+                    if not self._resendable(routes, raw):
+                        raise raw
+                    return await self._charge_group(charges)
+                return self._charge_result(charges, raw)
+            if all(type(raw) is list and raw[0] == 1 for raw in replies):  # every slot admitted
+                return self._merge_admitted(len(charges), groups, subs, replies)
+            parts: list[tuple[ChargeResult, tuple[LimitState, ...]] | BaseException] = []
+            for sub, raw in zip(subs, replies, strict=True):
+                if not isinstance(raw, Exception):
+                    parts.append(self._group_result(sub, raw))
+                elif self._resendable(routes, raw):
+                    try:
+                        parts.append(await self._charge_group_idle(sub))
+                    except Exception as exc:  # noqa: BLE001 (a failed slot: refund the others)
+                        parts.append(exc)
+                else:
+                    parts.append(raw)
+            return await self._combine_slots(charges, [g for _, g in groups], parts)
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+            raise self._store_error(exc) from exc
+
+    def _merge_admitted(self, count: int, groups: list[tuple[int, list[int]]], subs: list[Sequence[Charge]],
+                        replies: list[Any]) -> ChargeResult:
+        """One result from the full replies of slots that all admitted: no refund, so the
+        states as if not applied are never needed."""
+        states: list[Any] = [None] * count
+        receipts: list[Any] = [None] * count
+        now = math.inf
+        for (_, indices), sub, raw in zip(groups, subs, replies, strict=True):
+            part = self._charge_result(sub, raw)
+            now = min(now, part.now)
+            for i, state, receipt in zip(indices, part.states, part.receipts, strict=True):
+                states[i] = state
+                receipts[i] = receipt
+        return new_named(ChargeResult, (True, now, tuple(states), tuple(receipts)))
+
+    @staticmethod
+    def _resendable(routes: ClusterRoutes, error: Exception) -> bool:
+        """Whether a lean cluster call that failed with ``error`` did not run and may be sent
+        again the awaited way; a connection failure also makes the routes cold."""
+        if isinstance(error, NoScriptError):
+            return True
+        if isinstance(error, ResponseError):
+            if redirected(error):
+                routes.redirects += 1
+                routes.forget()
+                return True
+            return False
+        if isinstance(error, (RedisConnectionError, OSError)):
+            routes.forget()
+        return False
 
     def _charge_args(self, charges: Sequence[Charge], reply: str = "f") -> tuple[list[str], list[str | int]]:
         """Keys and arguments of charge.lua; ``reply`` "f" (full, what a cross-slot denial needs:
@@ -264,18 +400,18 @@ class RedisStore:
         prefix = self._prefix
         return [f"{prefix}{{{c.key}}}" for c in charges], args
 
-    def _pack_charge(self, charges: Sequence[Charge]) -> bytes:
+    def _pack_charge(self, charges: Sequence[Charge], full: bool = False) -> bytes:
         """The EVALSHA of charge.lua for ``charges``, as RESP (compact replies). A charge's key
         and arguments encode the same way every time, and the stage reuses one ``Charge`` per
         limit and key while its cost is unchanged (always, for request rates), so their encoding
         is memoised per charge object; a tuple of charges the stage reuses whole (a plan of
         request rates, or unchanged costs) is memoised as the whole command."""
-        whole = self._packed.get(id(charges))
+        whole = None if full else self._packed.get(id(charges))
         if whole is not None and whole[0] is charges:
             return whole[1]
         count = len(charges)
         parts = [self._charge_head(count)]
-        tails: list[bytes] = [_COMPACT]
+        tails: list[bytes] = [_FULL if full else _COMPACT]
         memo = self._wire
         for c in charges:
             wire = memo.get(id(c))
@@ -285,7 +421,7 @@ class RedisStore:
             tails.append(wire[2])
         parts += tails
         packed = b"".join(parts)
-        if type(charges) is tuple:
+        if type(charges) is tuple and not full:
             packs = self._packed
             make_room(packs, WHOLE_MEMO_ENTRIES)
             packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
@@ -298,7 +434,7 @@ class RedisStore:
             head = self._heads[count] = _evalsha_head(self._charge.sha, count, 4 + 8 * count)
         return head
 
-    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes]:
+    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes, int]:
         param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
         # hiredis packs each part as a bulk string; drop the array headers ("*7\r\n", "*4\r\n")
         shape = (c.algorithm, c.limit, c.period_ms, c.cost, param, c.shadow)
@@ -314,7 +450,16 @@ class RedisStore:
         key = b"$%d\r\n%b\r\n" % (len(name), name)  # a RESP bulk string, as hiredis packs it
         memo = self._wire
         make_room(memo, WIRE_MEMO_ENTRIES)
-        wire = memo[id(c)] = (c, key, args, adjust)  # the entry pins c, so its id is not reused meanwhile
+        # the entry pins c, so its id is not reused meanwhile; the slot matters in a Cluster only
+        wire = memo[id(c)] = (c, key, args, adjust, key_slot(name) if self._cluster else 0)
+        return wire
+
+    def _wire_of(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes, int]:
+        """The memoised encoding of one charge: (charge, key, charge.lua arguments, adjust.lua
+        arguments, slot)."""
+        wire = self._wire.get(id(c))
+        if wire is None or wire[0] is not c:
+            wire = self._encode_charge(c)
         return wire
 
     @staticmethod
@@ -349,6 +494,13 @@ class RedisStore:
         refund what the admitting groups applied so the request charges nothing."""
         parts = await asyncio.gather(
             *(self._charge_group_idle([charges[i] for i in g]) for g in groups), return_exceptions=True)
+        return await self._combine_slots(charges, groups, parts)
+
+    async def _combine_slots(self, charges: Sequence[Charge], groups: list[list[int]],
+                             parts: Sequence[tuple[ChargeResult, tuple[LimitState, ...]] | BaseException]
+                             ) -> ChargeResult:
+        """One result from each slot's (or its failure): if any slot denied or failed, what the
+        others applied is refunded and the first failure raised."""
         done = [p for p in parts if isinstance(p, tuple)]
         failed = next((p for p in parts if isinstance(p, BaseException)), None)
         allowed = failed is None and all(p[0].allowed for p in done)
@@ -385,13 +537,14 @@ class RedisStore:
             await self._adjust_now(todo)
 
     def adjust_soon(self, adjustments: Sequence[Adjustment], done: Done) -> bool:
-        """Queue a reconcile without waiting for it (single Redis only; False: not possible,
-        use :meth:`adjust`). ``done(error)`` is called once it was applied (``None``) or failed
-        (a ``StoreError``). Queued reconciles are written within one event-loop iteration, ahead of
-        every script call made after this one (charges included); :meth:`close` sends them."""
+        """Queue a reconcile without waiting for it (False: not possible, use :meth:`adjust`).
+        ``done(error)`` is called once it was applied (``None``) or failed (a ``StoreError``).
+        Queued reconciles are written within one event-loop iteration, ahead of every script call
+        made after this one on the same connection (charges of the same keys included: in a
+        Cluster, a key's primary); :meth:`close` sends them."""
         reconcile = self._reconcile
         if reconcile is None:
-            return False
+            return self._adjust_soon_cluster(adjustments, done)
         for a in adjustments:  # (the stage sends only applied, non-zero ones: no copy then)
             if not a.delta or not a.receipt.applied:
                 adjustments = [a for a in adjustments if a.receipt.applied and a.delta != 0]
@@ -401,6 +554,43 @@ class RedisStore:
         else:
             done(None)
         return True
+
+    def _adjust_soon_cluster(self, adjustments: Sequence[Adjustment], done: Done) -> bool:
+        """:meth:`adjust_soon` in a Cluster: each adjustment queued on its primary's connection
+        (one settle may reach several primaries: ``done`` is told once, after all of them)."""
+        routes = self._routes
+        if routes is None or routes.cold:
+            return False
+        todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
+        queues: dict[ReconcileQueue, list[Adjustment]] = {}
+        for a in todo:
+            conn = routes.connection(self._wire_of(a.receipt.charge)[4])
+            queue = None if conn is None else self._node_queues.get(conn)
+            if queue is None:
+                return False
+            queues.setdefault(queue, []).append(a)
+        if not queues:
+            done(None)
+        elif len(queues) == 1:
+            for queue, part in queues.items():
+                queue.submit(part, done)
+        else:
+            outcome = Outcome([done], len(queues))
+            for queue, part in queues.items():
+                queue.submit(part, outcome.part_done)
+        return True
+
+    def _node_queue(self, conn: RespConnection) -> None:
+        """A Cluster primary's lean connection was made: give it a reconcile queue."""
+        self._node_queues[conn] = ReconcileQueue(conn, self._pack_adjust, self._adjust_now,
+                                                 deadline=self._deadline, max_batch=self._settle_batch,
+                                                 split=self._split_by_slot)
+
+    def _split_by_slot(self, adjustments: Sequence[Adjustment]) -> list[Sequence[Adjustment]]:
+        by_slot: dict[int, list[Adjustment]] = {}
+        for a in adjustments:
+            by_slot.setdefault(self._wire_of(a.receipt.charge)[4], []).append(a)
+        return list(by_slot.values())
 
     async def _adjust_now(self, adjustments: Sequence[Adjustment]) -> None:
         await self._guard(lambda: self._adjust_all(adjustments))
@@ -501,11 +691,20 @@ class RedisStore:
         """Send queued reconciles and wait for them (each within the deadline), then close."""
         if self._reconcile is not None:
             await self._reconcile.drain()
+        for queue in self._node_queues.values():
+            await queue.drain()
         if self._lean is not None:
             await self._lean.close()
+        if self._routes is not None:
+            await self._routes.close()
         await self._client.aclose()
 
     @property
     def reconcile(self) -> ReconcileQueue | None:
         """The deferred-reconcile queue (single Redis), for stats and tests."""
         return self._reconcile
+
+    @property
+    def routes(self) -> ClusterRoutes | None:
+        """The lean routes to a Cluster's primaries (None: single Redis, or lean off)."""
+        return self._routes

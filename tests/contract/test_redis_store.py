@@ -42,7 +42,9 @@ async def test_script_flush_mid_run(any_redis_store: RedisStore) -> None:
     assert (await store.charge([window("sf", 3), gcra("sf2")])).allowed
     third = await store.charge([window("sf", 3)])
     assert not third.allowed  # state survived: 3 of 3 used
-    assert store.stats.script_reloads >= 2
+    # At least one NOSCRIPT was met and answered by a reload (a connection opened after a flush,
+    # as a Cluster primary's lean one may be, loads the scripts as it connects: no NOSCRIPT).
+    assert store.stats.script_reloads >= 1
 
 
 async def test_skewed_client_clocks_do_not_matter(redis_store: RedisStore, redis_server: RedisServer,

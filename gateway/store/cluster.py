@@ -1,0 +1,102 @@
+"""Lean connections to the primaries of a Redis Cluster, found by hash slot.
+
+redis-py's ``RedisCluster`` costs the gateway several hundred µs of CPU per quota charge (a
+request's limits usually live in different slots, so each is a separate script call through
+its pool, its command parser and its redirection logic). Script calls of the quota store go
+instead over one lean pipelined connection per primary (:class:`~gateway.store.resp.RespConnection`),
+picked by slot from redis-py's own slot map. redis-py keeps everything else: the slot map itself,
+``MOVED``/``ASK`` redirections, failovers and every non-script command.
+
+When the lean path sees a redirection or a connection failure, the slot map may be stale: the
+routes go *cold* and every script call takes redis-py's path (which follows the redirection and
+refreshes its map) until one of them succeeds, after which slots are resolved again from the
+fresh map. A redirection means Redis did not run the script, so that call is retried once
+through redis-py; a connection failure or a deadline is ambiguous (the script may have run) and
+is never retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import RedisCluster
+from redis.asyncio.connection import Connection
+from redis.exceptions import RedisClusterException, ResponseError
+
+from gateway.store.resp import RespConnection
+
+SLOTS = 16384
+# Error replies after which the slot map is stale and Redis did not run the command.
+_REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def redirected(error: ResponseError) -> bool:
+    """An error reply that means "not run here, ask the cluster again"."""
+    return str(error).startswith(_REDIRECTS)
+
+
+class ClusterRoutes:
+    """Slot → lean connection to the primary serving it (see the module docstring)."""
+
+    def __init__(self, client: RedisCluster, deadline: float, on_connect: Sequence[bytes],
+                 on_new: Callable[[RespConnection], None] | None = None) -> None:
+        self._client = client
+        self._on_new = on_new  # told of each primary's connection when made (before it connects)
+        self._deadline = deadline
+        self._on_connect = list(on_connect)
+        self._by_slot: list[RespConnection | None] = [None] * SLOTS
+        self._by_node: dict[tuple[str, int], RespConnection] = {}
+        # Cold until redis-py has answered once (it builds its slot map on first use), and again
+        # after a redirection or a connection failure on the lean path.
+        self.cold = True
+        self.redirects = 0  # lean calls answered with a redirection (then sent through redis-py)
+
+    def connection(self, slot: int) -> RespConnection | None:
+        """The lean connection for ``slot``; None: use redis-py (cold, or the node is not plain
+        TCP with RESP2 and a static password)."""
+        conn = self._by_slot[slot]
+        if conn is not None or self.cold:
+            return conn
+        return self._resolve(slot)
+
+    def _resolve(self, slot: int) -> RespConnection | None:
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(slot)
+        except RedisClusterException:  # not covered (yet): redis-py will say why
+            return None
+        kw = node.connection_kwargs
+        if node.connection_class is not Connection or kw.get("credential_provider") is not None \
+                or kw.get("protocol") not in (None, 2, "2"):
+            return None
+        address = (node.host, int(node.port))
+        conn = self._by_node.get(address)
+        if conn is None:
+            conn = self._by_node[address] = RespConnection(
+                node.host, int(node.port), username=kw.get("username"), password=kw.get("password"),
+                deadline=self._deadline,
+                connect_timeout=max(self._deadline, float(kw.get("socket_connect_timeout") or 0.5)),
+                stale_after=max(1.0, 4 * self._deadline), on_connect=self._on_connect)
+            if self._on_new is not None:
+                self._on_new(conn)
+        self._by_slot[slot] = conn
+        return conn
+
+    def forget(self) -> None:
+        """The slot map may have changed: use redis-py until it has answered again."""
+        self.cold = True
+        self._by_slot = [None] * SLOTS
+
+    def warm(self) -> None:
+        """redis-py answered a call: its slot map is current enough to route by."""
+        self.cold = False
+
+    @property
+    def connections(self) -> int:
+        """Lean connections opened so far, over all primaries (stats and tests)."""
+        return sum(conn.connects for conn in self._by_node.values())
+
+    async def close(self) -> None:
+        for conn in self._by_node.values():
+            await conn.close()
+        self._by_node.clear()
+        self.forget()

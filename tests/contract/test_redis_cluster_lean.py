@@ -1,0 +1,151 @@
+"""The quota store's lean connections to a Redis Cluster's primaries, against a real cluster:
+routing by slot, redirections after a slot moves, reconciles per primary, dropped connections."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
+from gateway.store.redis import RedisStore
+from tests.contract.conftest import TEST_DEADLINE
+from tests.support.redis_servers import RedisClusterServers, start_cluster
+
+pytestmark = [pytest.mark.redis, pytest.mark.cluster]
+
+
+def window(key: str, n: int, cost: int = 1) -> Charge:
+    return Charge(key, Algorithm.WINDOW, n, 60_000, cost)
+
+
+def command(port: int, *args: str | int) -> Any:
+    """One admin command to one node."""
+    with redis.Redis(port=port, decode_responses=True) as client:
+        return client.execute_command(*args)
+
+
+def owner(cluster: RedisClusterServers, slot: int) -> int:
+    """Index of the node serving ``slot``."""
+    for start, end, primary, *_ in command(cluster.nodes[0].port, "CLUSTER", "SLOTS"):
+        if start <= slot <= end:
+            return next(i for i, n in enumerate(cluster.nodes) if n.port == int(primary[1]))
+    raise AssertionError(f"slot {slot} not served")
+
+
+def keys_on_two_primaries(store: RedisStore, cluster: RedisClusterServers) -> tuple[str, str]:
+    first = "lean-a"
+    home = owner(cluster, key_slot(store.key(first).encode()))
+    other = next(f"lean-{i}" for i in range(1000)
+                 if owner(cluster, key_slot(store.key(f"lean-{i}").encode())) != home)
+    return first, other
+
+
+@pytest.fixture
+async def lean_cluster_store(redis_cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(redis_cluster.urls, cluster=True, deadline=TEST_DEADLINE)
+    await store.client.flushall()
+    assert (await store.charge([window("warm-up", 10)])).allowed  # redis-py builds its slot map
+    yield store
+    await store.close()
+
+
+async def test_charges_across_primaries_go_over_lean_connections(
+        lean_cluster_store: RedisStore, redis_cluster: RedisClusterServers) -> None:
+    store = lean_cluster_store
+    routes = store.routes
+    assert routes is not None and not routes.cold
+    a, b = keys_on_two_primaries(store, redis_cluster)
+    results = await asyncio.gather(*(store.charge([window(a, 20), window(b, 10)]) for _ in range(30)))
+    assert routes.connections >= 2  # one per primary reached, opened by the first calls
+    admitted = sum(r.allowed for r in results)
+    assert 1 <= admitted <= 10  # never over: a denial in one slot refunds the other
+    used_a = 20 - (await store.charge([window(a, 20, 0)])).states[0].remaining
+    used_b = 10 - (await store.charge([window(b, 10, 0)])).states[0].remaining
+    assert (used_a, used_b) == (admitted, admitted)  # every refund applied: nothing leaked
+    assert store.stats.compensations >= 1 and store.stats.compensation_failures == 0
+    later = [await store.charge([window(a, 20), window(b, 10)]) for _ in range(12)]
+    assert admitted + sum(r.allowed for r in later) == 10
+    denied = later[-1]
+    assert [s.allowed for s in denied.states] == [True, False]
+    assert denied.states[0].remaining == 10  # a's state as refunded (10 of 20 used), not as charged
+    assert routes.redirects == 0 and not routes.cold
+
+
+async def test_reconciles_ride_on_each_primary(lean_cluster_store: RedisStore,
+                                               redis_cluster: RedisClusterServers) -> None:
+    store = lean_cluster_store
+    a, b = keys_on_two_primaries(store, redis_cluster)
+    result = await store.charge([window(a, 100, 10), window(b, 100, 10)])
+    assert result.allowed
+    outcomes: list[StoreError | None] = []
+    queued = store.adjust_soon([Adjustment(r, -7) for r in result.receipts], outcomes.append)
+    assert queued  # not the awaited path
+    for _ in range(200):
+        if outcomes:
+            break
+        await asyncio.sleep(0.005)
+    assert outcomes == [None]  # told once, after both primaries answered
+    after = await store.charge([window(a, 100, 0), window(b, 100, 0)])
+    assert [s.remaining for s in after.states] == [97, 97]
+
+
+async def test_dropped_connections_reconnect_and_stay_exact(
+        lean_cluster_store: RedisStore, redis_cluster: RedisClusterServers) -> None:
+    store = lean_cluster_store
+    a, b = keys_on_two_primaries(store, redis_cluster)
+    admitted = 0
+    for _ in range(5):
+        admitted += (await store.charge([window(a, 50), window(b, 50)])).allowed
+    for node in redis_cluster.nodes:  # every client connection, the lean ones included
+        command(node.port, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await asyncio.sleep(0.05)
+    for _ in range(10):
+        try:
+            admitted += (await store.charge([window(a, 50), window(b, 50)])).allowed
+        except StoreError:
+            pass  # the one call caught by the drop may fail (never resent: it may have run)
+    after = await store.charge([window(a, 50, 0), window(b, 50, 0)])
+    assert [50 - s.remaining for s in after.states] == [admitted, admitted]
+    assert admitted >= 13
+
+
+async def test_a_moved_slot_is_followed(tmp_path: Path) -> None:
+    """A slot moved to another primary (with its keys) mid-run: the lean call is answered with
+    MOVED, sent again through redis-py, and later calls route to the new primary."""
+    cluster = start_cluster(tmp_path)
+    store = RedisStore.from_url(cluster.urls, cluster=True, deadline=TEST_DEADLINE)
+    try:
+        key = "moving"
+        for _ in range(2):
+            assert (await store.charge([window(key, 5)])).allowed
+        routes = store.routes
+        assert routes is not None and not routes.cold and routes.redirects == 0
+        slot = key_slot(store.key(key).encode())
+        src = owner(cluster, slot)
+        dst = (src + 1) % len(cluster.nodes)
+        source, target = cluster.nodes[src].port, cluster.nodes[dst].port
+        source_id, target_id = command(source, "CLUSTER", "MYID"), command(target, "CLUSTER", "MYID")
+        command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+        assert keys
+        command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.nodes:
+            command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert owner(cluster, slot) == dst
+
+        third = await store.charge([window(key, 5)])
+        assert third.allowed and third.states[0].remaining == 2  # the state moved with the slot
+        assert routes.redirects == 1
+        fourth = await store.charge([window(key, 5)])
+        assert fourth.allowed and fourth.states[0].remaining == 1
+        assert routes.redirects == 1 and not routes.cold  # routed to the new primary directly
+    finally:
+        await store.close()
+        cluster.stop()
