@@ -10,15 +10,19 @@
 * Every public call runs under a deadline (default 50 ms); any failure becomes ``StoreError``.
 * Client-side retries are disabled: re-sending a charge after an ambiguous connection error
   could charge twice; the circuit breaker and failure modes deal with errors instead.
-* Hot path (single Redis over TCP): scripts go out on one lean pipelined connection
+* Hot path (over TCP, RESP2): scripts go out on one lean pipelined connection
   (``gateway/store/resp.py``: an asyncio Protocol, hiredis-parsed replies, replies matched to
   calls in order), skipping redis-py's pool, stream reader and per-command wrappers, which cost
-  several times the wire work. redis-py still serves a Cluster and every non-script command.
+  several times the wire work; in a Cluster, one such connection per primary, found by slot from
+  redis-py's slot map (``gateway/store/cluster.py``). Calls are encoded and replies decoded by
+  ``gateway/store/wire.py``. redis-py still serves every non-script command, and a Cluster's
+  redirections.
 * Concurrency leases are renewed by ``renew.lua`` (extended only while still held, never
   resurrected), batched per slot like every other call.
 * Reconciles can be deferred (``adjust_soon``): settles queued since the lean connection's last
-  write go out together in one EVALSHA, ahead of anything written after them, so the next charge
-  always sees them (``gateway/store/reconcile.py``).
+  write go out together in one EVALSHA (one per slot in a Cluster, on the key's primary), ahead of
+  anything written after them, so the next charge always sees them
+  (``gateway/store/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from gateway.memo import make_room
 from gateway.store.base import (
     Adjustment,
     Algorithm,
@@ -47,12 +50,11 @@ from gateway.store.base import (
     LimitState,
     Receipt,
     StoreError,
-    new_named,
-    state_from_ms,
 )
 from gateway.store.cluster import ClusterRoutes, redirected
 from gateway.store.reconcile import Done, Outcome, ReconcileQueue
 from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
+from gateway.store.wire import ScriptCodec
 
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
@@ -60,24 +62,6 @@ RedisClient = Redis | RedisCluster
 # Leases per renew.lua call: a renewal round for thousands of open streams goes out as several
 # scripts (pipelined, still one round trip) so that no single script holds Redis for long.
 RENEW_BATCH = 512
-# Bound on the memo of encoded charges (one per charge object the stage keeps: rule × limit × key
-# values seen recently); when full the oldest eighth goes (gateway.memo).
-WIRE_MEMO_ENTRIES = 16384
-# Bound on the memo of whole charge.lua calls by charges tuple. Kept small: with per-request token
-# costs every request brings a new tuple, and a miss only costs joining the memoised pieces.
-WHOLE_MEMO_ENTRIES = 4096
-# charge.lua's first argument: compact replies when every charge applied (the lean path)
-_COMPACT = pack("c")[4:]
-_FULL = pack("f")[4:]
-
-
-def _evalsha_head(sha: str, count: int, parts: int) -> bytes:
-    """RESP array header, command, SHA and key count of an EVALSHA of ``parts`` parts in all,
-    the keys and arguments to be appended already encoded."""
-    whole = pack("EVALSHA", sha, count)
-    return b"*%d\r\n" % parts + whole[whole.index(b"\r\n") + 2:]
-
-
 @dataclass(frozen=True, slots=True)
 class _Script:
     body: str
@@ -111,18 +95,8 @@ class RedisStore:
         self._adjust = _Script.load("adjust.lua")
         self._renew = _Script.load("renew.lua")
         self.stats = RedisStoreStats()
-        # RESP encoding memo for the lean path: charge.lua call heads per key count, and each
-        # Charge's key and arguments keyed by id (see _pack_charge)
-        self._heads: dict[int, bytes] = {}
-        # id(charge) → (charge, key, charge.lua arguments, adjust.lua arguments before delta/ref,
-        # hash slot in a Cluster)
-        self._wire: dict[int, tuple[Charge, bytes, bytes, bytes, int]] = {}
-        # (algorithm, limit, period, cost, burst or bucket, shadow) → (charge.lua arguments,
-        # adjust.lua arguments): shared by every key of a limit (a new account's charge only
-        # encodes its key)
-        self._shapes: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
-        self._adjust_heads: dict[int, bytes] = {}
-        self._packed: dict[int, tuple[Sequence[Charge], bytes]] = {}
+        # RESP encoding (memoised) and reply decoding of charge.lua and adjust.lua calls
+        self.codec = ScriptCodec(prefix, self._charge.sha, self._adjust.sha, self._cluster)
         scripts = (self._charge, self._adjust, self._renew)
         loads = [pack("SCRIPT", "LOAD", script.body) for script in scripts]
         self._lean = lean_connection(client, deadline, loads) if lean else None
@@ -133,7 +107,7 @@ class RedisStore:
         # A Cluster: one deferred-reconcile queue per primary, riding on its lean connection
         self._node_queues: dict[RespConnection, ReconcileQueue] = {}
         self._reconcile = None if self._lean is None else ReconcileQueue(
-            self._lean, self._pack_adjust, self._adjust_now, deadline=deadline, max_batch=settle_batch)
+            self._lean, self.codec.pack_adjust, self._adjust_now, deadline=deadline, max_batch=settle_batch)
 
     @classmethod
     def from_url(cls, url: str | Sequence[str], *, cluster: bool = False, prefix: str = "tg:",
@@ -246,10 +220,10 @@ class RedisStore:
         # Single Redis, the hot path: the reply future of the lean connection awaited here
         # directly (what _lean_eval does, without its coroutine and the connection's) while
         # the connection is up; connecting and NOSCRIPT take _lean_eval.
-        packed = self._pack_charge(charges)
+        packed = self.codec.pack_charge(charges)
         proto = lean.proto
         if proto is None or proto.closed:
-            return self._charge_result(charges, await self._lean_eval(lean, self._charge, packed))
+            return self.codec.charge_result(charges, await self._lean_eval(lean, self._charge, packed))
         deadline = self._deadline
         until = proto.loop.time() + deadline
         fut = proto.send(packed, deadline)
@@ -263,7 +237,7 @@ class RedisStore:
                 raw = await self._reload_and_retry(lean, self._charge, packed, until)
         except (TimeoutError, RedisError, OSError) as exc:
             raise self._store_error(exc) from exc
-        return self._charge_result(charges, raw)
+        return self.codec.charge_result(charges, raw)
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
         if not self._cluster:
@@ -279,22 +253,15 @@ class RedisStore:
     async def _charge_group_idle(self, charges: Sequence[Charge]
                                  ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
         """One EVALSHA for charges in one slot; also returns the states as if not applied."""
-        keys, args = self._charge_args(charges)
-        return self._group_result(charges, await self._eval(self._charge, keys, args))
-
-    def _group_result(self, charges: Sequence[Charge], raw: Any
-                      ) -> tuple[ChargeResult, tuple[LimitState, ...]]:
-        """A full charge.lua reply as the result and the states as if not applied."""
-        idle = tuple(state_from_ms(bool(raw[2 + 7 * i]), c.limit, int(raw[7 + 7 * i]), int(raw[8 + 7 * i]),
-                                   int(raw[5 + 7 * i])) for i, c in enumerate(charges))
-        return self._charge_result(charges, raw), idle
+        keys, args = self.codec.charge_args(charges)
+        return self.codec.group_result(charges, await self._eval(self._charge, keys, args))
 
     async def _charge_lean_cluster(self, routes: ClusterRoutes, charges: Sequence[Charge]) -> ChargeResult:
         """A Cluster's hot path: each slot's EVALSHA on its primary's lean connection, every one
         written before any reply is awaited (one round-trip time for all slots). A primary not
         connected yet takes the awaited path (which connects); a slot answered with NOSCRIPT or a
         redirection is sent again the awaited way (reload, or redis-py), as the script did not run."""
-        wires = [self._wire_of(c) for c in charges]
+        wires = [self.codec.wire_of(c) for c in charges]
         slot = wires[0][4]
         if all(wire[4] == slot for wire in wires):
             groups = [(slot, list(range(len(charges))))]
@@ -318,10 +285,10 @@ class RedisStore:
         deadline = self._deadline
         if len(groups) == 1:
             subs: list[Sequence[Charge]] = [charges]
-            futs = [protos[0].send(self._pack_charge(charges), deadline)]
+            futs = [protos[0].send(self.codec.pack_charge(charges), deadline)]
         else:  # full replies: a denial elsewhere needs each slot's state as if not applied
             subs = [[charges[i] for i in g] for _, g in groups]
-            futs = [proto.send(self._pack_charge(sub, full=True), deadline)
+            futs = [proto.send(self.codec.pack_charge(sub, full=True), deadline)
                     for proto, sub in zip(protos, subs, strict=True)]
         replies: list[Any] = []
         for at, fut in enumerate(futs):
@@ -341,13 +308,13 @@ class RedisStore:
                     if not self._resendable(routes, raw):
                         raise raw
                     return await self._charge_group(charges)
-                return self._charge_result(charges, raw)
+                return self.codec.charge_result(charges, raw)
             if all(type(raw) is list and raw[0] == 1 for raw in replies):  # every slot admitted
-                return self._merge_admitted(len(charges), groups, subs, replies)
+                return self.codec.merge_admitted(len(charges), groups, subs, replies)
             parts: list[tuple[ChargeResult, tuple[LimitState, ...]] | BaseException] = []
             for sub, raw in zip(subs, replies, strict=True):
                 if not isinstance(raw, Exception):
-                    parts.append(self._group_result(sub, raw))
+                    parts.append(self.codec.group_result(sub, raw))
                 elif self._resendable(routes, raw):
                     try:
                         parts.append(await self._charge_group_idle(sub))
@@ -358,21 +325,6 @@ class RedisStore:
             return await self._combine_slots(charges, [g for _, g in groups], parts)
         except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise self._store_error(exc) from exc
-
-    def _merge_admitted(self, count: int, groups: list[tuple[int, list[int]]], subs: list[Sequence[Charge]],
-                        replies: list[Any]) -> ChargeResult:
-        """One result from the full replies of slots that all admitted: no refund, so the
-        states as if not applied are never needed."""
-        states: list[Any] = [None] * count
-        receipts: list[Any] = [None] * count
-        now = math.inf
-        for (_, indices), sub, raw in zip(groups, subs, replies, strict=True):
-            part = self._charge_result(sub, raw)
-            now = min(now, part.now)
-            for i, state, receipt in zip(indices, part.states, part.receipts, strict=True):
-                states[i] = state
-                receipts[i] = receipt
-        return new_named(ChargeResult, (True, now, tuple(states), tuple(receipts)))
 
     @staticmethod
     def _resendable(routes: ClusterRoutes, error: Exception) -> bool:
@@ -389,105 +341,6 @@ class RedisStore:
         if isinstance(error, (RedisConnectionError, OSError)):
             routes.forget()
         return False
-
-    def _charge_args(self, charges: Sequence[Charge], reply: str = "f") -> tuple[list[str], list[str | int]]:
-        """Keys and arguments of charge.lua; ``reply`` "f" (full, what a cross-slot denial needs:
-        the idle states) or "c" (compact when every charge applied)."""
-        args: list[str | int] = [reply]
-        for c in charges:
-            param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
-            args += [c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id]
-        prefix = self._prefix
-        return [f"{prefix}{{{c.key}}}" for c in charges], args
-
-    def _pack_charge(self, charges: Sequence[Charge], full: bool = False) -> bytes:
-        """The EVALSHA of charge.lua for ``charges``, as RESP (compact replies). A charge's key
-        and arguments encode the same way every time, and the stage reuses one ``Charge`` per
-        limit and key while its cost is unchanged (always, for request rates), so their encoding
-        is memoised per charge object; a tuple of charges the stage reuses whole (a plan of
-        request rates, or unchanged costs) is memoised as the whole command."""
-        whole = None if full else self._packed.get(id(charges))
-        if whole is not None and whole[0] is charges:
-            return whole[1]
-        count = len(charges)
-        parts = [self._charge_head(count)]
-        tails: list[bytes] = [_FULL if full else _COMPACT]
-        memo = self._wire
-        for c in charges:
-            wire = memo.get(id(c))
-            if wire is None or wire[0] is not c:
-                wire = self._encode_charge(c)
-            parts.append(wire[1])
-            tails.append(wire[2])
-        parts += tails
-        packed = b"".join(parts)
-        if type(charges) is tuple and not full:
-            packs = self._packed
-            make_room(packs, WHOLE_MEMO_ENTRIES)
-            packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
-        return packed
-
-    def _charge_head(self, count: int) -> bytes:
-        """Array header, command, SHA and key count of a charge.lua call with ``count`` keys."""
-        head = self._heads.get(count)
-        if head is None:  # the array: 3 + the reply flag + 8 per charge (key + 7 arguments)
-            head = self._heads[count] = _evalsha_head(self._charge.sha, count, 4 + 8 * count)
-        return head
-
-    def _encode_charge(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes, int]:
-        param = c.burst if c.algorithm is Algorithm.GCRA else c.bucket_ms
-        # hiredis packs each part as a bulk string; drop the array headers ("*7\r\n", "*4\r\n")
-        shape = (c.algorithm, c.limit, c.period_ms, c.cost, param, c.shadow)
-        encoded = None if c.lease_id else self._shapes.get(shape)  # a lease id is per request
-        if encoded is None:
-            encoded = (pack(c.algorithm, c.limit, c.period_ms, c.cost, param, int(c.shadow), c.lease_id)[4:],
-                       pack(c.algorithm, c.limit, c.period_ms, c.bucket_ms)[4:])
-            if not c.lease_id:
-                make_room(self._shapes, WIRE_MEMO_ENTRIES)
-                self._shapes[shape] = encoded
-        args, adjust = encoded
-        name = f"{self._prefix}{{{c.key}}}".encode()
-        key = b"$%d\r\n%b\r\n" % (len(name), name)  # a RESP bulk string, as hiredis packs it
-        memo = self._wire
-        make_room(memo, WIRE_MEMO_ENTRIES)
-        # the entry pins c, so its id is not reused meanwhile; the slot matters in a Cluster only
-        wire = memo[id(c)] = (c, key, args, adjust, key_slot(name) if self._cluster else 0)
-        return wire
-
-    def _wire_of(self, c: Charge) -> tuple[Charge, bytes, bytes, bytes, int]:
-        """The memoised encoding of one charge: (charge, key, charge.lua arguments, adjust.lua
-        arguments, slot)."""
-        wire = self._wire.get(id(c))
-        if wire is None or wire[0] is not c:
-            wire = self._encode_charge(c)
-        return wire
-
-    @staticmethod
-    def _charge_result(charges: Sequence[Charge], raw: Any) -> ChargeResult:
-        """Parse charge.lua's reply (RESP integers: both hiredis and redis-py's own parser give
-        Python ints). Compact (2, when every charge applied): now_ms, then remaining, reset_ms and
-        bucket_ms per charge. Full: allowed, now_ms, then 7 integers per charge."""
-        if raw[0] == 2:  # the usual case; charge.lua never returns negatives here
-            states: list[LimitState] = []
-            receipts: list[Receipt] = []
-            at = 2
-            for c in charges:
-                states.append(new_named(LimitState, (True, c.limit, raw[at], raw[at + 1] / 1000.0, 0.0)))
-                receipts.append(new_named(Receipt, (c, raw[at + 2], True)))
-                at += 3
-            return new_named(ChargeResult, (True, raw[1] / 1000.0, tuple(states), tuple(receipts)))
-        allowed = raw[0] == 1
-        states, receipts, at = [], [], 2
-        for c in charges:
-            if raw[at] == 1:  # ok: the state as charged (as state_from_ms builds it, inlined)
-                reset = max(0, raw[at + 2]) / 1000.0
-                states.append(new_named(LimitState, (True, c.limit, max(0, raw[at + 1]), reset, 0.0)))
-                receipts.append(new_named(Receipt, (c, raw[at + 4], allowed)))
-            else:
-                states.append(state_from_ms(False, c.limit, raw[at + 1], raw[at + 2], raw[at + 3]))
-                receipts.append(new_named(Receipt, (c, raw[at + 4], False)))
-            at += 7
-        return new_named(ChargeResult, (allowed, raw[1] / 1000.0, tuple(states), tuple(receipts)))
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,
@@ -564,7 +417,7 @@ class RedisStore:
         todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
         queues: dict[ReconcileQueue, list[Adjustment]] = {}
         for a in todo:
-            conn = routes.connection(self._wire_of(a.receipt.charge)[4])
+            conn = routes.connection(self.codec.wire_of(a.receipt.charge)[4])
             queue = None if conn is None else self._node_queues.get(conn)
             if queue is None:
                 return False
@@ -582,58 +435,26 @@ class RedisStore:
 
     def _node_queue(self, conn: RespConnection) -> None:
         """A Cluster primary's lean connection was made: give it a reconcile queue."""
-        self._node_queues[conn] = ReconcileQueue(conn, self._pack_adjust, self._adjust_now,
+        self._node_queues[conn] = ReconcileQueue(conn, self.codec.pack_adjust, self._adjust_now,
                                                  deadline=self._deadline, max_batch=self._settle_batch,
                                                  split=self._split_by_slot)
 
     def _split_by_slot(self, adjustments: Sequence[Adjustment]) -> list[Sequence[Adjustment]]:
         by_slot: dict[int, list[Adjustment]] = {}
         for a in adjustments:
-            by_slot.setdefault(self._wire_of(a.receipt.charge)[4], []).append(a)
+            by_slot.setdefault(self.codec.wire_of(a.receipt.charge)[4], []).append(a)
         return list(by_slot.values())
 
     async def _adjust_now(self, adjustments: Sequence[Adjustment]) -> None:
         await self._guard(lambda: self._adjust_all(adjustments))
-
-    def _pack_adjust(self, adjustments: Sequence[Adjustment]) -> bytes:
-        """The EVALSHA of adjust.lua for ``adjustments``, as RESP: each charge's key and fixed
-        arguments come from the encoding memo (the charges settled are the ones charged), only
-        the delta and the reference are encoded here."""
-        count = len(adjustments)
-        head = self._adjust_heads.get(count)
-        if head is None:  # the array: 3 + 7 per adjustment (key + 6 arguments)
-            head = self._adjust_heads[count] = _evalsha_head(self._adjust.sha, count, 3 + 7 * count)
-        parts = [head]
-        tails: list[bytes] = []
-        memo = self._wire
-        for a in adjustments:
-            receipt = a.receipt
-            c = receipt.charge
-            wire = memo.get(id(c))
-            if wire is None or wire[0] is not c:
-                wire = self._encode_charge(c)
-            parts.append(wire[1])
-            delta = b"%d" % a.delta
-            ref = c.lease_id.encode() if c.algorithm is Algorithm.LEASE else b"%d" % receipt.bucket_ms
-            tails.append(b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (wire[3], len(delta), delta, len(ref), ref))
-        parts += tails
-        return b"".join(parts)
 
     async def _adjust_all(self, adjustments: Sequence[Adjustment]) -> None:
         groups = self._groups([a.receipt.charge.key for a in adjustments])
         await asyncio.gather(*(self._adjust_group([adjustments[i] for i in g]) for g in groups))
 
     async def _adjust_group(self, adjustments: Sequence[Adjustment]) -> None:
-        keys, args = self._adjust_args(adjustments)
+        keys, args = self.codec.adjust_args(adjustments)
         await self._eval(self._adjust, keys, args)
-
-    def _adjust_args(self, adjustments: Sequence[Adjustment]) -> tuple[list[str], list[str | int]]:
-        args: list[str | int] = []
-        for a in adjustments:
-            c = a.receipt.charge
-            ref = c.lease_id if c.algorithm is Algorithm.LEASE else str(a.receipt.bucket_ms)
-            args += [c.algorithm, c.limit, c.period_ms, c.bucket_ms, a.delta, ref]
-        return [self.key(a.receipt.charge.key) for a in adjustments], args
 
     async def renew(self, leases: Sequence[Receipt]) -> tuple[bool, ...]:
         todo = [i for i, r in enumerate(leases) if r.applied and r.charge.algorithm is Algorithm.LEASE]

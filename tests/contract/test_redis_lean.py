@@ -203,11 +203,12 @@ async def test_settle_failures_are_counted_when_redis_is_gone(
 
 def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lean path joins per-charge RESP pieces; they must equal one packed EVALSHA."""
-    import gateway.store.redis as redis_module
+    import gateway.store.wire as wire_module
 
-    monkeypatch.setattr(redis_module, "WIRE_MEMO_ENTRIES", 3)
-    monkeypatch.setattr(redis_module, "WHOLE_MEMO_ENTRIES", 3)
+    monkeypatch.setattr(wire_module, "WIRE_MEMO_ENTRIES", 3)
+    monkeypatch.setattr(wire_module, "WHOLE_MEMO_ENTRIES", 3)
     store = RedisStore(Redis(), prefix="p:")
+    codec = store.codec
     charges = [
         Charge("q|r|rpm|requests|principal.account=ü", Algorithm.GCRA, 10**9, 60_000, 1, burst=7),
         window("q|r|tpd|total_tokens|", 10**12, 84),
@@ -219,17 +220,20 @@ def test_memoised_charge_encoding_is_what_hiredis_packs(monkeypatch: pytest.Monk
     ]
     for _ in range(2):  # cold, then from the memo (evicting: it holds only 3)
         for n in range(1, len(charges) + 1):
-            keys, args = store._charge_args(charges[:n], "c")
+            keys, args = codec.charge_args(charges[:n], "c")
             expected = pack("EVALSHA", store._charge.sha, n, *keys, *args)
-            assert store._pack_charge(charges[:n]) == expected
+            assert codec.pack_charge(charges[:n]) == expected
             whole = tuple(charges[:n])  # a tuple is memoised whole, by identity
-            assert store._pack_charge(whole) == expected and store._pack_charge(whole) == expected
-    assert len(store._wire) == 3 and len(store._packed) == 3 and len(store._shapes) <= 3
+            assert codec.pack_charge(whole) == expected and codec.pack_charge(whole) == expected
+            keys, args = codec.charge_args(charges[:n], "f")  # the full-reply form (Cluster slots)
+            full = pack("EVALSHA", store._charge.sha, n, *keys, *args)
+            assert codec.pack_charge(charges[:n], full=True) == full
+    assert len(codec._wire) == 3 and len(codec._packed) == 3 and len(codec._shapes) <= 3
     receipts = [Receipt(c, 1_795_898_880_000 + i, True) for i, c in enumerate(charges)]
     adjustments = [Adjustment(r, delta) for r, delta in zip(receipts, (-1, 37, -5, -1, 12, 3), strict=True)]
     for n in range(1, len(adjustments) + 1):  # the settle path joins memoised pieces too
-        keys, args = store._adjust_args(adjustments[:n])
-        assert store._pack_adjust(adjustments[:n]) == pack("EVALSHA", store._adjust.sha, n, *keys, *args)
+        keys, args = codec.adjust_args(adjustments[:n])
+        assert codec.pack_adjust(adjustments[:n]) == pack("EVALSHA", store._adjust.sha, n, *keys, *args)
 
 
 async def test_lean_charges_reuse_their_encoding_and_stay_correct(redis_store: RedisStore) -> None:
