@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quota_stage.py [--requests 20000] [--no-redis] [--redis-calls 5000]
                                           [--concurrency 16] [--api openai|anthropic]
-                                          [--leases-held 1000] [--accounts 2000]
+                                          [--leases-held 1000] [--accounts 2000] [--cluster]
 
 For 1 limit (requests per account) and 3 limits (the bench policy: requests per account,
 total tokens per org, requests per client /24), each request is timed alone: ``await stage(ctx)``
@@ -18,7 +18,9 @@ accounts, the distillation traffic shape), the default makes them hit.
 A concurrent run (``--concurrency`` tasks, 3 limits, charge + settle request after request) is
 closer to the gateway under load: round trips overlap, commands share writes on the lean
 connection and reconciles are batched. It compares MemoryStore, RedisStore (lean connection,
-deferred reconciles; the mean batch size is shown) and RedisStore on redis-py (``lean=False``).
+deferred reconciles; the mean batch size is shown) and RedisStore on redis-py (``lean=False``);
+``--cluster`` adds both on a 3-primary Redis Cluster (started with ``redis-cli --cluster create``
+on free ports), with 1 and 3 limits.
 
 A last run times one concurrency limit on MemoryStore, a charge and its release, with no lease
 and with ``--leases-held`` (1,000) other leases held: counting the live leases must not grow with
@@ -41,10 +43,12 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -254,6 +258,31 @@ def _row(store: str, limits: int, r: dict[str, float]) -> str:
             f"| {r['settle_p99']:.1f} | {r['total_p50']:.1f} | {r['total_p99']:.1f} | {r['cpu_mean']:.1f} |")
 
 
+async def _cluster_rows(args: argparse.Namespace, api: ApiFamily, accounts: int
+                        ) -> list[tuple[str, dict[str, float]]]:
+    """The concurrent run on a 3-primary Redis Cluster: the three limits' keys (account, org,
+    /24) hash to different slots, so each request makes one script call per slot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gateway.store.redis import RedisStore
+    from tests.support.redis_servers import start_cluster
+
+    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tg-bench-cluster-")))
+    rows: list[tuple[str, dict[str, float]]] = []
+    try:
+        for limits in (1, 3):
+            for name, lean in (("lean connections per primary", True), ("redis-py (lean=False)", False)):
+                store = RedisStore.from_url(cluster.urls, cluster=True, deadline=1.0, lean=lean)
+                try:
+                    result = await measure_concurrent(store, limits, args.requests, args.concurrency,
+                                                      api=api, accounts=accounts)
+                finally:
+                    await store.close()
+                rows.append((f"Redis Cluster, {name}, {limits} limit{'s' if limits > 1 else ''}", result))
+    finally:
+        cluster.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
@@ -266,6 +295,8 @@ def main() -> None:
                         help="API family of the requests (picks the provider header aliases)")
     parser.add_argument("--accounts", type=int, default=2000,
                         help="accounts the requests come from (orgs: a tenth; /24s: a quarter, >= 500)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also run the concurrent rows on a 3-primary Redis Cluster (redis-cli needed)")
     args = parser.parse_args()
     if not 1 <= args.accounts <= 10_000_000:
         parser.error("--accounts must be in [1, 10000000]")
@@ -310,6 +341,8 @@ def main() -> None:
                     finally:
                         runner.run(store.close())
                     concurrent.append((name, result))
+            if args.cluster:
+                concurrent += runner.run(_cluster_rows(args, api, accounts))
     finally:
         if server is not None:
             server.stop()
