@@ -1,7 +1,7 @@
 """Cost of the risk stage per request (target: p50 <= 50 µs, p99 <= 150 µs with the memory store).
 
     .venv/bin/python bench/risk_stage.py [--requests 20000] [--redis redis://127.0.0.1:6379/0] [--gc server]
-        [--loop uvloop] [--unique]
+        [--loop uvloop] [--unique] [--cluster] [--no-lean]
 
 Requests mix ordinary prompts (../shared/prompts/user-oriented-instructions.jsonl when present)
 and chain-of-thought-wrapped GSM8K questions over 2,000 accounts and 500 addresses; each is timed
@@ -21,6 +21,9 @@ the recorded figures used); with Redis it changes the client's I/O cost, not the
 The prompt pool repeats (about 1,600 texts), so most requests hit the stage's per-prompt memo;
 ``--unique`` makes every text new (user prompts get a numbered first sentence, GSM8K questions a
 numbered suffix inside the one template), the cost of traffic that never repeats a prompt.
+``--cluster`` takes ``--redis`` as a Redis Cluster's startup nodes (comma-separated URLs);
+``--no-lean`` sends every script call through redis-py, as the store did for a Cluster before
+its lean routes (``gateway/store/cluster.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ def main() -> None:
                              "the loop, and behind-mode writes of concurrent requests share a call")
     parser.add_argument("--redis-mode", choices=("inline", "behind", "both"), default="both",
                         help="signal store mode with --redis (default: both, one after the other)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="--redis is a Redis Cluster: comma-separated startup node URLs")
+    parser.add_argument("--no-lean", action="store_true",
+                        help="send every script call through redis-py (the store's lean=False)")
     parser.add_argument("--unique", action="store_true",
                         help="make every prompt text unique (no prompt is seen twice: the cost without "
                              "the per-prompt memo's hits)")
@@ -155,7 +162,9 @@ def main() -> None:
         from gateway.risk.redis_sigstore import RedisSignalStore
 
         async def with_redis(mode: str) -> dict[str, float]:
-            redis = RedisSignalStore.from_url(args.redis, deadline=1.0, prefix=f"bench:{mode}:")
+            urls = args.redis.split(",") if args.cluster else args.redis
+            redis = RedisSignalStore.from_url(urls, cluster=args.cluster, deadline=1.0,
+                                              prefix=f"bench:{mode}:", lean=not args.no_lean)
             store: SignalStore = BehindSignalStore(redis) if mode == "behind" else redis
             try:
                 return await run(args.requests, store, server_gc, args.unique, args.concurrency)

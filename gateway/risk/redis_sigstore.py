@@ -11,7 +11,8 @@ TLS, Unix sockets and RESP3 URLs fall back to redis-py.
 
 Redis Cluster (``cluster=True``): one script call must stay in one slot, and a request's keys
 (account, ip, prefix, ASN, template) hash to different slots. The operations are grouped by slot
-and each group is one ``EVALSHA`` (routed by redis-py's ``RedisCluster``), all sent concurrently
+and each group is one ``EVALSHA`` (on the lean connection of the slot's primary, routed by
+redis-py's slot map: :mod:`gateway.store.cluster`), all sent concurrently
 (one round-trip time); results are put back in operation order. Every operation touches only its
 own key, so splitting a batch changes no result; the batch is then atomic per slot, not as a
 whole, which no signal relies on. ``BatchResult.now`` is the earliest of the groups' ``TIME``.
@@ -47,7 +48,8 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.store.base import StoreError
-from gateway.store.resp import RespConnection, host_port, lean_connection, pack
+from gateway.store.cluster import ClusterRoutes, routed_call
+from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
 
 
 def _encode(ops: Sequence[Op]) -> list[str | float | int]:
@@ -170,8 +172,11 @@ class RedisSignalStore:
         self._owns = owns_client
         self._script = resources.files("gateway.risk").joinpath("signals.lua").read_text(encoding="utf-8")
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
-        self._lean = (lean_connection(client, deadline, [pack("SCRIPT", "LOAD", self._script)])
-                      if lean else None)
+        load = [pack("SCRIPT", "LOAD", self._script)]
+        self._lean = lean_connection(client, deadline, load) if lean else None
+        # A Cluster: each slot's EVALSHA on its primary's lean connection (gateway/store/cluster.py)
+        self._routes = ClusterRoutes(client, deadline, load) if lean and isinstance(client, RedisCluster) \
+            else None
         self.script_reloads = 0
         self._ready = False
 
@@ -253,15 +258,24 @@ class RedisSignalStore:
             return await lean.call(packed, until - loop.time())
 
     async def _group(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
-        """One EVALSHA through redis-py (all keys in one slot, or a single Redis)."""
+        """One EVALSHA (all keys in one slot, or a single Redis): on a Cluster primary's lean
+        connection when its routes are warm, else through redis-py."""
         args = _encode(ops)
         try:
-            raw = await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = await self._evalsha(keys, args)
         except NoScriptError:
             self.script_reloads += 1
             await self._client.script_load(self._script)  # a Cluster: on every primary
-            raw = await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            raw = await self._evalsha(keys, args)
         return _decode(ops, raw)
+
+    async def _evalsha(self, keys: list[str], args: Sequence[Any]) -> Any:
+        routes = self._routes
+        if routes is None or not keys:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        packed = bytes(pack_command(("EVALSHA", self._sha, len(keys), *keys, *args)))
+        return await routed_call(routes, key_slot(keys[0].encode()), packed,
+                                 lambda: self._client.evalsha(self._sha, len(keys), *keys, *args))
 
     async def _slots(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
         """Redis Cluster: one EVALSHA per slot, concurrently; results back in op order."""
@@ -271,19 +285,63 @@ class RedisSignalStore:
         if len(by_slot) <= 1:
             return await self._group(ops, keys)
         groups = list(by_slot.values())
-        if not self._ready:  # concurrent first calls race redis-py's cluster set-up: one goes first
-            await self._client.initialize()
-            self._ready = True
-        parts = await asyncio.gather(*(self._group([ops[i] for i in g], [keys[i] for i in g])
-                                       for g in groups))
+        routes = self._routes
+        protos = [] if routes is None or routes.cold else self._ready_protos(routes, by_slot)
+        if routes is not None and protos:  # all primaries connected: every group written, then awaited
+            parts = await self._send_groups(routes, protos, ops, keys, groups)
+        else:
+            if not self._ready:  # concurrent first calls race redis-py's cluster set-up: one goes first
+                await self._client.initialize()
+                self._ready = True
+            parts = await asyncio.gather(*(self._group([ops[i] for i in g], [keys[i] for i in g])
+                                           for g in groups))
         results: list[Any] = [None] * len(ops)
         for group, part in zip(groups, parts, strict=True):
             for i, value in zip(group, part.results, strict=True):
                 results[i] = value
         return BatchResult(min(part.now for part in parts), tuple(results))
 
+    @staticmethod
+    def _ready_protos(routes: ClusterRoutes, by_slot: dict[int, list[int]]) -> list[RespProtocol]:
+        """The connected lean connection of each slot's primary, or [] if one is not."""
+        protos: list[RespProtocol] = []
+        for slot in by_slot:
+            conn = routes.connection(slot)
+            proto = None if conn is None else conn.ready
+            if proto is None:
+                return []
+            protos.append(proto)
+        return protos
+
+    async def _send_groups(self, routes: ClusterRoutes, protos: list[RespProtocol], ops: Sequence[Op],
+                           keys: list[str], groups: list[list[int]]) -> list[BatchResult]:
+        """Each slot's EVALSHA on its primary's connection, all written first, then awaited in
+        turn; a group answered with NOSCRIPT or a redirection goes the awaited way (it did not run)."""
+        subs = [([ops[i] for i in g], [keys[i] for i in g]) for g in groups]
+        deadline = self._deadline
+        futs = [proto.send(self._packed(sub_ops, sub_keys), deadline)
+                for proto, (sub_ops, sub_keys) in zip(protos, subs, strict=True)]
+        parts: list[BatchResult] = []
+        for at, ((sub_ops, sub_keys), fut) in enumerate(zip(subs, futs, strict=True)):
+            try:
+                raw = await fut
+            except asyncio.CancelledError:
+                for proto, left in zip(protos[at:], futs[at:], strict=True):
+                    if not left.done():
+                        proto.watch(left)
+                raise
+            except Exception as exc:
+                if not routes.failed(exc):
+                    raise
+                parts.append(await self._group(sub_ops, sub_keys))
+            else:
+                parts.append(_decode(sub_ops, raw))
+        return parts
+
     async def close(self) -> None:
         if self._lean is not None:
             await self._lean.close()
+        if self._routes is not None:
+            await self._routes.close()
         if self._owns:
             await self._client.aclose()

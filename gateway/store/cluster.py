@@ -17,11 +17,13 @@ is never retried.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from gateway.store.resp import RespConnection
 
@@ -86,6 +88,23 @@ class ClusterRoutes:
         self.cold = True
         self._by_slot = [None] * SLOTS
 
+    def failed(self, error: BaseException) -> bool:
+        """A lean call failed with ``error``: whether it did not run and may be sent again the
+        awaited way (NOSCRIPT: after a script load; a redirection: through redis-py). A
+        redirection or a connection failure makes the routes cold; a deadline changes nothing
+        (the script may have run)."""
+        if isinstance(error, NoScriptError):
+            return True
+        if isinstance(error, ResponseError):
+            if not redirected(error):
+                return False
+            self.redirects += 1
+            self.forget()  # not run: redis-py follows the redirection and refreshes its map
+            return True
+        if isinstance(error, (RedisConnectionError, OSError)):
+            self.forget()  # a failover may have moved the slot
+        return False
+
     def warm(self) -> None:
         """redis-py answered a call: its slot map is current enough to route by."""
         self.cold = False
@@ -100,3 +119,20 @@ class ClusterRoutes:
             await conn.close()
         self._by_node.clear()
         self.forget()
+
+
+async def routed_call(routes: ClusterRoutes, slot: int, packed: bytes,
+                      through_client: Callable[[], Awaitable[Any]]) -> Any:
+    """One packed script call on the lean connection of ``slot``'s primary, or through redis-py
+    (``through_client``) while the routes are cold and after a redirection. NOSCRIPT and every
+    other error go to the caller (a connection failure also makes the routes cold)."""
+    conn = routes.connection(slot)
+    if conn is not None:
+        try:
+            return await conn.call(packed)
+        except Exception as exc:
+            if isinstance(exc, NoScriptError) or not routes.failed(exc):
+                raise
+    reply = await through_client()
+    routes.warm()
+    return reply

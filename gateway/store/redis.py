@@ -39,8 +39,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.store.base import (
     Adjustment,
@@ -51,7 +50,7 @@ from gateway.store.base import (
     Receipt,
     StoreError,
 )
-from gateway.store.cluster import ClusterRoutes, redirected
+from gateway.store.cluster import ClusterRoutes, routed_call
 from gateway.store.reconcile import Done, Outcome, ReconcileQueue
 from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
 from gateway.store.wire import ScriptCodec
@@ -164,23 +163,9 @@ class RedisStore:
         routes = self._routes
         if routes is None or not keys:
             return await self._client.evalsha(sha, len(keys), *keys, *args)
-        conn = routes.connection(key_slot(keys[0].encode()))
-        if conn is not None:
-            try:
-                return await conn.call(pack("EVALSHA", sha, len(keys), *keys, *args))
-            except NoScriptError:
-                raise
-            except ResponseError as exc:
-                if not redirected(exc):
-                    raise
-                routes.redirects += 1
-                routes.forget()  # not run: redis-py follows the redirection and refreshes its map
-            except (RedisConnectionError, OSError):
-                routes.forget()  # a failover may have moved the slot; never resent (it may have run)
-                raise
-        reply = await self._client.evalsha(sha, len(keys), *keys, *args)
-        routes.warm()
-        return reply
+        packed = pack("EVALSHA", sha, len(keys), *keys, *args)
+        return await routed_call(routes, key_slot(keys[0].encode()), packed,
+                                 lambda: self._client.evalsha(sha, len(keys), *keys, *args))
 
     async def _lean_eval(self, lean: RespConnection, script: _Script, packed: bytes) -> Any:
         """EVALSHA on the lean connection: the connection enforces the deadline (no
@@ -305,7 +290,7 @@ class RedisStore:
             if len(groups) == 1:
                 raw = replies[0]
                 if isinstance(raw, Exception):
-                    if not self._resendable(routes, raw):
+                    if not routes.failed(raw):
                         raise raw
                     return await self._charge_group(charges)
                 return self.codec.charge_result(charges, raw)
@@ -315,7 +300,7 @@ class RedisStore:
             for sub, raw in zip(subs, replies, strict=True):
                 if not isinstance(raw, Exception):
                     parts.append(self.codec.group_result(sub, raw))
-                elif self._resendable(routes, raw):
+                elif routes.failed(raw):
                     try:
                         parts.append(await self._charge_group_idle(sub))
                     except Exception as exc:  # noqa: BLE001 (a failed slot: refund the others)
@@ -325,22 +310,6 @@ class RedisStore:
             return await self._combine_slots(charges, [g for _, g in groups], parts)
         except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise self._store_error(exc) from exc
-
-    @staticmethod
-    def _resendable(routes: ClusterRoutes, error: Exception) -> bool:
-        """Whether a lean cluster call that failed with ``error`` did not run and may be sent
-        again the awaited way; a connection failure also makes the routes cold."""
-        if isinstance(error, NoScriptError):
-            return True
-        if isinstance(error, ResponseError):
-            if redirected(error):
-                routes.redirects += 1
-                routes.forget()
-                return True
-            return False
-        if isinstance(error, (RedisConnectionError, OSError)):
-            routes.forget()
-        return False
 
     async def _charge_slots(self, charges: Sequence[Charge], groups: list[list[int]]) -> ChargeResult:
         """Charge each slot's group concurrently (one round-trip time); if any group denies,

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 from redis.crc import key_slot
 
 from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
 from gateway.store.redis import RedisStore
 from tests.contract.conftest import TEST_DEADLINE
-from tests.support.redis_servers import RedisClusterServers, start_cluster
+from tests.support.redis_servers import RedisClusterServers, node_command, start_cluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.cluster]
 
@@ -24,25 +22,11 @@ def window(key: str, n: int, cost: int = 1) -> Charge:
     return Charge(key, Algorithm.WINDOW, n, 60_000, cost)
 
 
-def command(port: int, *args: str | int) -> Any:
-    """One admin command to one node."""
-    with redis.Redis(port=port, decode_responses=True) as client:
-        return client.execute_command(*args)
-
-
-def owner(cluster: RedisClusterServers, slot: int) -> int:
-    """Index of the node serving ``slot``."""
-    for start, end, primary, *_ in command(cluster.nodes[0].port, "CLUSTER", "SLOTS"):
-        if start <= slot <= end:
-            return next(i for i, n in enumerate(cluster.nodes) if n.port == int(primary[1]))
-    raise AssertionError(f"slot {slot} not served")
-
-
 def keys_on_two_primaries(store: RedisStore, cluster: RedisClusterServers) -> tuple[str, str]:
     first = "lean-a"
-    home = owner(cluster, key_slot(store.key(first).encode()))
+    home = cluster.owner(key_slot(store.key(first).encode()))
     other = next(f"lean-{i}" for i in range(1000)
-                 if owner(cluster, key_slot(store.key(f"lean-{i}").encode())) != home)
+                 if cluster.owner(key_slot(store.key(f"lean-{i}").encode())) != home)
     return first, other
 
 
@@ -103,7 +87,7 @@ async def test_dropped_connections_reconnect_and_stay_exact(
     for _ in range(5):
         admitted += (await store.charge([window(a, 50), window(b, 50)])).allowed
     for node in redis_cluster.nodes:  # every client connection, the lean ones included
-        command(node.port, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        node_command(node.port, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     await asyncio.sleep(0.05)
     for _ in range(10):
         try:
@@ -127,18 +111,9 @@ async def test_a_moved_slot_is_followed(tmp_path: Path) -> None:
         routes = store.routes
         assert routes is not None and not routes.cold and routes.redirects == 0
         slot = key_slot(store.key(key).encode())
-        src = owner(cluster, slot)
-        dst = (src + 1) % len(cluster.nodes)
-        source, target = cluster.nodes[src].port, cluster.nodes[dst].port
-        source_id, target_id = command(source, "CLUSTER", "MYID"), command(target, "CLUSTER", "MYID")
-        command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-        keys = command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
-        assert keys
-        command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        for node in cluster.nodes:
-            command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
-        assert owner(cluster, slot) == dst
+        dst = (cluster.owner(slot) + 1) % len(cluster.nodes)
+        cluster.move_slot(slot, dst)
+        assert cluster.owner(slot) == dst
 
         third = await store.charge([window(key, 5)])
         assert third.allowed and third.states[0].remaining == 2  # the state moved with the slot

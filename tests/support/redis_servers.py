@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 
 def require_redis(*binaries: str) -> None:
@@ -123,6 +125,33 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+    def owner(self, slot: int) -> int:
+        """Index of the node serving ``slot``."""
+        for start, end, primary, *_ in node_command(self.nodes[0].port, "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(i for i, n in enumerate(self.nodes) if n.port == int(primary[1]))
+        raise AssertionError(f"slot {slot} not served")
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Migrate ``slot`` and its keys to node ``to``, as a resharding does (every node is
+        told at the end, so the move is immediate and complete)."""
+        source, target = self.nodes[self.owner(slot)].port, self.nodes[to].port
+        source_id = node_command(source, "CLUSTER", "MYID")
+        target_id = node_command(target, "CLUSTER", "MYID")
+        node_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        node_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = node_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            node_command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in self.nodes:
+            node_command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def node_command(port: int, *args: str | int) -> Any:
+    """One command to one server on 127.0.0.1 (admin commands of the fault tests)."""
+    with redis.Redis(port=port, decode_responses=True) as client:
+        return client.execute_command(*args)
 
 
 def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisClusterServers:

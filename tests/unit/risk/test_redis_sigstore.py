@@ -13,9 +13,11 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis.asyncio
+from redis.crc import key_slot
 
 from gateway.risk.redis_sigstore import RedisSignalStore
 from gateway.risk.settings import RiskSettings, parse_risk_settings
@@ -32,7 +34,7 @@ from gateway.risk.sigstore import (
 )
 from gateway.stages.risk import RiskStage
 from gateway.yamlsource import Issues, Node
-from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tests.support.redis_servers import RedisClusterServers, RedisServer, start_cluster
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 WINDOW = 0.4  # seconds: short enough for real time on Redis
@@ -222,6 +224,12 @@ async def test_cluster_batch_spans_slots_and_keeps_op_order(redis_cluster: Redis
         results = (await store.batch(ops)).results
         assert list(results) == [j + 1 for i in range(20) for j in range(i % 3 + 1)]
         assert store._lean is None
+        routes = store._routes
+        assert routes is not None and not routes.cold  # redis-py answered: slots route by its map
+        # the second batch goes over the primaries' lean connections, with the same answers
+        again = (await store.batch([HllAdd(f"h{i}", "m-new", 60.0) for i in range(20)])).results
+        assert list(again) == [i % 3 + 2 for i in range(20)]
+        assert routes.connections == len(redis_cluster.nodes) and routes.redirects == 0
     finally:
         await store.close()
 
@@ -308,3 +316,30 @@ async def test_repeated_and_changing_parameters_in_one_batch(harness: Harness) -
     assert again.results[:2] == (2, 2)
     assert again.results[2][0] == pytest.approx(2.0, rel=1e-3)
     assert again.results[3][1] == pytest.approx(0.75, rel=1e-3)
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+async def test_cluster_batch_follows_a_moved_slot(tmp_path: Path) -> None:
+    """A slot moved mid-run (with its keys): the lean call is answered with MOVED and sent again
+    through redis-py; the HyperLogLog's count carries on, and later batches route to the new
+    primary."""
+    cluster = start_cluster(tmp_path)
+    store = RedisSignalStore.from_url(cluster.urls, cluster=True, prefix="t:moved:", deadline=2.0)
+    try:
+        batch = [HllAdd("acct", "m1", 60.0), HllAdd("net", "m1", 60.0)]
+        assert list((await store.batch(batch)).results) == [1, 1]
+        routes = store._routes
+        assert routes is not None and not routes.cold
+        slot = key_slot(b"t:moved:{acct}")
+        assert slot != key_slot(b"t:moved:{net}")  # two slots: the batch is split
+        cluster.move_slot(slot, (cluster.owner(slot) + 1) % len(cluster.nodes))
+        moved = [HllAdd("acct", "m2", 60.0), HllAdd("net", "m2", 60.0)]
+        assert list((await store.batch(moved)).results) == [2, 2]  # the state moved with the slot
+        assert routes.redirects == 1
+        again = [HllAdd("acct", "m3", 60.0), HllAdd("net", "m3", 60.0)]
+        assert list((await store.batch(again)).results) == [3, 3]
+        assert routes.redirects == 1 and not routes.cold
+    finally:
+        await store.close()
+        cluster.stop()
