@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.store.breaker import BreakerSettings, FailureMode
+from gateway.store.cluster import cluster_url_issue
 from gateway.yamlsource import Node, read_duration
 
 
@@ -108,9 +109,12 @@ def _store(node: Node) -> dict[str, object]:
         if url is not None and nodes is not None:
             redis.error("set either 'url' or 'cluster_nodes', not both")
         if nodes is not None and nodes.expect_list("a list of redis:// URLs"):
-            urls = [n.as_type(str) for n in nodes.elements()]
-            out["redis_urls"] = tuple(u for u in urls if u)
+            urls = tuple(u for u in (n.as_type(str) for n in nodes.elements()) if u)
+            out["redis_urls"] = urls
             out["redis_cluster"] = True
+            issue = cluster_url_issue(urls) if urls else None
+            if issue:
+                redis.error(issue, "cluster_nodes")
         elif url is not None:
             out["redis_urls"] = (url,)
         out["key_prefix"] = redis.get("key_prefix", str, "tg:")

@@ -48,8 +48,8 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.store.base import StoreError
-from gateway.store.cluster import ClusterRoutes, routed_call
-from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
+from gateway.store.cluster import ClusterRoutes, cluster_client, routed_call
+from gateway.store.resp import RespConnection, RespProtocol, lean_connection, pack
 
 
 def _encode(ops: Sequence[Op]) -> list[str | float | int]:
@@ -189,11 +189,7 @@ class RedisSignalStore:
         connect_timeout = max(deadline, 0.5)
         client: aioredis.Redis | RedisCluster
         if cluster:
-            from redis.asyncio.cluster import ClusterNode
-
-            client = RedisCluster(startup_nodes=[ClusterNode(*host_port(u)) for u in urls],
-                                  retry=Retry(NoBackoff(), 0), max_connections=max_connections,
-                                  socket_connect_timeout=connect_timeout)
+            client = cluster_client(urls, max_connections=max_connections, connect_timeout=connect_timeout)
         else:
             client = aioredis.Redis.from_url(urls[0], retry=Retry(NoBackoff(), 0),
                                              max_connections=max_connections,

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from gateway.store.cluster import cluster_url_issue
 from gateway.yamlsource import Node, read_duration
 
 # Noisy-OR weights: score = 1 - Π(1 - weight × strength). Chosen so that no single behaviour a
@@ -181,6 +182,9 @@ def _store(node: Node | None) -> StoreSettings:
             node.error("'nodes' are Redis Cluster startup nodes: set 'cluster: true'", "nodes")
         if child.expect_list("a list of redis:// URLs"):
             nodes = tuple(u for u in (n.as_type(str) for n in child.elements()) if u)
+            issue = cluster_url_issue(nodes) if nodes else None
+            if issue:
+                node.error(issue, "nodes")
     if backend == "redis" and not url and not nodes:
         wanted = "'nodes' or a 'url'" if cluster else "a 'url'"
         node.error(f"the redis backend needs {wanted}", "backend")

@@ -21,7 +21,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
@@ -30,6 +33,48 @@ from gateway.store.resp import RespConnection
 SLOTS = 16384
 # Error replies after which the slot map is stale and Redis did not run the command.
 _REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def cluster_client(urls: Sequence[str], *, max_connections: int, connect_timeout: float) -> RedisCluster:
+    """A ``RedisCluster`` from startup-node URLs (``redis://`` or ``rediss://``, credentials
+    and ``ssl_*`` query options as redis-py reads them), without client-side retries: a resent
+    script could count a request twice. The nodes it discovers are reached with the same
+    credentials and TLS settings, so the URLs must agree on them (:func:`cluster_url_issue`)."""
+    options = _shared_options(urls[0])
+    nodes = [ClusterNode(str(parsed.get("host", "localhost")), int(parsed.get("port", 6379)))
+             for parsed in (parse_url(url) for url in urls)]
+    return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+                        socket_connect_timeout=connect_timeout, **options)
+
+
+def cluster_url_issue(urls: Sequence[str]) -> str | None:
+    """What is wrong with a list of startup-node URLs, or None."""
+    first: dict[str, Any] | None = None
+    for url in urls:
+        try:
+            parsed = parse_url(url)
+        except ValueError as exc:
+            return f"{url!r}: {exc}"
+        if parsed.get("path") is not None:
+            return f"{url!r}: a Redis Cluster is reached over TCP (redis:// or rediss://), not a Unix socket"
+        if parsed.get("db", 0):
+            return f"{url!r}: a Redis Cluster has only database 0"
+        options = _shared_options(url)
+        if first is None:
+            first = options
+        elif options != first:
+            return "the startup node URLs must share one scheme, user, password and ssl_* options"
+    return None
+
+
+def _shared_options(url: str) -> dict[str, Any]:
+    """What every node of one cluster is reached with: credentials and TLS."""
+    parsed = parse_url(url)
+    options: dict[str, Any] = {k: v for k, v in parsed.items() if k in ("username", "password")
+                               or k.startswith("ssl_")}
+    if parsed.get("connection_class") is SSLConnection:
+        options["ssl"] = True
+    return options
 
 
 def redirected(error: ResponseError) -> bool:

@@ -50,9 +50,9 @@ from gateway.store.base import (
     Receipt,
     StoreError,
 )
-from gateway.store.cluster import ClusterRoutes, routed_call
+from gateway.store.cluster import ClusterRoutes, cluster_client, routed_call
 from gateway.store.reconcile import Done, Outcome, ReconcileQueue
-from gateway.store.resp import RespConnection, RespProtocol, host_port, lean_connection, pack
+from gateway.store.resp import RespConnection, RespProtocol, lean_connection, pack
 from gateway.store.wire import ScriptCodec
 
 T = TypeVar("T")
@@ -113,16 +113,11 @@ class RedisStore:
                  deadline: float = 0.05, max_connections: int = 256, **options: Any) -> RedisStore:
         """Single Redis from one URL, or a Cluster from one or more startup-node URLs."""
         urls = [url] if isinstance(url, str) else list(url)
-        no_retry = Retry(NoBackoff(), 0)
         client: RedisClient
         if cluster:
-            from redis.asyncio.cluster import ClusterNode
-
-            nodes = [ClusterNode(*host_port(u)) for u in urls]
-            client = RedisCluster(startup_nodes=nodes, retry=no_retry, max_connections=max_connections,
-                                  socket_connect_timeout=max(deadline, 0.5))
+            client = cluster_client(urls, max_connections=max_connections, connect_timeout=max(deadline, 0.5))
         else:
-            client = Redis.from_url(urls[0], retry=no_retry, max_connections=max_connections,
+            client = Redis.from_url(urls[0], retry=Retry(NoBackoff(), 0), max_connections=max_connections,
                                     socket_connect_timeout=max(deadline, 0.5))
         return cls(client, prefix=prefix, deadline=deadline, **options)
 

@@ -124,3 +124,24 @@ async def test_a_moved_slot_is_followed(tmp_path: Path) -> None:
     finally:
         await store.close()
         cluster.stop()
+
+
+async def test_a_cluster_with_a_password(tmp_path: Path) -> None:
+    """The startup URLs' password reaches every node the client discovers, the lean connections
+    included (they AUTH as they connect); without it every call is refused."""
+    cluster = start_cluster(tmp_path, password="tg-s3cret")
+    store = RedisStore.from_url(cluster.urls, cluster=True, deadline=TEST_DEADLINE)
+    anonymous = RedisStore.from_url([f"redis://127.0.0.1:{n.port}/0" for n in cluster.nodes], cluster=True,
+                                    deadline=TEST_DEADLINE)
+    try:
+        a, b = keys_on_two_primaries(store, cluster)
+        results = [await store.charge([window(a, 3), window(b, 3)]) for _ in range(4)]
+        assert [r.allowed for r in results] == [True, True, True, False]
+        routes = store.routes
+        assert routes is not None and not routes.cold and routes.connections >= 2
+        with pytest.raises(StoreError):
+            await anonymous.charge([window(a, 3)])
+    finally:
+        await anonymous.close()
+        await store.close()
+        cluster.stop()

@@ -50,9 +50,13 @@ def free_port(bus: bool = False) -> int:
     raise RuntimeError("no free port found")
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            if password:
+                s.sendall(b"AUTH %s\r\n" % password.encode())
+                if not s.recv(16).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -66,21 +70,24 @@ class RedisServer:
     workdir: Path
     port: int = 0
     extra: Sequence[str] = ()
+    password: str | None = None  # requirepass (and masterauth), when set
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
+             *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
              *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not _ping(self.port):
+        while not _ping(self.port, self.password):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.02)
@@ -128,7 +135,7 @@ class RedisClusterServers:
 
     def owner(self, slot: int) -> int:
         """Index of the node serving ``slot``."""
-        for start, end, primary, *_ in node_command(self.nodes[0].port, "CLUSTER", "SLOTS"):
+        for start, end, primary, *_ in self.command(0, "CLUSTER", "SLOTS"):
             if start <= slot <= end:
                 return next(i for i, n in enumerate(self.nodes) if n.port == int(primary[1]))
         raise AssertionError(f"slot {slot} not served")
@@ -136,43 +143,51 @@ class RedisClusterServers:
     def move_slot(self, slot: int, to: int) -> None:
         """Migrate ``slot`` and its keys to node ``to``, as a resharding does (every node is
         told at the end, so the move is immediate and complete)."""
-        source, target = self.nodes[self.owner(slot)].port, self.nodes[to].port
-        source_id = node_command(source, "CLUSTER", "MYID")
-        target_id = node_command(target, "CLUSTER", "MYID")
-        node_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        node_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-        keys = node_command(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        source = self.owner(slot)
+        source_id, target_id = self.command(source, "CLUSTER", "MYID"), self.command(to, "CLUSTER", "MYID")
+        self.command(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = self.command(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
         if keys:
-            node_command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        for node in self.nodes:
-            node_command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            password = self.nodes[to].password
+            auth = ("AUTH", password) if password else ()
+            self.command(source, "MIGRATE", "127.0.0.1", self.nodes[to].port, "", 0, 5000, *auth,
+                         "KEYS", *keys)
+        for i in range(len(self.nodes)):
+            self.command(i, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def command(self, node: int, *args: str | int) -> Any:
+        """One command to node ``node`` (its password included)."""
+        return node_command(self.nodes[node].port, *args, password=self.nodes[node].password)
 
 
-def node_command(port: int, *args: str | int) -> Any:
+def node_command(port: int, *args: str | int, password: str | None = None) -> Any:
     """One command to one server on 127.0.0.1 (admin commands of the fault tests)."""
-    with redis.Redis(port=port, decode_responses=True) as client:
+    with redis.Redis(port=port, password=password, decode_responses=True) as client:
         return client.execute_command(*args)
 
 
-def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisClusterServers:
+def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0,
+                  password: str | None = None) -> RedisClusterServers:
     require_redis("redis-server", "redis-cli")
     nodes: list[RedisServer] = []
+    auth = ("--no-auth-warning", "-a", password) if password else ()
     try:
         for i in range(masters):
             port = free_port(bus=True)
             node = RedisServer(workdir / f"node{i}", port, (
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "2000"))
+                "--cluster-node-timeout", "2000"), password)
             node.start()
             nodes.append(node)
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+            ["redis-cli", *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
         deadline = time.monotonic() + timeout
         for node in nodes:
             while b"cluster_state:ok" not in subprocess.run(
-                    ["redis-cli", "-p", str(node.port), "cluster", "info"],
+                    ["redis-cli", *auth, "-p", str(node.port), "cluster", "info"],
                     capture_output=True, timeout=5).stdout:
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis cluster did not become ready")

@@ -48,6 +48,21 @@ def test_errors_are_reported_with_positions() -> None:
     ]
 
 
+def test_cluster_nodes_must_agree_on_credentials_and_tls() -> None:
+    """Every node a Cluster client discovers is reached with one set of credentials and TLS
+    settings, so startup URLs that disagree (or name a database, or a socket) are refused."""
+    _, errors = parse("store:\n  backend: redis\n"
+                      "  redis: {cluster_nodes: ['redis://:s3cret@h1:7000', 'redis://h2:7001']}\n")
+    assert errors == ["gw.yaml:3:11: store.redis.cluster_nodes: the startup node URLs must share one "
+                      "scheme, user, password and ssl_* options"]
+    _, errors = parse("store:\n  backend: redis\n  redis: {cluster_nodes: ['redis://h1:7000/2']}\n")
+    assert errors == ["gw.yaml:3:11: store.redis.cluster_nodes: 'redis://h1:7000/2': a Redis Cluster "
+                      "has only database 0"]
+    settings, errors = parse("store:\n  backend: redis\n  redis: {cluster_nodes: "
+                             "['rediss://tg:pw@h1:7000', 'rediss://tg:pw@h2:7001']}\n")
+    assert errors == [] and settings.redis_cluster
+
+
 def test_memory_store_refuses_several_workers() -> None:
     assert check_workers(QuotaSettings(), 1) is None
     assert check_workers(QuotaSettings(), 4) == (

@@ -245,6 +245,11 @@ def test_parse_cluster_store_settings() -> None:
     parse_risk_settings(Node.parse("store: {backend: redis, nodes: [redis://a:7000]}\n", "r.yaml", issues))
     assert [str(i).split(": ", 1)[1] for i in issues.errors] == [
         "store.nodes: 'nodes' are Redis Cluster startup nodes: set 'cluster: true'"]
+    issues = Issues()
+    parse_risk_settings(Node.parse("store: {backend: redis, cluster: true, nodes: [redis://:pw@a:7000, "
+                                   "redis://b:7001]}\n", "r.yaml", issues))
+    assert [str(i).split(": ", 1)[1] for i in issues.errors] == [
+        "store.nodes: the startup node URLs must share one scheme, user, password and ssl_* options"]
     single = parse_risk_settings(Node.parse("store: {backend: redis, url: redis://h:6379/0}\n", "r.yaml",
                                             Issues()))
     assert not single.store.cluster and single.store.urls == ("redis://h:6379/0",)
