@@ -202,8 +202,14 @@ def _add_quota(features: Features, settings: Settings) -> None:
         extra = getattr(store, "stats", None)
         if extra is not None:
             detail["redis"] = dataclasses.asdict(extra)
+        if routes is not None:  # a Cluster: script calls on lean connections while warm
+            detail["redis"]["cluster"] = {"routes": "cold" if routes.cold else "warm",
+                                          "redirects": routes.redirects, "connections": routes.connections}
         return detail
 
+    routes = getattr(store, "routes", None)
+    if routes is not None:
+        features.collector.extra["store_cluster_redirects"] = lambda: float(routes.redirects)
     features.status["quota"] = status
 
 
