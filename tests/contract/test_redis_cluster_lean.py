@@ -145,3 +145,38 @@ async def test_a_cluster_with_a_password(tmp_path: Path) -> None:
         await anonymous.close()
         await store.close()
         cluster.stop()
+
+
+async def test_a_primary_killed_and_restarted(tmp_path: Path) -> None:
+    """A primary dies (its slots uncovered: no replicas here): calls to its slots fail with
+    StoreError within the deadline, calls to the others keep working; once it is back (same port
+    and cluster config, data lost) its slots are served again over the lean connections."""
+    cluster = start_cluster(tmp_path)
+    store = RedisStore.from_url(cluster.urls, cluster=True, deadline=0.5)
+    try:
+        a, b = keys_on_two_primaries(store, cluster)
+        for _ in range(2):
+            assert (await store.charge([window(a, 100), window(b, 100)])).allowed
+        victim = cluster.owner(key_slot(store.key(a).encode()))
+        cluster.nodes[victim].kill()
+        with pytest.raises(StoreError):
+            await store.charge([window(a, 100)])
+        routes = store.routes
+        assert routes is not None
+        survivor = await store.charge([window(b, 100)])
+        assert survivor.allowed and survivor.states[0].remaining == 97
+        cluster.nodes[victim].start()
+        for _ in range(100):  # the node rejoins; redis-py's map and then the routes follow
+            try:
+                back = await store.charge([window(a, 100), window(b, 100)])
+                break
+            except StoreError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the restarted primary's slots were not served again")
+        assert back.allowed and [s.remaining for s in back.states] == [99, 96]  # a's state was lost
+        after = await store.charge([window(a, 100), window(b, 100)])
+        assert [s.remaining for s in after.states] == [98, 95] and not routes.cold
+    finally:
+        await store.close()
+        cluster.stop()
