@@ -2,10 +2,11 @@
 
 redis-py's ``RedisCluster`` costs the gateway several hundred µs of CPU per quota charge (a
 request's limits usually live in different slots, so each is a separate script call through
-its pool, its command parser and its redirection logic). Script calls of the quota store go
-instead over one lean pipelined connection per primary (:class:`~gateway.store.resp.RespConnection`),
-picked by slot from redis-py's own slot map. redis-py keeps everything else: the slot map itself,
-``MOVED``/``ASK`` redirections, failovers and every non-script command.
+its pool, its command parser and its redirection logic). Script calls of the quota store and
+of the risk signal store go instead over one lean pipelined connection per primary
+(:class:`~gateway.store.resp.RespConnection`), picked by slot from redis-py's own slot map.
+redis-py keeps everything else: the slot map itself, ``MOVED``/``ASK`` redirections, failovers
+and every non-script command.
 
 When the lean path sees a redirection or a connection failure, the slot map may be stale: the
 routes go *cold* and every script call takes redis-py's path (which follows the redirection and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -51,20 +53,31 @@ def cluster_url_issue(urls: Sequence[str]) -> str | None:
     """What is wrong with a list of startup-node URLs, or None."""
     first: dict[str, Any] | None = None
     for url in urls:
+        shown = _redacted(url)  # config errors are logged: never with the password
         try:
             parsed = parse_url(url)
         except ValueError as exc:
-            return f"{url!r}: {exc}"
+            return f"{shown!r}: {exc}"
         if parsed.get("path") is not None:
-            return f"{url!r}: a Redis Cluster is reached over TCP (redis:// or rediss://), not a Unix socket"
+            return f"{shown!r}: a Redis Cluster is reached over TCP (redis:// or rediss://), not a socket"
         if parsed.get("db", 0):
-            return f"{url!r}: a Redis Cluster has only database 0"
+            return f"{shown!r}: a Redis Cluster has only database 0"
         options = _shared_options(url)
         if first is None:
             first = options
         elif options != first:
             return "the startup node URLs must share one scheme, user, password and ssl_* options"
     return None
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _shared_options(url: str) -> dict[str, Any]:

@@ -69,3 +69,9 @@ def test_memory_store_refuses_several_workers() -> None:
         "--workers 4 with the memory store would give each worker its own quotas; "
         "configure store.backend: redis or run one worker")
     assert check_workers(QuotaSettings(backend="redis", redis_urls=("redis://x",)), 4) is None
+
+
+def test_cluster_url_errors_never_show_the_password() -> None:
+    _, errors = parse("store:\n  backend: redis\n  redis: {cluster_nodes: ['redis://tg:hunter2@h1:7000/2']}\n")
+    assert errors == ["gw.yaml:3:11: store.redis.cluster_nodes: 'redis://tg:***@h1:7000/2': a Redis "
+                      "Cluster has only database 0"]
