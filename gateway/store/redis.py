@@ -241,15 +241,7 @@ class RedisStore:
         written before any reply is awaited (one round-trip time for all slots). A primary not
         connected yet takes the awaited path (which connects); a slot answered with NOSCRIPT or a
         redirection is sent again the awaited way (reload, or redis-py), as the script did not run."""
-        wires = [self.codec.wire_of(c) for c in charges]
-        slot = wires[0][4]
-        if all(wire[4] == slot for wire in wires):
-            groups = [(slot, list(range(len(charges))))]
-        else:
-            by_slot: dict[int, list[int]] = {}
-            for i, wire in enumerate(wires):
-                by_slot.setdefault(wire[4], []).append(i)
-            groups = list(by_slot.items())
+        groups, subs, calls = self.codec.slot_calls(charges)
         protos: list[RespProtocol] = []
         for slot, _ in groups:
             conn = routes.connection(slot)
@@ -263,13 +255,7 @@ class RedisStore:
                 return await self._guard(lambda: self._charge_group(charges))
             return await self._guard(lambda: self._charge_slots(charges, indices))
         deadline = self._deadline
-        if len(groups) == 1:
-            subs: list[Sequence[Charge]] = [charges]
-            futs = [protos[0].send(self.codec.pack_charge(charges), deadline)]
-        else:  # full replies: a denial elsewhere needs each slot's state as if not applied
-            subs = [[charges[i] for i in g] for _, g in groups]
-            futs = [proto.send(self.codec.pack_charge(sub, full=True), deadline)
-                    for proto, sub in zip(protos, subs, strict=True)]
+        futs = [proto.send(call, deadline) for proto, call in zip(protos, calls, strict=True)]
         replies: list[Any] = []
         for at, fut in enumerate(futs):
             try:

@@ -47,6 +47,12 @@ _FULL = pack("f")[4:]
 Wire = tuple[Charge, bytes, bytes, bytes, int]
 
 
+# A request's charges split by Cluster slot: (slot, indices into the charges) per slot, each
+# slot's charges, and each slot's charge.lua call (compact replies for one slot, full for several:
+# a denial in one slot needs the others' states as if not applied).
+SlotCalls = tuple[list[tuple[int, list[int]]], list[Sequence[Charge]], list[bytes]]
+
+
 def evalsha_head(sha: str, count: int, parts: int) -> bytes:
     """RESP array header, command, SHA and key count of an EVALSHA of ``parts`` parts in all,
     the keys and arguments to be appended already encoded."""
@@ -70,6 +76,7 @@ class ScriptCodec:
         # adjust.lua arguments)
         self._shapes: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         self._packed: dict[int, tuple[Sequence[Charge], bytes]] = {}  # id(charges tuple) → call
+        self._slot_calls: dict[int, tuple[Sequence[Charge], SlotCalls]] = {}  # likewise, in a Cluster
 
     def charge_args(self, charges: Sequence[Charge], reply: str = "f") -> tuple[list[str], list[str | int]]:
         """Keys and arguments of charge.lua; ``reply`` "f" (full, what a cross-slot denial needs:
@@ -107,6 +114,27 @@ class ScriptCodec:
             make_room(packs, WHOLE_MEMO_ENTRIES)
             packs[id(charges)] = (charges, packed)  # pins the tuple: its id is not reused meanwhile
         return packed
+
+    def slot_calls(self, charges: Sequence[Charge]) -> SlotCalls:
+        """``charges`` split by slot, with each slot's call (memoised per reused tuple, as
+        :meth:`pack_charge` is)."""
+        memo = self._slot_calls.get(id(charges))
+        if memo is not None and memo[0] is charges:
+            return memo[1]
+        wires = [self.wire_of(c) for c in charges]
+        by_slot: dict[int, list[int]] = {}
+        for i, wire in enumerate(wires):
+            by_slot.setdefault(wire[4], []).append(i)
+        groups = list(by_slot.items())
+        if len(groups) == 1:
+            calls: SlotCalls = (groups, [charges], [self.pack_charge(charges)])
+        else:
+            subs: list[Sequence[Charge]] = [[charges[i] for i in g] for _, g in groups]
+            calls = (groups, subs, [self.pack_charge(sub, full=True) for sub in subs])
+        if type(charges) is tuple:
+            make_room(self._slot_calls, WHOLE_MEMO_ENTRIES)
+            self._slot_calls[id(charges)] = (charges, calls)  # pins the tuple, as in pack_charge
+        return calls
 
     def charge_head(self, count: int) -> bytes:
         """Array header, command, SHA and key count of a charge.lua call with ``count`` keys."""

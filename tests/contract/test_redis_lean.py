@@ -242,3 +242,27 @@ async def test_lean_charges_reuse_their_encoding_and_stay_correct(redis_store: R
     assert [r.allowed for r in results] == [True, True, False]  # 40 + 40 + 40 > 100
     assert [r.states[0].remaining for r in results] == [2, 1, 1]  # the denied one was not applied
     assert results[2].states[1].remaining == 20 and not results[2].receipts[0].applied
+
+
+def test_cluster_slot_calls_are_what_hiredis_packs_per_slot() -> None:
+    """In a Cluster a request's charges go out as one call per slot: compact replies for one
+    slot, full ones for several; each call must equal hiredis' packing of that slot's charges."""
+    from redis.crc import key_slot
+
+    from gateway.store.wire import ScriptCodec
+
+    codec = ScriptCodec("p:", "a" * 40, "b" * 40, cluster=True)
+    charges = (Charge("acct-1", Algorithm.GCRA, 10, 60_000, 1, burst=10), window("org-1", 1000, 40),
+               Charge("acct-1|x", Algorithm.GCRA, 5, 1_000, 1, burst=5))
+    slots = [key_slot(f"p:{{{c.key}}}".encode()) for c in charges]
+    assert len(set(slots)) == 3
+    groups, subs, calls = codec.slot_calls(charges)
+    assert [slot for slot, _ in groups] == slots and [list(sub) for sub in subs] == [[c] for c in charges]
+    for sub, call in zip(subs, calls, strict=True):
+        keys, args = codec.charge_args(sub, "f")
+        assert call == pack("EVALSHA", "a" * 40, 1, *keys, *args)
+    assert codec.slot_calls(charges)[2] is calls  # memoised for the reused tuple
+    one = (charges[1],)
+    groups, _, calls = codec.slot_calls(one)
+    keys, args = codec.charge_args(one, "c")
+    assert groups == [(slots[1], [0])] and calls == [pack("EVALSHA", "a" * 40, 1, *keys, *args)]
