@@ -11,6 +11,9 @@ runs ``gateway run ...`` with ``QuotaStage.__call__`` replaced for the whole pro
   nothing: no audit section, no rate-limit headers, no ticket, so no reconcile;
 - ``noheaders``: the stage unchanged except that no rate-limit header is rendered or sent (what
   the headers cost: rendering, merging and aiohttp writing them);
+- ``nosettle``: the stage unchanged except that settling a response only drops its ticket: no
+  reconcile (so no ``adjust.lua`` either) and no settled usage in the audit record (what a token
+  or spend budget's settle costs);
 - ``full``: the stage unchanged (the same code path as the plain target; a control).
 
 ``bench/load.py`` runs it for targets named ``gateway:VARIANT@ABLATION`` (for example
@@ -81,6 +84,10 @@ def _no_headers(layout: HeaderLayout, states: Sequence[LimitState], now: float, 
     return {} if into is None else into
 
 
+def _drop_ticket(stage: QuotaStage, ctx: RequestContext) -> None:
+    stage._pending.pop(id(ctx), None)
+
+
 def _stage_call(call: StageCall) -> Callable[[], None]:
     return lambda: setattr(QuotaStage, "__call__", call)
 
@@ -88,7 +95,8 @@ def _stage_call(call: StageCall) -> Callable[[], None]:
 # Each variant patches the process before the gateway starts.
 VARIANTS: dict[str, Callable[[], None]] = {
     "noop": _stage_call(_noop), "ping": _stage_call(_ping), "charge": _stage_call(_charge),
-    "noheaders": lambda: setattr(HeaderLayout, "render", _no_headers), "full": lambda: None}
+    "noheaders": lambda: setattr(HeaderLayout, "render", _no_headers),
+    "nosettle": lambda: setattr(QuotaStage, "settle_now", _drop_ticket), "full": lambda: None}
 
 
 def run(argv: list[str]) -> int:
