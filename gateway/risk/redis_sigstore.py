@@ -7,7 +7,7 @@ view) shares a slot.
 Single Redis (the hot path): the script goes out packed by hiredis on the lean pipelined
 connection of :mod:`gateway.store.resp` (an asyncio Protocol; no redis-py pool checkout, health
 check, stream reader or per-call ``asyncio.timeout``: most of the client's CPU per call before).
-TLS, Unix sockets and RESP3 URLs fall back to redis-py.
+Unix sockets, credential providers and RESP3 fall back to redis-py (TLS does not).
 
 Redis Cluster (``cluster=True``): one script call must stay in one slot, and a request's keys
 (account, ip, prefix, ASN, template) hash to different slots. The operations are grouped by slot

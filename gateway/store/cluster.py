@@ -24,13 +24,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import Connection, SSLConnection, parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
-from gateway.store.resp import RespConnection
+from gateway.store.resp import RespConnection, lean_for
 
 SLOTS = 16384
 # Error replies after which the slot map is stale and Redis did not run the command.
@@ -124,18 +124,14 @@ class ClusterRoutes:
             node = self._client.nodes_manager.get_node_from_slot(slot)
         except RedisClusterException:  # not covered (yet): redis-py will say why
             return None
-        kw = node.connection_kwargs
-        if node.connection_class is not Connection or kw.get("credential_provider") is not None \
-                or kw.get("protocol") not in (None, 2, "2"):
-            return None
         address = (node.host, int(node.port))
         conn = self._by_node.get(address)
         if conn is None:
-            conn = self._by_node[address] = RespConnection(
-                node.host, int(node.port), username=kw.get("username"), password=kw.get("password"),
-                deadline=self._deadline,
-                connect_timeout=max(self._deadline, float(kw.get("socket_connect_timeout") or 0.5)),
-                stale_after=max(1.0, 4 * self._deadline), on_connect=self._on_connect)
+            made = lean_for(node.connection_class, {**node.connection_kwargs, "db": 0}, self._deadline,
+                            self._on_connect)
+            if made is None:  # not plain TCP or TLS with RESP2 and a static password: redis-py only
+                return None
+            conn = self._by_node[address] = made
             if self._on_new is not None:
                 self._on_new(conn)
         self._by_slot[slot] = conn

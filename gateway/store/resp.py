@@ -20,6 +20,7 @@ next call reconnects.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
@@ -27,7 +28,7 @@ from typing import Any, Protocol, cast
 import hiredis
 from hiredis import pack_command
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -223,9 +224,11 @@ class RespConnection:
 
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, deadline: float = 0.05, connect_timeout: float = 0.5,
-                 stale_after: float = 1.0, on_connect: Sequence[bytes] = ()) -> None:
+                 stale_after: float = 1.0, on_connect: Sequence[bytes] = (),
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self._tls = tls  # rediss://: the context redis-py would use (certificates, hostname check)
         setup: list[tuple[str, ...] | tuple[str, int]] = []
         if password:
             setup.append(("AUTH", username, password) if username else ("AUTH", password))
@@ -286,7 +289,8 @@ class RespConnection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: RespProtocol(self.deadline, self._stale_after), self.host, self.port)
+                lambda: RespProtocol(self.deadline, self._stale_after), self.host, self.port,
+                ssl=self._tls, server_hostname=self.host if self._tls is not None else None)
             try:
                 for reply in [proto.send(command) for command in self._setup]:  # pipelined
                     await reply
@@ -320,21 +324,30 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 def lean_connection(client: Redis | RedisCluster, deadline: float,
                      on_connect: Sequence[bytes]) -> RespConnection | None:
-    """A lean connection for a plain single Redis over TCP with RESP2, None otherwise (TLS, Unix
-    sockets, credential providers, RESP3 and Cluster stay on redis-py). Shared by the quota store
-    and the risk signal store."""
+    """A lean connection for a single Redis over TCP (plain or TLS) with RESP2, None otherwise
+    (Unix sockets, credential providers, RESP3 and Cluster stay on redis-py; a Cluster has
+    :mod:`gateway.store.cluster`). Shared by the quota store and the risk signal store."""
     if not isinstance(client, Redis) or client.connection is not None or client.single_connection_client:
         return None
     pool = client.connection_pool
-    kw = pool.connection_kwargs
-    if pool.connection_class is not Connection or kw.get("credential_provider") is not None \
+    return lean_for(pool.connection_class, pool.connection_kwargs, deadline, on_connect)
+
+
+def lean_for(connection_class: type[Any], kw: dict[str, Any], deadline: float,
+             on_connect: Sequence[bytes]) -> RespConnection | None:
+    """A lean connection to the server redis-py would reach with ``connection_class(**kw)``,
+    or None where only redis-py will do."""
+    if connection_class not in (Connection, SSLConnection) or kw.get("credential_provider") is not None \
             or kw.get("protocol") not in (None, 2, "2"):
         return None
+    # TLS exactly as redis-py sets it up (certificates, verification, hostname check): its own
+    # SSLConnection builds the context and is never connected
+    tls = SSLConnection(**kw).ssl_context.get() if connection_class is SSLConnection else None
     return RespConnection(str(kw.get("host", "localhost")), int(kw.get("port", 6379)),
                           db=int(kw.get("db", 0) or 0), username=kw.get("username"),
                           password=kw.get("password"), deadline=deadline,
                           connect_timeout=max(deadline, float(kw.get("socket_connect_timeout") or 0.5)),
-                          stale_after=max(1.0, 4 * deadline), on_connect=on_connect)
+                          stale_after=max(1.0, 4 * deadline), on_connect=on_connect, tls=tls)
 
 
 def host_port(url: str) -> tuple[str, int]:
