@@ -89,14 +89,17 @@ async def test_dropped_connections_reconnect_and_stay_exact(
     for node in redis_cluster.nodes:  # every client connection, the lean ones included
         node_command(node.port, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     await asyncio.sleep(0.05)
-    for _ in range(10):
+    failures = 0
+    for _ in range(30):  # until 10 more are admitted: each dropped connection may fail one call
         try:
             admitted += (await store.charge([window(a, 50), window(b, 50)])).allowed
         except StoreError:
-            pass  # the one call caught by the drop may fail (never resent: it may have run)
+            failures += 1  # a call caught by the drop (never resent: it may have run)
+        if admitted == 15:
+            break
+    assert admitted == 15 and failures <= 2 * len(redis_cluster.nodes)
     after = await store.charge([window(a, 50, 0), window(b, 50, 0)])
     assert [50 - s.remaining for s in after.states] == [admitted, admitted]
-    assert admitted >= 13
 
 
 async def test_a_moved_slot_is_followed(tmp_path: Path) -> None:
