@@ -15,7 +15,7 @@ from gateway.risk.redis_sigstore import RedisSignalStore
 from gateway.risk.sigstore import HllAdd
 from gateway.store.base import Adjustment, Algorithm, Charge, StoreError
 from gateway.store.redis import RedisStore
-from tests.support.redis_servers import RedisServer, free_port, node_command, require_redis
+from tests.support.redis_servers import RedisServer, free_port, node_command, require_redis, start_cluster
 from tests.support.tls import TlsFiles, make_tls_files
 
 pytestmark = pytest.mark.redis
@@ -103,3 +103,25 @@ async def test_signal_store_over_tls(tls_redis: TlsRedis) -> None:
         assert [list(r) for r in results] == [[1], [2], [3]]
     finally:
         await store.close()
+
+
+@pytest.mark.cluster
+async def test_cluster_over_tls_uses_lean_connections(tmp_path: Path) -> None:
+    """A Cluster whose nodes (and bus) speak TLS: redis-py discovers the nodes' TLS ports, and
+    the primaries' lean connections reach them over TLS with the same CA."""
+    require_redis("redis-server", "redis-cli")
+    if not _built_with_tls():
+        pytest.skip("this redis-server was built without TLS")
+    cluster = start_cluster(tmp_path / "cluster", tls=make_tls_files(tmp_path / "tls"))
+    store = RedisStore.from_url(cluster.tls_urls, cluster=True, deadline=2.0)
+    try:
+        results = [await store.charge([window("tls-a", 3), window("tls-b", 3)]) for _ in range(4)]
+        assert [r.allowed for r in results] == [True, True, True, False]
+        routes = store.routes
+        assert routes is not None and not routes.cold and routes.connections >= 1
+        on_tls = sum(f"laddr=127.0.0.1:{n.tls_port}" in line for n in cluster.nodes
+                     for line in node_command(n.port, "CLIENT", "LIST").splitlines())
+        assert on_tls >= routes.connections
+    finally:
+        await store.close()
+        cluster.stop()

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.tls import TlsFiles
+
 
 def require_redis(*binaries: str) -> None:
     """Skip (or fail under GATEWAY_REQUIRE_REDIS=1) when a binary is missing."""
@@ -71,6 +73,7 @@ class RedisServer:
     port: int = 0
     extra: Sequence[str] = ()
     password: str | None = None  # requirepass (and masterauth), when set
+    tls_port: int = 0  # also served over TLS on this port, when set (see start_cluster)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -124,6 +127,13 @@ class RedisClusterServers:
     """Three masters, no replicas, slots split by ``redis-cli --cluster create``."""
 
     nodes: list[RedisServer]
+    tls: TlsFiles | None = None  # nodes also served over TLS, the cluster bus too
+
+    @property
+    def tls_urls(self) -> list[str]:
+        """``rediss://`` startup URLs trusting the test CA (a cluster started with ``tls``)."""
+        assert self.tls is not None
+        return [f"rediss://127.0.0.1:{n.tls_port}/0?ssl_ca_certs={self.tls.ca}" for n in self.nodes]
 
     @property
     def urls(self) -> list[str]:
@@ -168,16 +178,22 @@ def node_command(port: int, *args: str | int, password: str | None = None) -> An
 
 
 def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0,
-                  password: str | None = None) -> RedisClusterServers:
+                  password: str | None = None, tls: TlsFiles | None = None) -> RedisClusterServers:
+    """With ``tls``, every node also serves TLS on its ``tls_port`` and the cluster bus is TLS
+    (its port is then ``tls_port`` + 10000); set-up and admin commands use the plaintext port."""
     require_redis("redis-server", "redis-cli")
     nodes: list[RedisServer] = []
     auth = ("--no-auth-warning", "-a", password) if password else ()
     try:
         for i in range(masters):
             port = free_port(bus=True)
+            tls_port = free_port(bus=True) if tls else 0
+            tls_args = () if tls is None else (
+                "--tls-port", str(tls_port), "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+                "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no", "--tls-cluster", "yes")
             node = RedisServer(workdir / f"node{i}", port, (
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "2000"), password)
+                "--cluster-node-timeout", "2000", *tls_args), password, tls_port)
             node.start()
             nodes.append(node)
         subprocess.run(
@@ -196,4 +212,4 @@ def start_cluster(workdir: Path, masters: int = 3, timeout: float = 30.0,
         for node in nodes:
             node.stop()
         raise
-    return RedisClusterServers(nodes)
+    return RedisClusterServers(nodes, tls)
