@@ -48,7 +48,7 @@ from gateway.risk.sigstore import (
     StatePut,
 )
 from gateway.store.base import StoreError
-from gateway.store.cluster import ClusterRoutes, cluster_client, routed_call
+from gateway.store.cluster import ClusterRoutes, cluster_client, replies_of, routed_call
 from gateway.store.resp import RespConnection, RespProtocol, lean_connection, pack
 
 
@@ -282,8 +282,8 @@ class RedisSignalStore:
             return await self._group(ops, keys)
         groups = list(by_slot.values())
         routes = self._routes
-        protos = [] if routes is None or routes.cold else self._ready_protos(routes, by_slot)
-        if routes is not None and protos:  # all primaries connected: every group written, then awaited
+        protos = None if routes is None else routes.ready(by_slot)
+        if routes is not None and protos is not None:  # all primaries connected: the lean way
             parts = await self._send_groups(routes, protos, ops, keys, groups)
         else:
             if not self._ready:  # concurrent first calls race redis-py's cluster set-up: one goes first
@@ -297,41 +297,21 @@ class RedisSignalStore:
                 results[i] = value
         return BatchResult(min(part.now for part in parts), tuple(results))
 
-    @staticmethod
-    def _ready_protos(routes: ClusterRoutes, by_slot: dict[int, list[int]]) -> list[RespProtocol]:
-        """The connected lean connection of each slot's primary, or [] if one is not."""
-        protos: list[RespProtocol] = []
-        for slot in by_slot:
-            conn = routes.connection(slot)
-            proto = None if conn is None else conn.ready
-            if proto is None:
-                return []
-            protos.append(proto)
-        return protos
-
     async def _send_groups(self, routes: ClusterRoutes, protos: list[RespProtocol], ops: Sequence[Op],
                            keys: list[str], groups: list[list[int]]) -> list[BatchResult]:
         """Each slot's EVALSHA on its primary's connection, all written first, then awaited in
         turn; a group answered with NOSCRIPT or a redirection goes the awaited way (it did not run)."""
         subs = [([ops[i] for i in g], [keys[i] for i in g]) for g in groups]
-        deadline = self._deadline
-        futs = [proto.send(self._packed(sub_ops, sub_keys), deadline)
-                for proto, (sub_ops, sub_keys) in zip(protos, subs, strict=True)]
+        replies = await replies_of(protos, [self._packed(sub_ops, sub_keys) for sub_ops, sub_keys in subs],
+                                   self._deadline)
         parts: list[BatchResult] = []
-        for at, ((sub_ops, sub_keys), fut) in enumerate(zip(subs, futs, strict=True)):
-            try:
-                raw = await fut
-            except asyncio.CancelledError:
-                for proto, left in zip(protos[at:], futs[at:], strict=True):
-                    if not left.done():
-                        proto.watch(left)
-                raise
-            except Exception as exc:
-                if not routes.failed(exc):
-                    raise
+        for (sub_ops, sub_keys), raw in zip(subs, replies, strict=True):
+            if not isinstance(raw, Exception):
+                parts.append(_decode(sub_ops, raw))
+            elif routes.failed(raw):
                 parts.append(await self._group(sub_ops, sub_keys))
             else:
-                parts.append(_decode(sub_ops, raw))
+                raise raw
         return parts
 
     async def close(self) -> None:

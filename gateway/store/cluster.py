@@ -18,7 +18,8 @@ is never retried.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
-from gateway.store.resp import RespConnection, lean_for
+from gateway.store.resp import RespConnection, RespProtocol, lean_for
 
 SLOTS = 16384
 # Error replies after which the slot map is stale and Redis did not run the command.
@@ -142,6 +143,20 @@ class ClusterRoutes:
         self.cold = True
         self._by_slot = [None] * SLOTS
 
+    def ready(self, slots: Iterable[int]) -> list[RespProtocol] | None:
+        """The live connection of each slot's primary, in order; None if one is not connected
+        yet (or the routes are cold): the caller takes the awaited path, which connects."""
+        if self.cold:
+            return None
+        protos: list[RespProtocol] = []
+        for slot in slots:
+            conn = self.connection(slot)
+            proto = None if conn is None else conn.ready
+            if proto is None:
+                return None
+            protos.append(proto)
+        return protos
+
     def failed(self, error: BaseException) -> bool:
         """A lean call failed with ``error``: whether it did not run and may be sent again the
         awaited way (NOSCRIPT: after a script load; a redirection: through redis-py). A
@@ -173,6 +188,26 @@ class ClusterRoutes:
             await conn.close()
         self._by_node.clear()
         self.forget()
+
+
+async def replies_of(protos: Sequence[RespProtocol], calls: Sequence[bytes], deadline: float) -> list[Any]:
+    """Send each packed call on its connection, every one written before any reply is awaited
+    (one round-trip time for all), and return the replies in order, a failed call's exception in
+    its place (for the caller to judge with :meth:`ClusterRoutes.failed`). If the caller is
+    cancelled, the calls still unanswered keep their reply slots (``RespProtocol.watch``)."""
+    futs = [proto.send(call, deadline) for proto, call in zip(protos, calls, strict=True)]
+    replies: list[Any] = []
+    for at, fut in enumerate(futs):
+        try:
+            replies.append(await fut)
+        except asyncio.CancelledError:
+            for proto, left in zip(protos[at:], futs[at:], strict=True):
+                if not left.done():
+                    proto.watch(left)
+            raise
+        except Exception as exc:  # noqa: BLE001 (each call's outcome is judged by the caller)
+            replies.append(exc)
+    return replies
 
 
 async def routed_call(routes: ClusterRoutes, slot: int, packed: bytes,

@@ -50,9 +50,9 @@ from gateway.store.base import (
     Receipt,
     StoreError,
 )
-from gateway.store.cluster import ClusterRoutes, cluster_client, routed_call
+from gateway.store.cluster import ClusterRoutes, cluster_client, replies_of, routed_call
 from gateway.store.reconcile import Done, Outcome, ReconcileQueue
-from gateway.store.resp import RespConnection, RespProtocol, lean_connection, pack
+from gateway.store.resp import RespConnection, lean_connection, pack
 from gateway.store.wire import ScriptCodec
 
 T = TypeVar("T")
@@ -242,31 +242,13 @@ class RedisStore:
         connected yet takes the awaited path (which connects); a slot answered with NOSCRIPT or a
         redirection is sent again the awaited way (reload, or redis-py), as the script did not run."""
         groups, subs, calls = self.codec.slot_calls(charges)
-        protos: list[RespProtocol] = []
-        for slot, _ in groups:
-            conn = routes.connection(slot)
-            proto = None if conn is None else conn.ready
-            if proto is None:
-                break
-            protos.append(proto)
-        if len(protos) < len(groups):
+        protos = routes.ready(slot for slot, _ in groups)
+        if protos is None:
             indices = [g for _, g in groups]
             if len(indices) == 1:
                 return await self._guard(lambda: self._charge_group(charges))
             return await self._guard(lambda: self._charge_slots(charges, indices))
-        deadline = self._deadline
-        futs = [proto.send(call, deadline) for proto, call in zip(protos, calls, strict=True)]
-        replies: list[Any] = []
-        for at, fut in enumerate(futs):
-            try:
-                replies.append(await fut)
-            except asyncio.CancelledError:
-                for proto, left in zip(protos[at:], futs[at:], strict=True):
-                    if not left.done():
-                        proto.watch(left)
-                raise
-            except Exception as exc:  # noqa: BLE001 (each slot's outcome is judged below)
-                replies.append(exc)
+        replies = await replies_of(protos, calls, self._deadline)
         try:
             if len(groups) == 1:
                 raw = replies[0]
