@@ -42,6 +42,11 @@ class Verdict(NamedTuple):
         return (self.remaining, self.reset_ms) if applied else (self.idle_remaining, self.idle_reset_ms)
 
 
+# Verdicts are built on every charge of the memory store: ``tuple.__new__`` with every field given
+# skips the Python frame of the NamedTuple's generated ``__new__`` (as ``base.new_named`` does).
+_verdict = tuple.__new__
+
+
 def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
     """GCRA: emission interval T = period/limit, tolerance tau = T * burst."""
     interval = c.period_ms / c.limit
@@ -54,8 +59,8 @@ def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
     idle_reset = math.ceil(start - now)
     if diff <= tau + EPS:
         remaining = math.floor((tau - diff) / interval + slack)
-        return Verdict(True, remaining if remaining > 0 else 0, math.ceil(diff), 0, 0, round(new_tat, 3),
-                       idle, idle_reset)
+        return _verdict(Verdict, (True, remaining if remaining > 0 else 0, math.ceil(diff), 0, 0,
+                                  round(new_tat, 3), idle, idle_reset))
     retry = math.ceil(diff - tau) if c.cost * interval <= tau + EPS else -1
     return Verdict(False, max(0, idle), idle_reset, retry, idle_remaining=idle, idle_reset_ms=idle_reset)
 
@@ -137,8 +142,8 @@ def window_check(window: Window, now: int, c: Charge) -> Verdict:
     idle_reset = newest + gran + c.period_ms - now if newest is not None else 0
     if used < c.limit and used + c.cost <= c.limit:
         reset = cur + gran + c.period_ms - now if c.cost > 0 else idle_reset
-        return Verdict(True, c.limit - used - c.cost, reset, 0, bucket_ms=cur,
-                       idle_remaining=c.limit - used, idle_reset_ms=idle_reset)
+        return _verdict(Verdict, (True, c.limit - used - c.cost, reset, 0, cur, 0.0, c.limit - used,
+                                  idle_reset))
     reset = idle_reset
     retry = -1
     if c.cost <= c.limit:  # when would it fit: free the live buckets oldest first

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -70,17 +70,16 @@ class Charge:
     burst: int = 1  # GCRA: requests admitted back to back from rest (>= 1)
     shadow: bool = False
     lease_id: str = ""  # LEASE: unique per request
+    # Sub-bucket width of a sliding window (the precision bound): derived from period_ms once,
+    # as charges are built once and reused, while the window algorithms read it several times.
+    bucket_ms: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.limit <= 0 or self.period_ms <= 0 or self.cost < 0 or self.burst < 1:
             raise ValueError(f"invalid charge {self!r}")
         if self.algorithm is Algorithm.LEASE and not self.lease_id:
             raise ValueError("a lease charge needs a lease_id")
-
-    @property
-    def bucket_ms(self) -> int:
-        """Sub-bucket width of a sliding window (the precision bound)."""
-        return max(1, self.period_ms // WINDOW_BUCKETS)
+        object.__setattr__(self, "bucket_ms", max(1, self.period_ms // WINDOW_BUCKETS))
 
 
 # The per-request results below are NamedTuples, not frozen dataclasses: as immutable, but built

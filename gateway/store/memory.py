@@ -25,6 +25,7 @@ from gateway.store.base import (
     LimitState,
     Receipt,
     StoreError,
+    new_named,
     state_from_ms,
 )
 
@@ -108,17 +109,17 @@ class MemoryStore:
         states: list[LimitState] = []
         for c, v in zip(charges, verdicts, strict=True):
             applied = allowed and v.ok
-            receipts.append(Receipt(c, v.bucket_ms, applied))
+            receipts.append(new_named(Receipt, (c, v.bucket_ms, applied)))
             if applied:
                 if c.algorithm is Algorithm.GCRA:  # the usual limit: _apply's first branch, inlined
                     self._put(c.key, v.new_tat, math.ceil(v.new_tat) + 1)
                 else:
                     self._apply(c, v, now)
                 reset = max(0, v.reset_ms) / 1000.0
-                states.append(LimitState(True, c.limit, max(0, v.remaining), reset, 0.0))
+                states.append(new_named(LimitState, (True, c.limit, max(0, v.remaining), reset, 0.0)))
             else:
                 states.append(state_from_ms(v.ok, c.limit, v.idle_remaining, v.idle_reset_ms, v.retry_ms))
-        return ChargeResult(allowed, now / 1000.0, tuple(states), tuple(receipts))
+        return new_named(ChargeResult, (allowed, now / 1000.0, tuple(states), tuple(receipts)))
 
     def _apply(self, c: Charge, v: alg.Verdict, now: int) -> None:
         if c.algorithm is Algorithm.GCRA:
