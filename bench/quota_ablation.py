@@ -14,6 +14,9 @@ runs ``gateway run ...`` with ``QuotaStage.__call__`` replaced for the whole pro
 - ``nosettle``: the stage unchanged except that settling a response only drops its ticket: no
   reconcile (so no ``adjust.lua`` either) and no settled usage in the audit record (what a token
   or spend budget's settle costs);
+- ``noreconcile``: settling unchanged except that the adjustments are dropped where the store
+  would queue them: no ``adjust.lua`` batch, its encoding, reply or callbacks (what the
+  reconcile itself costs, apart from the settle's bookkeeping and audit);
 - ``full``: the stage unchanged (the same code path as the plain target; a control).
 
 ``bench/load.py`` runs it for targets named ``gateway:VARIANT@ABLATION`` (for example
@@ -34,7 +37,8 @@ from gateway.cli import main  # noqa: E402
 from gateway.context import ApiFamily, Decision, RequestContext  # noqa: E402
 from gateway.quota.headers import HeaderLayout  # noqa: E402
 from gateway.quota.stage import QuotaStage  # noqa: E402
-from gateway.store.base import LimitState  # noqa: E402
+from gateway.store.base import Adjustment, LimitState  # noqa: E402
+from gateway.store.breaker import GuardedStore  # noqa: E402
 from gateway.store.redis import RedisStore  # noqa: E402
 from gateway.store.resp import pack  # noqa: E402
 
@@ -88,6 +92,10 @@ def _drop_ticket(stage: QuotaStage, ctx: RequestContext) -> None:
     stage._pending.pop(id(ctx), None)
 
 
+def _reconciled(guard: GuardedStore, adjustments: Sequence[Adjustment], backend: str) -> bool:
+    return True  # as if queued and answered: the settle's own work stays, the reconcile goes
+
+
 def _stage_call(call: StageCall) -> Callable[[], None]:
     return lambda: setattr(QuotaStage, "__call__", call)
 
@@ -96,7 +104,8 @@ def _stage_call(call: StageCall) -> Callable[[], None]:
 VARIANTS: dict[str, Callable[[], None]] = {
     "noop": _stage_call(_noop), "ping": _stage_call(_ping), "charge": _stage_call(_charge),
     "noheaders": lambda: setattr(HeaderLayout, "render", _no_headers),
-    "nosettle": lambda: setattr(QuotaStage, "settle_now", _drop_ticket), "full": lambda: None}
+    "nosettle": lambda: setattr(QuotaStage, "settle_now", _drop_ticket),
+    "noreconcile": lambda: setattr(GuardedStore, "adjust_soon", _reconciled), "full": lambda: None}
 
 
 def run(argv: list[str]) -> int:

@@ -46,7 +46,7 @@ BASE_REQUESTS = 1000
 WARMUP = 1500
 SCENARIOS = ("noop", "memory-1", "memory-3", "redis-1", "redis-3")
 # bench/quota_ablation.py's variants, as ``SCENARIO@VARIANT`` (``ping`` needs a Redis scenario).
-ABLATIONS = ("noop", "ping", "charge", "noheaders", "nosettle", "full")
+ABLATIONS = ("noop", "ping", "charge", "noheaders", "nosettle", "noreconcile", "full")
 
 
 def _child(scenario: str, requests: int, keys: str) -> None:

@@ -27,7 +27,7 @@ def test_child_runs_a_scenario(scenario: str, keys: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("scenario", ["redis-3", "redis-3@ping", "redis-1@nosettle"])
+@pytest.mark.parametrize("scenario", ["redis-3", "redis-3@ping", "redis-1@nosettle", "redis-3@noreconcile"])
 def test_child_runs_a_redis_scenario(scenario: str) -> None:
     require_redis("redis-server")
     proc = subprocess.run([sys.executable, "bench/quota_instructions.py", "--child", scenario,
