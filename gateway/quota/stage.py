@@ -24,9 +24,9 @@ import orjson
 
 from gateway.context import ApiFamily, Decision, RequestContext
 from gateway.memo import make_room
-from gateway.policy.registry import MatchedAction
-from gateway.quota.headers import HeaderBuilder, HeaderItem, HeaderLayout
-from gateway.quota.limits import CompiledLimit, LimitKind, QuotaAction
+from gateway.quota.headers import HeaderBuilder, HeaderItem
+from gateway.quota.limits import CompiledLimit, LimitKind
+from gateway.quota.plan import Combo, KeyEntry, LimitSlot, Plan, limit_audit
 from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.settling import SettlesNow
@@ -56,100 +56,6 @@ PLAN_MEMO_ENTRIES = 1024
 _Ticket = tuple[tuple[tuple[LimitKind, Receipt], ...], str, int, Price | None, bool]
 
 
-class _Slot:
-    """One limit of one matched quota rule: everything about it that is fixed by the policy
-    snapshot, worked out once per plan instead of once per request."""
-
-    __slots__ = ("algorithm", "end", "entries", "getters", "kind", "kind_text", "limit", "mode", "name",
-                 "period_ms", "rule_id", "shadow", "start")
-
-    def __init__(self, action: MatchedAction, limit: CompiledLimit, mode: FailureMode,
-                 default_lease_ttl: float) -> None:
-        self.rule_id: str = action.rule_id
-        self.shadow: bool = action.shadow
-        self.limit = limit
-        self.mode = mode
-        self.getters = limit.getters
-        self.kind = limit.kind
-        self.kind_text = limit.kind.value
-        self.algorithm = limit.kind.algorithm
-        seconds = limit.period if limit.period is not None else (limit.lease_ttl or default_lease_ttl)
-        self.period_ms = max(1, math.ceil(seconds * 1000))
-        self.name = limit.name  # in the headers; qualified with the rule id when shared (below)
-        # This slot's key values within the plan's values tuple (set by the plan).
-        self.start = self.end = 0
-        # Key values (the one value, or a tuple of them) → store key and last charge. Per slot, so
-        # that a new combination of values (an account on a new network) still finds each key.
-        self.entries: dict[Any, _KeyEntry] = {}
-
-
-class _Plan:
-    """The static part of the stage's work for one combination of matched quota rules. A policy
-    snapshot builds its ``MatchedAction`` objects once, so every request matching the same rules
-    brings the same objects and finds its plan by their ids (``actions`` pins them)."""
-
-    __slots__ = ("actions", "admitted_audit", "combos", "enforced_only", "fast", "getters", "headers",
-                 "lease_slots", "matched", "modes", "reusable", "settle_slots", "slots")
-
-    def __init__(self, matched: list[Any], settings: QuotaSettings) -> None:
-        self.matched = matched  # every action the rules contributed (the memo key's objects)
-        actions = tuple(a for a in matched if isinstance(a, MatchedAction) and a.name == "quota"
-                        and isinstance(a.value, QuotaAction))
-        self.actions = actions
-        slots: list[_Slot] = []
-        for action in actions:
-            qa: QuotaAction = action.value
-            mode = qa.on_store_failure or settings.on_store_failure
-            slots.extend(_Slot(action, lim, mode, settings.lease_ttl) for lim in qa.limits)
-        enforced = [s for s in slots if not s.shadow]
-        _qualify(enforced)
-        self.slots = tuple(slots)
-        self.modes = tuple(s.mode for s in slots)
-        # Headers when the shared store answered every charge (the usual case); a local fallback
-        # answers a subset with scaled limits and builds its headers from the items instead.
-        self.headers = HeaderLayout([(s.name, s.limit) for s in enforced]) if enforced else None
-        # The usual case, done without per-limit branching: every limit enforced, all admitted.
-        self.enforced_only = bool(slots) and len(enforced) == len(slots)
-        self.fast = self.enforced_only and self.headers is not None
-        self.admitted_audit = _admitted_audit(slots)
-        self.settle_slots = tuple((i, s.kind) for i, s in enumerate(slots)
-                                  if s.kind is not LimitKind.REQUESTS)
-        self.lease_slots = tuple(i for i, s in enumerate(slots) if s.kind is LimitKind.CONCURRENCY)
-        # Every key getter of every slot, in order: their values are the combination memo's key.
-        self.getters = tuple(g for s in slots for g in s.getters)
-        at = 0
-        for slot in slots:
-            slot.start, slot.end = at, at + len(slot.getters)
-            at = slot.end
-        # Key values → store keys and the last charges built for them (see QuotaStage._charges).
-        self.combos: dict[tuple[Any, ...], _Combo] = {}
-        # Without leases (a new lease id per request), equal costs mean equal charges.
-        self.reusable = not self.lease_slots
-
-
-class _KeyEntry:
-    """Memo for one limit slot and key values: the store key and the last charge built for it,
-    reused while its cost is unchanged (always, for request rates: cost 1)."""
-
-    __slots__ = ("charge", "key")
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.charge: Charge | None = None
-
-
-class _Combo:
-    """Memo for one plan and one combination of key values: the last charges tuple built, reused
-    whole while the request's cost inputs are unchanged (always, for plans of request rates). The
-    tuple stays the same object, so the store can memoise its encoding by identity."""
-
-    __slots__ = ("charges", "inputs")
-
-    def __init__(self, charges: tuple[Charge, ...], inputs: tuple[int, int, Price | None]) -> None:
-        self.charges = charges
-        self.inputs = inputs
-
-
 def cost_of(kind: LimitKind, input_tokens: int, output_tokens: int, price: Price | None) -> int:
     """Store units one request costs under a limit kind (micro-USD for spend)."""
     if kind is LimitKind.INPUT_TOKENS:
@@ -176,7 +82,7 @@ class QuotaStage(SettlesNow):
         # Tickets keyed by id(ctx): RequestContext is slotted and has no field for stage state;
         # the pipeline holds ctx until settle() pops its ticket, so ids cannot be reused meanwhile.
         self._pending: dict[int, _Ticket] = {}
-        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._plans: dict[tuple[int, ...], Plan] = {}
         self._headers = HeaderBuilder()
         # Lease ids: unique per request across replicas without a uuid4 per request.
         self._lease_nonce = os.urandom(6).hex()
@@ -242,14 +148,14 @@ class QuotaStage(SettlesNow):
         audit["limits"] = limits_audit
         would_deny: list[str] = []
         shown: list[LimitState] = []  # states of the enforced limits, in plan order
-        denied: list[tuple[_Slot, Charge, LimitState]] = []
+        denied: list[tuple[LimitSlot, Charge, LimitState]] = []
         applied: list[tuple[LimitKind, Receipt]] = []  # what settle may adjust
         leases: list[Receipt] = []
         slots = plan.slots
         for state, receipt, i in zip(result.states, result.receipts, guarded.indices, strict=True):
             slot = slots[i]
             shadow = slot.shadow
-            limits_audit.append(_limit_audit(slot, state.allowed, state.remaining))
+            limits_audit.append(limit_audit(slot, state.allowed, state.remaining))
             if shadow:
                 if not state.allowed:
                     would_deny.append(f"{slot.rule_id}/{slot.limit.name}")
@@ -284,7 +190,7 @@ class QuotaStage(SettlesNow):
                 self.renewer.track(id(ctx), tuple(leases), guarded.backend)
         return None
 
-    def _admitted(self, ctx: RequestContext, plan: _Plan, result: ChargeResult, input_est: int,
+    def _admitted(self, ctx: RequestContext, plan: Plan, result: ChargeResult, input_est: int,
                   price: Price | None) -> None:
         """:meth:`__call__` when the shared store admitted every limit and none is in shadow
         mode (the common case): the same audit, headers and ticket, without per-limit branches."""
@@ -302,7 +208,7 @@ class QuotaStage(SettlesNow):
         if plan.lease_slots:
             self.renewer.track(key, tuple([receipts[i] for i in plan.lease_slots]), "store")
 
-    def _fallback_headers(self, plan: _Plan, indices: tuple[int, ...], result: ChargeResult,
+    def _fallback_headers(self, plan: Plan, indices: tuple[int, ...], result: ChargeResult,
                           api: ApiFamily) -> dict[str, str]:
         """Headers for a local fallback: the limits it answered, at the per-replica share."""
         items: list[HeaderItem] = []
@@ -335,7 +241,7 @@ class QuotaStage(SettlesNow):
             price = self._prices[model] = self.settings.price_for(model)
             return price
 
-    def _plan_for(self, matched: list[Any]) -> _Plan:
+    def _plan_for(self, matched: list[Any]) -> Plan:
         """The plan for the actions the rules contributed (quota or not: the memo key is every
         action's id, so finding it needs no filtering); a plan without slots means no quota."""
         memo_key = tuple(map(id, matched))
@@ -345,10 +251,10 @@ class QuotaStage(SettlesNow):
         if plan is None or plan.matched != matched:
             plans = self._plans
             make_room(plans, PLAN_MEMO_ENTRIES)
-            plan = plans[memo_key] = _Plan(list(matched), self.settings)
+            plan = plans[memo_key] = Plan(list(matched), self.settings)
         return plan
 
-    def _charges(self, ctx: RequestContext, plan: _Plan, input_est: int, output_res: int,
+    def _charges(self, ctx: RequestContext, plan: Plan, input_est: int, output_res: int,
                  price: Price | None) -> tuple[Charge, ...]:
         values = tuple([getter(ctx) for getter in plan.getters])
         if not plan.reusable:  # leases: a new lease id per request
@@ -361,12 +267,12 @@ class QuotaStage(SettlesNow):
         charges = self._build(ctx, plan, values, input_est, output_res, price)
         if combo is None:
             make_room(combos, KEY_MEMO_ENTRIES)
-            combos[values] = _Combo(charges, inputs)
+            combos[values] = Combo(charges, inputs)
         else:
             combo.charges, combo.inputs = charges, inputs
         return charges
 
-    def _build(self, ctx: RequestContext, plan: _Plan, values: tuple[Any, ...], input_est: int,
+    def _build(self, ctx: RequestContext, plan: Plan, values: tuple[Any, ...], input_est: int,
                output_res: int, price: Price | None) -> tuple[Charge, ...]:
         """The charges of a combination of key values not seen with these cost inputs. Each slot
         keeps its own memo of keys and charges, so a new combination (an account on a new
@@ -382,7 +288,7 @@ class QuotaStage(SettlesNow):
             entry = memo.get(value)
             if entry is None:
                 make_room(memo, KEY_MEMO_ENTRIES)
-                entry = memo[value] = _KeyEntry(
+                entry = memo[value] = KeyEntry(
                     lim.identity_of(slot.rule_id, (value,) if slot.end == start + 1 else value))
             kind = slot.kind
             charge = entry.charge
@@ -403,7 +309,7 @@ class QuotaStage(SettlesNow):
             charges.append(charge)
         return tuple(charges)
 
-    def _deny(self, denied: list[tuple[_Slot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
+    def _deny(self, denied: list[tuple[LimitSlot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
         slot, charge, state = max(denied, key=lambda d: d[2].retry_after)
         rule_id, lim = slot.rule_id, slot.limit
         if math.isinf(state.retry_after):
@@ -467,31 +373,6 @@ class QuotaStage(SettlesNow):
         # was produced, so a stream cut short pays for the part that was streamed.
         input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
         return input_tokens, usage.output_tokens
-
-
-def _limit_audit(slot: _Slot, allowed: bool, remaining: int) -> dict[str, Any]:
-    """One limit's entry in the audit record's ``quota.limits``."""
-    return {"rule": slot.rule_id, "limit": slot.limit.name, "kind": slot.kind_text, "shadow": slot.shadow,
-            "allowed": allowed, "remaining": remaining}
-
-
-def _admitted_audit(slots: list[_Slot]) -> bytes:
-    """``quota.limits`` of a request every limit of ``slots`` admitted, as serialised JSON with a
-    ``%d`` for each limit's remaining units: the audit record gets it as an ``orjson.Fragment``,
-    the same bytes ``orjson`` would write for the list of :func:`_limit_audit` dicts, without
-    building them (a request's three limits cost more as dicts than the rest of the stage's audit).
-    """
-    entries = [orjson.dumps(_limit_audit(slot, True, 0)).replace(b"%", b"%%") for slot in slots]
-    assert all(entry.endswith(b'"remaining":0}') for entry in entries)  # the last key, as built
-    return b"[" + b",".join(entry[:-2] + b"%d}" for entry in entries) + b"]"
-
-
-def _qualify(slots: list[_Slot]) -> None:
-    """A limit name used by several rules is qualified with its rule id in the headers."""
-    names = [slot.name for slot in slots]
-    for slot in slots:
-        if names.count(slot.name) > 1:
-            slot.name = f"{slot.rule_id}.{slot.name}"
 
 
 def _with_limit(limit: CompiledLimit, value: int) -> CompiledLimit:
