@@ -241,9 +241,13 @@ class PooledUpstream:
     def _expire(self, now: float, read_timeout: float) -> None:
         """Fail busy connections silent for ``read_timeout``; close long-idle pooled ones."""
         for conn in [c for c in self._busy if now - c.last_activity > read_timeout]:
-            payload = conn._payload
+            # aiohttp's ResponseHandler internals (tests/unit/upstream/test_pool.py checks that
+            # the installed aiohttp still has them); read defensively so that an aiohttp which
+            # renamed them still gets read timeouts, only without the two exceptions below.
+            payload = getattr(conn, "_payload", None)
             # Silence only counts while more is expected and the pause is not ours (a slow client).
-            if conn.is_connected() and not conn._reading_paused and not (payload and payload.is_eof()):
+            if (conn.is_connected() and not getattr(conn, "_reading_paused", False)
+                    and not (payload is not None and payload.is_eof())):
                 exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
                 conn.set_exception(exc)
                 if payload is not None:

@@ -414,3 +414,14 @@ async def test_https_upstream_is_verified(tmp_path: Path, monkeypatch: pytest.Mo
             await trusted.close()
     finally:
         server.close()
+
+
+async def test_the_installed_aiohttp_still_has_the_internals_the_sweeper_reads() -> None:
+    """The read-timeout sweeper reads ResponseHandler's ``_payload`` and ``_reading_paused``
+    (whether a body is complete, whether the pause is backpressure). It reads them defensively,
+    but an aiohttp that renamed them would lose those two exceptions silently: fail here first."""
+    from gateway.upstream.pool import _Connection
+
+    conn = _Connection(asyncio.get_running_loop())
+    assert conn._payload is None  # no response yet
+    assert conn._reading_paused is False
