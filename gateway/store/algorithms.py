@@ -12,7 +12,7 @@ import heapq
 import math
 from typing import NamedTuple
 
-from gateway.store.base import Charge
+from gateway.store.base import Charge, new_named
 
 # Float slack (ms) for GCRA comparisons: TATs are sums of fractional emission intervals and
 # are stored with 3 decimals in Redis, so exact comparisons would flip on rounding noise.
@@ -42,9 +42,8 @@ class Verdict(NamedTuple):
         return (self.remaining, self.reset_ms) if applied else (self.idle_remaining, self.idle_reset_ms)
 
 
-# Verdicts are built on every charge of the memory store: ``tuple.__new__`` with every field given
-# skips the Python frame of the NamedTuple's generated ``__new__`` (as ``base.new_named`` does).
-_verdict = tuple.__new__
+# Admitted verdicts, built on every charge of the memory store, use ``new_named`` (every field
+# given, no Python ``__new__`` frame); the rarer denials keep the keyword form.
 
 
 def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
@@ -59,7 +58,7 @@ def gcra_check(tat: float | None, now: int, c: Charge) -> Verdict:
     idle_reset = math.ceil(start - now)
     if diff <= tau + EPS:
         remaining = math.floor((tau - diff) / interval + slack)
-        return _verdict(Verdict, (True, remaining if remaining > 0 else 0, math.ceil(diff), 0, 0,
+        return new_named(Verdict, (True, remaining if remaining > 0 else 0, math.ceil(diff), 0, 0,
                                   round(new_tat, 3), idle, idle_reset))
     retry = math.ceil(diff - tau) if c.cost * interval <= tau + EPS else -1
     return Verdict(False, max(0, idle), idle_reset, retry, idle_remaining=idle, idle_reset_ms=idle_reset)
@@ -142,7 +141,7 @@ def window_check(window: Window, now: int, c: Charge) -> Verdict:
     idle_reset = newest + gran + c.period_ms - now if newest is not None else 0
     if used < c.limit and used + c.cost <= c.limit:
         reset = cur + gran + c.period_ms - now if c.cost > 0 else idle_reset
-        return _verdict(Verdict, (True, c.limit - used - c.cost, reset, 0, cur, 0.0, c.limit - used,
+        return new_named(Verdict, (True, c.limit - used - c.cost, reset, 0, cur, 0.0, c.limit - used,
                                   idle_reset))
     reset = idle_reset
     retry = -1
