@@ -86,7 +86,8 @@ def _actions(limits: int) -> list[MatchedAction]:
 
 
 def _contexts(count: int, actions: list[MatchedAction], seed: int = 7,
-              api: ApiFamily = ApiFamily.OPENAI, accounts: int = 2000) -> list[RequestContext]:
+              api: ApiFamily = ApiFamily.OPENAI, accounts: int = 2000,
+              networks: int = 500) -> list[RequestContext]:
     rng = random.Random(seed)
     out: list[RequestContext] = []
     route, path = (("messages", "/v1/messages") if api is ApiFamily.ANTHROPIC
@@ -99,7 +100,7 @@ def _contexts(count: int, actions: list[MatchedAction], seed: int = 7,
         acct = rng.randrange(accounts)
         ctx.principal = Principal(authenticated=True, account=f"acct{acct}",
                                   org=f"org{acct % max(1, accounts // 10)}")
-        net = rng.randrange(max(500, accounts // 4))
+        net = rng.randrange(max(networks, accounts // 4))
         ctx.client.ip = ipaddress.ip_address(f"10.{net // 125}.{net % 125}.{rng.randrange(1, 250)}")
         ctx.outcome = _Outcome(actions)
         out.append(ctx)
@@ -150,11 +151,11 @@ async def measure(store: Store, limits: int, requests: int, warmup: int = 2000,
 
 async def measure_concurrent(store: Store, limits: int, requests: int, concurrency: int = 16,
                              warmup: int = 2000, api: ApiFamily = ApiFamily.OPENAI,
-                             accounts: int = 2000) -> dict[str, float]:
+                             accounts: int = 2000, networks: int = 500) -> dict[str, float]:
     """Like the gateway under load: ``concurrency`` tasks, each charging and settling request
     after request, so round trips overlap, commands pipeline and reconciles batch."""
     stage = QuotaStage(store, QuotaSettings())
-    contexts = _contexts(requests + warmup, _actions(limits), api=api, accounts=accounts)
+    contexts = _contexts(requests + warmup, _actions(limits), api=api, accounts=accounts, networks=networks)
 
     async def worker(share: list[RequestContext]) -> None:
         for ctx in share:
