@@ -49,6 +49,10 @@ class RequestView:
     reasoning_budget: int | None = None
     input_tokens_estimate: int = 0
     body_bytes: int = 0
+    # From the route: whether the model consumes the prompt (count_tokens and models do not) and
+    # whether it produces output (embeddings do not); quotas reserve only what can be consumed.
+    billed: bool = True
+    generates: bool = True
 
 
 @dataclass(slots=True)

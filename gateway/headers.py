@@ -13,12 +13,18 @@ HOP_BY_HOP = frozenset({
     "proxy-authenticate", "proxy-authorization",
 })
 # The client's gateway credentials and what the gateway itself sets: never forwarded.
+# Content-Encoding: aiohttp has already decoded a compressed body, and the body goes upstream as
+# read. OpenAI-Organization/-Project choose the provider account a request bills to: that is the
+# gateway's upstream credential's business, not the client's.
 CLIENT_ONLY = frozenset({
-    "authorization", "x-api-key", "api-key", "cookie", "host", "content-length", "accept-encoding",
-    "x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host", "x-forwarded-proto",
-    "x-tollgate-challenge", "x-tollgate-solution",
+    "authorization", "x-api-key", "api-key", "cookie", "host", "content-length", "content-encoding",
+    "accept-encoding", "x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host",
+    "x-forwarded-proto", "true-client-ip", "cf-connecting-ip", "x-client-ip",
+    "openai-organization", "openai-project", "x-tollgate-challenge", "x-tollgate-solution",
 })
-UPSTREAM_ONLY = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
+# The provider account behind the gateway's upstream credential is not the client's to see.
+UPSTREAM_ONLY = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie",
+                           "openai-organization", "openai-project", "anthropic-organization-id"})
 
 
 def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:

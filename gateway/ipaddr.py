@@ -1,9 +1,11 @@
 """Address normalisation and compiled CIDR sets.
 
 Every address is normalised before it is used as a lookup key, a quota key or a policy operand:
-an IPv4 client reaching us through IPv4-mapped, IPv4-compatible, 6to4 or Teredo IPv6 forms must
-look exactly like the same client over IPv4, or a region rule could be evaded by rewriting the
-address. Zone ids (``fe80::1%eth0``) are dropped: they name a local interface, not a host.
+an IPv4 client reaching us through IPv4-mapped, IPv4-compatible, NAT64 (the well-known prefix
+``64:ff9b::/96`` of RFC 6052, which an IPv6-only network's translator puts in front of every IPv4
+client), 6to4 or Teredo IPv6 forms must look exactly like the same client over IPv4, or a region
+rule could be evaded by rewriting the address. Zone ids (``fe80::1%eth0``) are dropped: they name
+a local interface, not a host.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MAX_ADDRESS_CHARS = 64
 
 _V4_MASK = 0xFFFF_FFFF
 _MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96
+_NAT64_PREFIX = 0x0064_FF9B_0000_0000_0000_0000  # 64:ff9b::/96 (top 96 bits)
 _TEREDO_PREFIX = 0x2001_0000  # 2001:0000::/32 (top 32 bits)
 _6TO4_PREFIX = 0x2002  # 2002::/16 (top 16 bits)
 
@@ -41,6 +44,8 @@ def normalize(ip: IPAddress) -> IPAddress:
         return IPv4(value & _V4_MASK)
     if top96 == 0 and value > 1:  # IPv4-compatible ::a.b.c.d (deprecated); not :: or ::1
         return IPv4(value)
+    if top96 == _NAT64_PREFIX:  # NAT64 well-known prefix: 64:ff9b::a.b.c.d
+        return IPv4(value & _V4_MASK)
     top32 = value >> 96
     if top32 == _TEREDO_PREFIX:  # Teredo: client IPv4 is the bit-inverted low 32 bits
         return IPv4(~value & _V4_MASK)

@@ -118,7 +118,14 @@ class Pipeline:
     def __init__(self, stages: Sequence[Stage], metrics: Metrics, access_log: AccessLog,
                  max_body_bytes: int, audit: AuditSink | None = None,
                  audit_builder: AuditBuilder | None = None) -> None:
-        self._stages = tuple(stages)
+        # The leading stages that read headers only (client address, geo, identity) run before
+        # the body is read: an unauthenticated client cannot make the gateway buffer and parse a
+        # body, nor learn how it would be validated.
+        head = 0
+        while head < len(stages) and getattr(stages[head], "before_body", False):
+            head += 1
+        self._before_body = tuple(stages[:head])
+        self._stages = tuple(stages[head:])
         self._settlers: tuple[Settling, ...] = tuple(s for s in stages if isinstance(s, Settling))  # type: ignore[misc]
         self._metrics = metrics
         self._access_log = access_log
@@ -131,7 +138,8 @@ class Pipeline:
         ctx = RequestContext(
             request_id=request_id_for(request.headers.get("x-request-id")),
             request=RequestView(api=route.api, route=route.name, path=request.path,
-                                method=request.method, headers=request.headers),
+                                method=request.method, headers=request.headers, billed=route.billed,
+                                generates=route.generates),
             client=ClientInfo(peer_ip=peer_address(request)),
         )
         response: web.StreamResponse | None = None
@@ -164,6 +172,10 @@ class Pipeline:
                 self._record(ctx)
 
     async def _run(self, request: web.Request, ctx: RequestContext, plan: RoutePlan) -> web.StreamResponse:
+        for stage in self._before_body:
+            decision = await stage(ctx)
+            if decision is not None:
+                return self._refuse(ctx, decision)
         raw = await intake(request, ctx, plan.route, plan.adapter, self._max_body)
         if isinstance(raw, Decision):
             return self._refuse(ctx, raw)

@@ -98,14 +98,8 @@ def _add_identity(features: Features, settings: Settings) -> None:
     from gateway.stages.client_ip import ClientIpConfig, ClientIpStage
     from gateway.stages.geo import GeoStage
 
-    identity_cfg = settings.sections.get("identity") or IdentityConfig()
-    identity = IdentityService(identity_cfg)
-    features.stages.append(identity.stage)
-    features.starters.append(identity.start)
-    features.stoppers.append(identity.close)
-    features.reloaders.append(identity.reload)
-    features.status["identity"] = identity.status
-
+    # Where a request comes from is resolved before who it claims to be, so that a refused
+    # credential (brute force, stuffing) is audited with the client's address and country.
     client_ip_cfg = settings.sections.get("client_ip") or ClientIpConfig()
     features.stages.append(ClientIpStage.from_config(client_ip_cfg))
 
@@ -118,6 +112,14 @@ def _add_identity(features: Features, settings: Settings) -> None:
         features.reloaders.append(geo.reload)
         features.status["geoip"] = lambda: [dataclasses.asdict(i) for i in geo.databases()]
         features.collector.geo = geo.databases
+
+    identity_cfg = settings.sections.get("identity") or IdentityConfig()
+    identity = IdentityService(identity_cfg)
+    features.stages.append(identity.stage)
+    features.starters.append(identity.start)
+    features.stoppers.append(identity.close)
+    features.reloaders.append(identity.reload)
+    features.status["identity"] = identity.status
 
 
 def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> None:

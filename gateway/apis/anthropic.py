@@ -22,7 +22,9 @@ from gateway.context import ApiFamily, RequestView, Usage
 _A = ApiFamily.ANTHROPIC
 ROUTES = (
     RouteSpec("messages", "/v1/messages", "POST", _A),
-    RouteSpec("messages.count_tokens", "/v1/messages/count_tokens", "POST", _A, generates=False),
+    # Counting tokens runs no model and is free upstream: it costs requests, never tokens.
+    RouteSpec("messages.count_tokens", "/v1/messages/count_tokens", "POST", _A, generates=False,
+              billed=False),
 )
 
 _THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})

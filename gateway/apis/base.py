@@ -23,7 +23,8 @@ class RouteSpec:
     method: str
     api: ApiFamily
     has_body: bool = True
-    generates: bool = True  # produces output tokens (quota reservation applies)
+    generates: bool = True  # produces output tokens (output reservations apply)
+    billed: bool = True  # the model consumes the prompt's tokens (input reservations apply)
 
 
 

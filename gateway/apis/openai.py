@@ -25,7 +25,7 @@ ROUTES = (
     RouteSpec("completions", "/v1/completions", "POST", _O),
     RouteSpec("responses", "/v1/responses", "POST", _O),
     RouteSpec("embeddings", "/v1/embeddings", "POST", _O, generates=False),
-    RouteSpec("models", "/v1/models", "GET", _O, has_body=False, generates=False),
+    RouteSpec("models", "/v1/models", "GET", _O, has_body=False, generates=False, billed=False),
 )
 
 _LOGPROB_INCLUDE = "message.output_text.logprobs"
@@ -81,6 +81,9 @@ class OpenAIAdapter:
             if bias is not None and not isinstance(bias, dict):
                 raise RequestFieldError("'logit_bias' must be an object")
             view.logit_bias = bool(bias)
+            options = body.get("stream_options")
+            if options is not None and not isinstance(options, dict):
+                raise RequestFieldError("'stream_options' must be an object")
         if view.stream and name == "embeddings":
             raise RequestFieldError("'stream' is not supported for embeddings")
 

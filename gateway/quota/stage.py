@@ -122,8 +122,9 @@ class QuotaStage(SettlesNow):
         if not plan.slots:
             return None
         req = ctx.request
-        input_est = max(0, req.input_tokens_estimate)
-        output_res = (req.max_tokens or self.settings.default_output_tokens) * max(1, req.n)
+        input_est = max(0, req.input_tokens_estimate) if req.billed else 0
+        output_res = (req.max_tokens or self.settings.default_output_tokens) * max(1, req.n) \
+            if req.generates else 0
         price = self._price(req.model) if self.settings.prices else None
         charges = self._charges(ctx, plan, input_est, output_res, price)
         guarded = await self.guard.charge(charges, plan.modes)
@@ -364,6 +365,8 @@ class QuotaStage(SettlesNow):
     @staticmethod
     def _actual_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
         usage = ctx.usage
+        if not ctx.request.billed:  # count_tokens, models: no model ran, whatever the reply says
+            return 0, 0
         reported = usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0
         if not reported:
             failed = ctx.upstream_status is not None and ctx.upstream_status >= 400

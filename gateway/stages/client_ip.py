@@ -93,6 +93,8 @@ def _positive(node: Node, key: str, default: int, limit: int) -> int:
 class ClientIpStage:
     """Sets ``ctx.client.ip`` (normalised) and ``ctx.client.forwarded_chain``. Never short-circuits."""
 
+    before_body = True  # reads headers only (see Pipeline)
+
     def __init__(
         self, trusted_proxies: CidrSet, headers: tuple[str, ...] = ("x-forwarded-for",),
         max_entries: int = 32, max_header_bytes: int = 8192,

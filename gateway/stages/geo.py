@@ -10,6 +10,8 @@ class GeoStage:
     """Fills ``ctx.client.country`` & co. Never short-circuits: an address no database knows
     leaves ``country`` as None and the policy decides what unknown means."""
 
+    before_body = True  # reads headers only (see Pipeline)
+
     def __init__(self, provider: GeoProvider) -> None:
         self._provider = provider
 

@@ -32,6 +32,8 @@ class IdentityStage:
     presents a credential which fails is still refused (a typo must not silently downgrade).
     """
 
+    before_body = True  # reads headers only (see Pipeline)
+
     def __init__(self, keys: KeyRing | None = None, jwt: JwtVerifier | None = None, *,
                  anonymous: bool = False, headers: tuple[str, ...] = CREDENTIAL_HEADERS) -> None:
         unknown = [h for h in headers if h.lower() not in CREDENTIAL_HEADERS]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.headers import client_response_headers
 from gateway.upstream.mock_server import MockOptions, MockServer, serve_mock
 from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
@@ -42,6 +45,12 @@ async def post(
             "'stream' must be a boolean",
         ),
         (b'{"model": "m", "n": true}', {"Content-Type": "application/json"}, 400, "'n' must be an integer"),
+        (
+            b'{"model": "m", "stream": true, "stream_options": "yes", "messages": []}',
+            {"Content-Type": "application/json"},
+            400,
+            "'stream_options' must be an object",
+        ),
         (b"[" * 100_000, {"Content-Type": "application/json"}, 400, "nested too deeply"),
     ],
 )
@@ -236,3 +245,60 @@ async def test_healthz_and_readyz(gateway: RunningGateway) -> None:
         async with s.get(gateway.url + "/readyz") as r:
             body = await r.json()
             assert r.status == 200 and body["ready"] is True and body["upstreams"] == {"mock": True}
+
+
+async def test_compressed_body_goes_upstream_decoded_and_account_headers_stay(
+    mock_upstream: MockServer, start_gateway: GatewayFactory
+) -> None:
+    async with start_gateway(mock_upstream.url) as gw:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip",
+                   "OpenAI-Organization": "org-someone-else", "OpenAI-Project": "proj_other",
+                   "True-Client-IP": "6.6.6.6"}
+        status, body, _ = await post(gw, CHAT, gzip.compress(BODY), headers)
+        assert status == 200, body
+        seen = mock_upstream.state.requests[-1]
+    assert seen.body == orjson.loads(BODY)  # the JSON the client compressed, sent as plain JSON
+    for name in ("content-encoding", "openai-organization", "openai-project", "true-client-ip"):
+        assert name not in seen.headers, name
+
+
+async def test_compressed_body_is_bounded_after_decoding(
+    mock_upstream: MockServer, start_gateway: GatewayFactory
+) -> None:
+    bomb = gzip.compress(b'{"model":"m","messages":[],"pad":"' + b" " * 64 * 1024 * 1024 + b'"}')
+    assert len(bomb) < 128 * 1024
+    async with start_gateway(mock_upstream.url, "max_body_bytes: 1MiB\n") as gw:
+        status, body, _ = await post(gw, CHAT, bomb, {"Content-Type": "application/json",
+                                                      "Content-Encoding": "gzip"})
+        assert status == 413, body
+        before = len(mock_upstream.state.requests)
+        status, _, _ = await post(gw, CHAT, BODY, {"Content-Type": "application/json"})
+        assert status == 200  # the gateway is fine afterwards
+    assert len(mock_upstream.state.requests) == before + 1
+
+
+def test_provider_account_headers_do_not_reach_the_client() -> None:
+    upstream = CIMultiDictProxy(CIMultiDict({
+        "Content-Type": "application/json", "openai-organization": "provider-org",
+        "openai-project": "proj_provider", "anthropic-organization-id": "org-uuid",
+        "x-request-id": "up-1"}))
+    out = client_response_headers(upstream)
+    assert dict(out) == {"Content-Type": "application/json", "x-request-id": "up-1"}
+
+
+async def test_credentials_are_checked_before_the_body_is_read(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as s:
+        # no key: refused as unauthenticated, not told how the body would have been validated
+        async with s.post(gateway.url + CHAT, data=b"{not json", headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "invalid_api_key"
+    # A client announcing a body it never sends gets its 401 at once, without the gateway waiting.
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 100000\r\n\r\n{".encode())
+    await writer.drain()
+    async with asyncio.timeout(5):
+        status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line

@@ -211,3 +211,42 @@ async def test_shadow_quota_never_denies(start_quota_gateway: GatewayStarter) ->
     would = [r["extra"]["quota"].get("would_deny") for r in records]  # type: ignore[index]
     assert would == [None] + [["acct-rpm-shadow/rpm"]] * 3
     assert all(r["shadow"] == [{"rule": "acct-rpm-shadow", "would": None}] for r in records)
+
+
+TOKEN_BUDGET_RULE = """\
+- id: acct-tokens
+  quota:
+    limits:
+      - {name: tokens, kind: total_tokens, limit: 300, per: 1h, key: [principal.account]}
+"""
+
+
+async def test_routes_without_generation_reserve_only_what_they_consume(
+    start_quota_gateway: GatewayStarter,
+) -> None:
+    # The budget is far below default_output_tokens (4096): a route that produces no output must
+    # not reserve it, and counting tokens (no model runs) must cost no tokens at all.
+    async with start_quota_gateway(TOKEN_BUDGET_RULE) as gw, openai_client(gw) as c:
+        embedded = await c.embeddings.with_raw_response.create(model="text-embedding-test", input="hello")
+        assert embedded.http_response.status_code == 200
+        reserved = 300 - int(embedded.headers["x-ratelimit-remaining-tokens"])
+        assert 0 < reserved < 100  # the prompt's estimate only
+        models = await c.models.with_raw_response.list()
+        assert models.http_response.status_code == 200
+        # the embedding was reconciled to its reported usage; listing models reserved nothing
+        assert int(models.headers["x-ratelimit-remaining-tokens"]) > 300 - reserved
+        await settled(gw)
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0) as ac:
+            counts = []
+            for _ in range(3):
+                counted = await ac.messages.with_raw_response.count_tokens(
+                    model="claude-test", messages=[{"role": "user", "content": "hello " * 200}])
+                assert counted.http_response.status_code == 200
+                counts.append(counted.headers["anthropic-ratelimit-tokens-remaining"])
+                await settled(gw)
+        records = await gw.audit_records()
+    assert len(set(counts)) == 1 and int(counts[0]) >= 300 - reserved  # nothing charged, nothing kept
+    counted_records = [r for r in records if r["route"] == "messages.count_tokens"]
+    assert len(counted_records) == 3
+    assert all(r["extra"]["quota"]["settled"] == {"input_tokens": 0, "output_tokens": 0}  # type: ignore[index]
+               for r in counted_records)

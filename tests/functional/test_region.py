@@ -206,6 +206,7 @@ async def test_untrusted_hop_in_the_chain_is_the_client(start_region_gateway: Ga
         pytest.param(f"::{RESTRICTED}", id="ipv4-compatible"),
         pytest.param(six_to_four(RESTRICTED), id="6to4"),
         pytest.param(teredo(RESTRICTED), id="teredo"),
+        pytest.param(f"64:ff9b::{RESTRICTED}", id="nat64"),
     ],
 )
 async def test_ipv6_tunnel_forms_of_a_restricted_address_are_refused(
@@ -297,3 +298,15 @@ async def test_vpn_flag_can_deny(start_region_gateway: GatewayStarter, tmp_path:
             await chat(c)
         vpn, plain = await gw.audit_records()
     assert vpn["rule_id"] == "no-vpn" and plain["decision"] == "allow"
+
+
+async def test_refused_credentials_are_audited_with_the_client_address(
+    start_region_gateway: GatewayStarter,
+) -> None:
+    # Credential stuffing must be attributable: the address is resolved before the credential.
+    async with start_region_gateway() as gw, openai_client(gw, RESTRICTED, key="tg_not_a_real_key") as c:
+        with pytest.raises(openai.AuthenticationError):
+            await chat(c)
+        record = await last_audit(gw)
+    assert record["status"] == 401
+    assert record["client"] == {"ip": RESTRICTED, "country": "CN", "asn": 4134}

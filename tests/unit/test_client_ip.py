@@ -43,6 +43,10 @@ async def resolve(peer: str | None, headers: list[tuple[str, str]] = (),  # type
     ("2001:0:d8a0:5338:0:0:275f:acc7", "216.160.83.56"),  # Teredo whose client is 216.160.83.56
     ("::1", "::1"), ("::", "::"), ("2001:db8::1", "2001:db8::1"),
     ("2001:1::1", "2001:1::1"),  # 2001:1::/32 is not Teredo
+    ("64:ff9b::216.160.83.56", "216.160.83.56"),  # NAT64, well-known prefix (RFC 6052)
+    ("64:ff9b::d8a0:5338", "216.160.83.56"),
+    ("64:ff9b:1::d8a0:5338", "64:ff9b:1::d8a0:5338"),  # local-use NAT64: its layout is the operator's
+    ("64:ff9b:0:0:1::d8a0:5338", "64:ff9b:0:0:1::d8a0:5338"),  # outside the /96
 ])
 def test_normalize(raw: str, expected: str) -> None:
     assert normalize(ip(raw)) == ip(expected)
