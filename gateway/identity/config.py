@@ -40,6 +40,9 @@ class JwtIssuerConfig:
     leeway: float = 30.0
     claims: ClaimMapping = field(default_factory=ClaimMapping)
     default_tier: str | None = None
+    # Put in front of the account claim: issuers (and the keys file) are separate namespaces, so
+    # one identity provider cannot assert another's accounts (see _check_namespaces).
+    account_prefix: str = ""
     jwks_cache_ttl: float = 600.0  # refresh known-good keys this often (in the background)
     jwks_refresh_cooldown: float = 30.0  # at most one fetch per cooldown, whatever the traffic
     jwks_max_stale: float = 86400.0  # keep serving last good keys this long when fetches fail
@@ -92,16 +95,17 @@ def parse_identity_config(node: Node | None, base_dir: Path | None = None) -> Id
         headers=headers or CREDENTIAL_HEADERS,
         keys_file=_path(keys_file, base_dir) if keys_file else None,
         keys_reload_interval=read_duration(node, "keys_reload_interval", default.keys_reload_interval),
-        jwt=_parse_jwt(jwt_node, base_dir) if jwt_node is not None else None,
+        jwt=_parse_jwt(jwt_node, base_dir, keys_file is not None) if jwt_node is not None else None,
     )
 
 
-def _parse_jwt(node: Node, base_dir: Path | None) -> JwtConfig | None:
+def _parse_jwt(node: Node, base_dir: Path | None, keys_file: bool) -> JwtConfig | None:
     if not node.expect_mapping():
         return None
     node.check_keys({"issuers", "max_token_bytes", "cache_size", "cache_max_ttl"}, required=("issuers",))
     default = JwtConfig()
     issuers: list[JwtIssuerConfig] = []
+    issuer_nodes: list[Node] = []
     seen: set[str] = set()
     inode = node.child("issuers")
     if inode is not None and inode.expect_list("a list of issuers"):
@@ -113,6 +117,8 @@ def _parse_jwt(node: Node, base_dir: Path | None) -> JwtConfig | None:
                 item.error(f"issuer '{parsed.issuer}' is listed twice")
             seen.add(parsed.issuer)
             issuers.append(parsed)
+            issuer_nodes.append(item)
+    _check_namespaces(issuers, issuer_nodes, keys_file)
     return JwtConfig(
         issuers=tuple(issuers),
         max_token_bytes=_int(node, "max_token_bytes", default.max_token_bytes, 256, 65536),
@@ -124,8 +130,11 @@ def _parse_jwt(node: Node, base_dir: Path | None) -> JwtConfig | None:
 _ISSUER_KEYS = {
     "issuer", "audience", "algorithms", "jwks_file", "jwks_url", "required_claims", "leeway", "claims",
     "default_tier", "jwks_cache_ttl", "jwks_refresh_cooldown", "jwks_max_stale", "jwks_timeout",
-    "jwks_max_bytes",
+    "jwks_max_bytes", "account_prefix",
 }
+# JWKS over plain HTTP lets anyone on the path swap the signing keys; loopback stays allowed (a
+# sidecar, tests).
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
@@ -143,8 +152,9 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
     jwks_file, jwks_url = node.get("jwks_file", str), node.get("jwks_url", str)
     if (jwks_file is None) == (jwks_url is None):
         node.error("exactly one of 'jwks_file' or 'jwks_url' is required")
-    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
-        node.error("expected an http(s) URL", "jwks_url")
+    if jwks_url is not None and not _acceptable_jwks_url(jwks_url):
+        node.error("expected an https:// URL (plain http:// only to a loopback host: anyone on the "
+                   "path could replace the signing keys)", "jwks_url")
     required = _str_list(node.child("required_claims"), REQUIRED_CLAIMS_DEFAULT)
     if node.has("audience") and not audience:
         node.error("expected at least one audience", "audience")
@@ -161,9 +171,43 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
         jwks_max_stale=read_duration(node, "jwks_max_stale", d.jwks_max_stale),
         jwks_timeout=read_duration(node, "jwks_timeout", d.jwks_timeout),
         jwks_max_bytes=_int(node, "jwks_max_bytes", d.jwks_max_bytes, 1024, 16 << 20),
+        account_prefix=node.get("account_prefix", str, "", what="a text put in front of the account") or "",
     )
     return parsed if issuer and audience and algorithms else None  # errors already reported
 
+
+def _acceptable_jwks_url(url: str) -> bool:
+    if url.startswith("https://"):
+        return len(url) > len("https://")
+    if not url.startswith("http://"):
+        return False
+    authority = url[len("http://"):].split("/", 1)[0]
+    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    return host in _LOOPBACK_HOSTS
+
+
+def _check_namespaces(issuers: list[JwtIssuerConfig], nodes: list[Node], keys_file: bool) -> None:
+    """With more than one source of accounts (several issuers, or issuers beside the keys file),
+    every issuer must say where its accounts live: otherwise a token from one provider whose
+    ``sub`` equals another's account would *be* that account (its quotas, friction, allow-lists).
+    Distinct prefixes must not be prefixes of each other ("a:" and "a:b:" would overlap); equal
+    prefixes are a deliberate choice to share accounts. "" is the home namespace (the keys file's,
+    and issuers the operator trusts as much): its accounts are the operator's to name."""
+    if len(issuers) + keys_file < 2:
+        return
+    for issuer, inode in zip(issuers, nodes, strict=True):
+        if not inode.has("account_prefix"):
+            inode.error(f"issuer '{issuer.issuer}' shares account names with "
+                        f"{'the keys file and ' if keys_file else ''}other issuers: set account_prefix "
+                        "(e.g. 'partner:'), or account_prefix: '' to share them deliberately")
+    prefixes = sorted({i.account_prefix for i in issuers} - {""})
+    for issuer, inode in zip(issuers, nodes, strict=True):
+        mine = issuer.account_prefix
+        clash = next((p for p in prefixes if p != mine and mine.startswith(p)), None)
+        if clash is not None:
+            inode.error(f"account_prefix '{mine}' overlaps account_prefix '{clash}': an account under "
+                        "one would be readable as an account under the other; use prefixes that do "
+                        "not start with one another, e.g. ending in ':'", "account_prefix")
 
 def _parse_claims(node: Node | None) -> ClaimMapping:
     if node is None or not node.expect_mapping():

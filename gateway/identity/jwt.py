@@ -131,6 +131,8 @@ class JwtVerifier:
         account = _scalar(claims, mapping.account)
         if account is None:
             raise InvalidToken("account claim missing")
+        if cfg.account_prefix:
+            account = cfg.account_prefix + account
         attributes = {}
         for name, path in mapping.attributes:
             value = _lookup(claims, path)

@@ -28,6 +28,7 @@ identity:
         jwks_file: jwks.json
         leeway: 10s
         jwks_refresh_cooldown: 1m
+        account_prefix: "sso:"
         claims:
           account: sub
           org: org_id
@@ -54,6 +55,7 @@ def test_good_config(tmp_path: Path) -> None:
     assert iss.jwks_file == tmp_path / "jwks.json" and iss.leeway == 10 and iss.jwks_refresh_cooldown == 60
     assert iss.required_claims == ("exp", "iat", "iss", "aud")
     assert iss.claims.attributes == (("org_country", ("https://example.com/claims", "org_country")),)
+    assert iss.account_prefix == "sso:"
 
 
 def test_defaults() -> None:
@@ -94,7 +96,7 @@ def test_bad_config_reports_everything() -> None:
         "identity.jwt.issuers[0].algorithms: algorithm 'none' is not allowed",
         "identity.jwt.issuers[0]: exactly one of 'jwks_file' or 'jwks_url' is required",
         "identity.jwt.issuers[1].audience: expected at least one audience",
-        "identity.jwt.issuers[1].jwks_url: expected an http(s) URL",
+        "identity.jwt.issuers[1].jwks_url: expected an https:// URL",
         "gw.yaml:15:17: identity.jwt.issuers[1].leeway: expected a duration",
         "unknown key 'claim'; did you mean 'claims'?",
     ]:
@@ -112,7 +114,7 @@ async def test_stage_with_jwt_from_config(tmp_path: Path, rsa_key: Any) -> None:
         ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims())}")])
         assert await stage(ctx) is None
         p = ctx.principal
-        assert (p.account, p.org, p.tier, p.attributes["org_country"]) == ("acct-1", "org-1", "pro", "US")
+        assert (p.account, p.org, p.tier, p.attributes["org_country"]) == ("sso:acct-1", "org-1", "pro", "US")
         ctx = make_ctx([("x-api-key", sign(rsa_key, claims(aud="nope")))])
         decision = await stage(ctx)
         assert decision is not None and decision.status == 401
@@ -135,7 +137,8 @@ async def test_identity_service_lifecycle(tmp_path: Path, rsa_key: Any) -> None:
     await service.start()
     try:
         ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims())}")])
-        assert await service.stage(ctx) is None and ctx.principal.account == "acct-1"
+        # the account carries the issuer's account_prefix
+        assert await service.stage(ctx) is None and ctx.principal.account == "sso:acct-1"
         status = service.status()
         assert status["keys"]["count"] == 0 and status["anonymous"] == "deny"
         assert status["jwt_issuers"][ISSUER]["fetches"] == 1
@@ -149,3 +152,55 @@ def test_relative_paths_default_to_the_config_folder(tmp_path: Path) -> None:
     assert root is not None
     cfg = parse_identity_config(root.child("identity"))
     assert cfg.keys_file == tmp_path / "keys.yaml"
+
+
+def _issuers(*entries: str, keys_file: bool = False) -> str:
+    """An identity section with one issuer per entry (extra YAML lines for that issuer)."""
+    text = "identity:\n" + ("  keys_file: keys.yaml\n" if keys_file else "") + "  jwt:\n    issuers:\n"
+    for i, extra in enumerate(entries):
+        text += (f"      - issuer: https://idp{i}.example/\n        audience: tollgate\n"
+                 f"        algorithms: [RS256]\n        jwks_file: jwks{i}.json\n")
+        text += "".join(f"        {line}\n" for line in extra.splitlines() if line)
+    return text
+
+
+def errors_of(text: str) -> str:
+    _, issues = parse(text)
+    return "\n".join(str(item) for item in issues.items)
+
+
+def test_one_source_of_accounts_needs_no_prefix() -> None:
+    assert errors_of(_issuers("")) == ""
+    assert errors_of(_issuers("account_prefix: 'x:'")) == ""
+
+
+@pytest.mark.parametrize("entries, keys_file", [
+    (("", "account_prefix: 'p:'"), False),  # two issuers, the first silent
+    (("",), True),  # an issuer beside the keys file
+])
+def test_several_sources_of_accounts_must_each_say_where_theirs_live(
+    entries: tuple[str, ...], keys_file: bool
+) -> None:
+    text = errors_of(_issuers(*entries, keys_file=keys_file))
+    assert "gw.yaml:" in text and "identity.jwt.issuers[0]: issuer 'https://idp0.example/' shares account " \
+        "names" in text
+    assert "set account_prefix" in text and "issuers[1]" not in text
+
+
+def test_overlapping_prefixes_are_refused_equal_ones_share_deliberately() -> None:
+    text = errors_of(_issuers("account_prefix: 'a:'", "account_prefix: 'a:b:'"))
+    assert ("identity.jwt.issuers[1].account_prefix: account_prefix 'a:b:' overlaps "
+            "account_prefix 'a:'") in text
+    assert errors_of(_issuers("account_prefix: 'a:'", "account_prefix: 'a:'", keys_file=True)) == ""
+    # the home namespace (keys file, deliberately shared issuers) beside a prefixed partner
+    assert errors_of(_issuers("account_prefix: ''", "account_prefix: 'partner:'", keys_file=True)) == ""
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://idp.example/jwks", True), ("http://127.0.0.1:8080/jwks", True),
+    ("http://localhost/jwks", True), ("http://[::1]:9/jwks", True), ("http://idp.example/jwks", False),
+    ("http://127.0.0.1.evil.example/x", False), ("https://", False), ("ftp://idp.example/jwks", False),
+])
+def test_jwks_urls_must_be_https_except_to_loopback(url: str, ok: bool) -> None:
+    text = errors_of(_issuers("").replace("jwks_file: jwks0.json", f"jwks_url: '{url}'"))
+    assert (text == "") is ok, text
