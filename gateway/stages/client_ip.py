@@ -21,7 +21,10 @@ from gateway.memo import Memo
 from gateway.yamlsource import Node
 
 SUPPORTED_HEADERS = ("x-forwarded-for", "forwarded")
-_FOR_PARAM = re.compile(r'(?:^|;)\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+# One ``name=value`` pair of a Forwarded element (RFC 7239 §4), the value a token or a quoted
+# string; pairs are read in order so that ``for=`` inside another pair's quoted value (which a
+# client may influence, e.g. ``host``) is never taken for the hop's address.
+_FORWARDED_PAIR = re.compile(r'\s*([^=;"\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;"]*?)\s*(?:;|$)')
 _REV_TOKENS = re.compile(r'[^",]+|"|,')
 _MAX_CHAIN_ITEM = 64  # chars kept per hop in ctx.client.forwarded_chain (audit), not for parsing
 # Parsed hops remembered (text → address or None): clients and our proxies repeat their hops
@@ -213,8 +216,19 @@ def _forwarded_hops(raw: str, max_entries: int) -> list[str] | None:
             if not in_quote:
                 elements.append(rev[end:][::-1].strip())
         elements.reverse()
-    hops = []
-    for element in elements:
-        found = _FOR_PARAM.search(element)
-        hops.append(found.group(1).strip() if found else "")
+    hops = [_for_value(element) for element in elements]
     return hops or None
+
+
+def _for_value(element: str) -> str:
+    """The ``for`` value of one Forwarded element; "" when it has none or is malformed (the walk
+    then stops at that hop, as for any unreadable hop)."""
+    at, end = 0, len(element)
+    while at < end:
+        pair = _FORWARDED_PAIR.match(element, at)
+        if pair is None or pair.end() == at:
+            return ""
+        if pair.group(1).lower() == "for":
+            return pair.group(2)
+        at = pair.end()
+    return ""

@@ -208,6 +208,9 @@ async def test_no_peer_means_no_ip() -> None:
     ('for="_gazonk", for=198.51.100.4', "198.51.100.4"),  # obfuscated hop left of the client: fine
     ('for="1.1.1.1;evil,\\"x", for=198.51.100.4', "198.51.100.4"),  # quoted separators, escapes
     ('for="unterminated, for=198.51.100.4', "198.51.100.4"),  # broken client part on the left
+    # a for= inside another parameter's quoted value (a client may influence host) is not the hop
+    ('proto=https;host="a;for=198.51.100.7;b";for=198.51.100.4', "198.51.100.4"),
+    (' for = 198.51.100.4 ; by=10.0.0.2', "198.51.100.4"),
 ])
 async def test_forwarded_header_forms(value: str, expected: str) -> None:
     stage = ClientIpStage(PROXIES, headers=("forwarded",))
@@ -218,6 +221,8 @@ async def test_forwarded_header_forms(value: str, expected: str) -> None:
 @pytest.mark.parametrize("value", [
     "for=unknown", 'for="_hidden"', "for=198.51.100.4, for=_hidden", "proto=https", "for=", '"""""',
     'for="[2001:db8::1"', "for=198.51.100.4, by=10.0.0.1",
+    'host="a;for=198.51.100.7"',  # the only for= is inside a quoted value: the hop has none
+    "garbage;for=198.51.100.4",  # a pair that is not name=value: the hop is unreadable
 ])
 async def test_forwarded_obfuscated_or_broken_falls_back_to_peer(value: str) -> None:
     stage = ClientIpStage(PROXIES, headers=("forwarded",))
