@@ -99,11 +99,11 @@ async def _unknown_route(request: web.Request) -> web.Response:
                                  errors.not_found(f"Unknown route {request.method} {request.path}."), rid)
 
 
-def _method_not_allowed(family: ApiFamily) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _method_not_allowed(family: ApiFamily, allowed: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         rid = request_id_for(request.headers.get("x-request-id"))
         decision = errors.invalid_request(f"Method {request.method} is not allowed on {request.path}.")
-        decision = replace(decision, status=405)
+        decision = replace(decision, status=405, headers={"Allow": allowed})  # RFC 9110 §15.5.6
         return errors.error_response(family, decision, rid)
 
     return handler
@@ -191,7 +191,7 @@ class _DeferredRouter:
 
     def dispatcher(self, path: str, family: ApiFamily,
                    method: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        refuse_method = _method_not_allowed(family)
+        refuse_method = _method_not_allowed(family, method)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
             plan = self._plans.get(path)

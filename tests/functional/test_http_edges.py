@@ -91,6 +91,9 @@ async def test_wrong_method_and_unknown_route(gateway: RunningGateway) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(gateway.url + CHAT) as r:
             assert r.status == 405 and "not allowed" in (await r.json())["error"]["message"]
+            assert r.headers["Allow"] == "POST"
+        async with s.post(gateway.url + "/v1/models", data=b"{}") as r:
+            assert r.status == 405 and r.headers["Allow"] == "GET"
         async with s.post(gateway.url + "/v2/whatever", data=b"{}") as r:
             assert r.status == 404
 
@@ -289,7 +292,8 @@ def test_provider_account_headers_do_not_reach_the_client() -> None:
 async def test_credentials_are_checked_before_the_body_is_read(gateway: RunningGateway) -> None:
     async with aiohttp.ClientSession() as s:
         # no key: refused as unauthenticated, not told how the body would have been validated
-        async with s.post(gateway.url + CHAT, data=b"{not json", headers={"Content-Type": "application/json"}) as r:
+        headers = {"Content-Type": "application/json"}
+        async with s.post(gateway.url + CHAT, data=b"{not json", headers=headers) as r:
             assert r.status == 401
             assert (await r.json())["error"]["code"] == "invalid_api_key"
     # A client announcing a body it never sends gets its 401 at once, without the gateway waiting.
