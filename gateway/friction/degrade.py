@@ -79,16 +79,21 @@ def _cap_max_tokens(ctx: RequestContext, body: dict[str, Any], cap: int, changed
         _fit_thinking(ctx, body, None, changed)  # the budget must stay below the new max_tokens
 
 
+# Efforts already at or below "low" stay as they are: a degrade lowers reasoning, and raising
+# "none" (OpenAI's no-reasoning setting) to "low" would give a suspicious account more of it.
+_AT_MOST_LOW = (None, "none", "minimal", "low")
+
+
 def _cap_thinking(ctx: RequestContext, body: dict[str, Any], cap: int, changed: list[str]) -> None:
     view = ctx.request
     if view.api is ApiFamily.ANTHROPIC:
         _fit_thinking(ctx, body, cap, changed)
         return
-    if body.get("reasoning_effort") not in (None, "low", "minimal"):
+    if body.get("reasoning_effort") not in _AT_MOST_LOW:
         body["reasoning_effort"] = "low"
         changed.append("reasoning_effort")
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "low", "minimal"):
+    if isinstance(reasoning, dict) and reasoning.get("effort") not in _AT_MOST_LOW:
         body["reasoning"] = {**reasoning, "effort": "low"}
         changed.append("reasoning.effort")
 

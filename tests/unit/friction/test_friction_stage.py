@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+
 from gateway.client import solve_challenge
 from gateway.context import ApiFamily, RequestContext, RequestView
 from gateway.friction.degrade import apply_degrade
@@ -47,6 +49,14 @@ def test_degrade_edits_openai_body() -> None:
     assert body["reasoning_effort"] == "low" and "logprobs" not in body and "logit_bias" not in body
     assert ctx.body_modified and ctx.shaping.strip_reasoning and ctx.shaping.strip_logprobs
     assert ctx.request.n == 1 and ctx.request.max_tokens == 1000 and "shaping" in changed
+
+
+@pytest.mark.parametrize("effort", ["none", "minimal", "low"])
+def test_degrade_never_raises_reasoning_effort(effort: str) -> None:
+    ctx = chat_ctx("hi", reasoning_effort=effort)
+    changed = apply_degrade(ctx, Degrade(cap_thinking_budget=1024))
+    assert ctx.request.body is not None and ctx.request.body["reasoning_effort"] == effort
+    assert "reasoning_effort" not in changed
 
 
 def test_degrade_caps_anthropic_thinking_below_max_tokens() -> None:
