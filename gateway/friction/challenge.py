@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ SCHEME = "Tollgate-PoW"
 ALGORITHM = "sha256-leading-zero-bits"
 _VERSION = "v1"
 _MAC_CHARS = 22  # 128 bits of base64url
+# ASCII digits only and bounded: str.isdigit() accepts "²" (which int() refuses) and an
+# unbounded digit run can exceed int()'s string limit, both of which used to raise.
+_SOLUTION = re.compile(rf"{_VERSION}\.(\d{{1,12}})\.(\d{{1,3}})\.([A-Za-z0-9_-]{{16}})"
+                       rf"\.([A-Za-z0-9_-]{{{_MAC_CHARS}}})\.(\d{{1,20}})", re.ASCII)
 
 
 class Verdict(StrEnum):
@@ -86,12 +91,10 @@ class ChallengeIssuer:
     async def verify(self, solution: str, principal: str, required: int,
                      replay_guard: Callable[[str, float], Awaitable[bool]]) -> Verdict:
         """Check a solution; ``replay_guard(key, ttl)`` is ``Store.set_if_absent``."""
-        parts = solution.strip().split(".")
-        if len(parts) != 6 or parts[0] != _VERSION:
+        parsed = _SOLUTION.fullmatch(solution.strip())
+        if parsed is None:
             return Verdict.MALFORMED
-        _v, exp_text, diff_text, salt, mac, counter = parts
-        if not (exp_text.isdigit() and diff_text.isdigit() and counter.isdigit()) or len(counter) > 20:
-            return Verdict.MALFORMED
+        exp_text, diff_text, salt, mac, _counter = parsed.groups()
         expires, difficulty = int(exp_text), int(diff_text)
         if not hmac.compare_digest(self._mac(principal, expires, difficulty, salt), mac):
             return Verdict.BAD_MAC

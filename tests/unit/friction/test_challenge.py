@@ -47,6 +47,23 @@ async def test_refusals(issuer: ChallengeIssuer, clock: FakeClock) -> None:
     assert await other.verify(solve(issuer.issue("acct1", 4).token, 4), "acct1", 4, guard) is Verdict.BAD_MAC
 
 
+async def test_malformed_solutions_are_refused(issuer: ChallengeIssuer, clock: FakeClock) -> None:
+    guard = MemoryStore(clock).set_if_absent
+    token = issuer.issue("acct1", 4).token
+    solution = solve(token, 4)
+    version, expires, difficulty, salt, mac, counter = solution.split(".")
+    variants = [
+        f"{version}.{expires}.\u00b2.{salt}.{mac}.{counter}",  # "²".isdigit() is True, int("²") raises
+        f"{version}.{'9' * 5000}.{difficulty}.{salt}.{mac}.{counter}",  # past int()'s digit limit
+        f"{version}.{expires}.{difficulty}.{salt}.{mac}.\u0661",  # Arabic-Indic digit one
+        f"{version}.{expires}.{difficulty}.{salt[:-1]}.{mac}.{counter}",
+        f"{solution}.1",
+    ]
+    for variant in variants:
+        assert await issuer.verify(variant, "acct1", 4, guard) is Verdict.MALFORMED, variant
+    assert await issuer.verify(f"  {solution} ", "acct1", 4, guard) is Verdict.OK
+
+
 def test_difficulty_rises_with_risk() -> None:
     assert difficulty_for(0.3, 10, 20) == 10
     assert difficulty_for(0.75, 10, 20) == 15
