@@ -75,12 +75,20 @@ def _policy(holder: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     yield from (reloads, info, rules, failing)
 
 
-def _geo(databases: Any) -> Iterator[GaugeMetricFamily]:
+def _geo(databases: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     build = GaugeMetricFamily("tollgate_geoip_build_timestamp_seconds",
                               "Build time of each loaded GeoIP database.", labels=["role", "database_type"])
     errors = GaugeMetricFamily("tollgate_geoip_reload_errors", "Failed reloads of each GeoIP database.",
                                labels=["role"])
+    lookup_errors = CounterMetricFamily("tollgate_geoip_lookup_errors",
+                                        "Lookups that failed on a damaged GeoIP database (answered as "
+                                        "unknown), by database role.", labels=["role"])
+    failing = GaugeMetricFamily("tollgate_geoip_lookups_failing",
+                                "1 while a database's lookups are failing (readiness fails meanwhile).",
+                                labels=["role"])
     for db in databases:
         build.add_metric([db.role, db.database_type or ""], float(db.build_epoch or 0))
         errors.add_metric([db.role], float(db.reload_errors))
-    yield from (build, errors)
+        lookup_errors.add_metric([db.role], float(db.lookup_errors))
+        failing.add_metric([db.role], 1.0 if db.lookups_failing else 0.0)
+    yield from (build, errors, lookup_errors, failing)

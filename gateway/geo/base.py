@@ -57,6 +57,10 @@ class GeoDatabaseInfo:
     reloads: int = 0
     reload_errors: int = 0
     last_error: str | None = None
+    verified: str | None = None  # "complete", or how much of the file the load-time check covered
+    lookup_errors: int = 0  # lookups that failed on damaged data (answered as unknown), since start
+    last_lookup_error: str | None = None
+    lookups_failing: bool = False  # a lookup failed in the last minute: readiness fails meanwhile
 
 
 class GeoProvider(Protocol):
@@ -64,7 +68,8 @@ class GeoProvider(Protocol):
 
     ``lookup`` is synchronous and cheap (memory-mapped reads behind a cache) because it runs on
     the event loop for every request; it takes a *normalised* address and never raises: an
-    address that no database knows yields :data:`EMPTY_RECORD`. ``start`` loads the databases
+    address that no database knows yields :data:`EMPTY_RECORD`, and so does one whose lookup
+    failed on a damaged database (counted, and reported by ``failing``). ``start`` loads the databases
     (off the event loop) and begins watching them; ``close`` stops watching and releases them.
     """
 
@@ -72,6 +77,21 @@ class GeoProvider(Protocol):
 
     def databases(self) -> tuple[GeoDatabaseInfo, ...]: ...
 
+    def failing(self) -> tuple[str, ...]:
+        """Roles of databases whose lookups are failing now (the gateway is then not ready)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def lookups_failing(provider: GeoProvider) -> str | None:
+    """Why ``provider`` fails the gateway's readiness now (None: it does not): each database whose
+    lookups are failing, with the last error."""
+    roles = provider.failing()
+    if not roles:
+        return None
+    infos = {info.role: info for info in provider.databases()}
+    return "; ".join(f"{role} database lookups failing: {infos[role].last_lookup_error}"
+                     if role in infos else f"{role} database lookups failing" for role in roles)

@@ -37,6 +37,9 @@ class StaticGeoProvider:
     def databases(self) -> tuple[GeoDatabaseInfo, ...]:
         return (GeoDatabaseInfo(role="static", path="<memory>", database_type="static"),)
 
+    def failing(self) -> tuple[str, ...]:
+        return ()
+
     async def start(self) -> None:
         return None
 

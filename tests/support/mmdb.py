@@ -37,10 +37,11 @@ class _Writer(MMDBWriter):
 
 
 def write_mmdb(path: Path, database_type: str, records: Mapping[str, Mapping[str, Any]],
-               build_epoch: int | None = None) -> Path:
-    """Write ``records`` (CIDR → record) to ``path`` atomically (temp file + rename)."""
-    writer = _Writer(build_epoch, ip_version=6, database_type=database_type, languages=["en"],
-                     description="Tollgate test fixture", ipv4_compatible=True)
+               build_epoch: int | None = None, ip_version: int = 6) -> Path:
+    """Write ``records`` (CIDR → record) to ``path`` atomically (temp file + rename); ``ip_version``
+    4 writes an IPv4-only tree, which has no answer (a ValueError) for an IPv6 address."""
+    writer = _Writer(build_epoch, ip_version=ip_version, database_type=database_type, languages=["en"],
+                     description="Tollgate test fixture", ipv4_compatible=ip_version == 6)
     for cidr, record in records.items():
         writer.insert_network(IPSet([cidr]), dict(record))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -58,10 +59,11 @@ def country_record(iso: str, registered: str | None = None) -> dict[str, Any]:
 
 
 def write_country_db(path: Path, table: Mapping[str, str | tuple[str, str]], *,
-                     database_type: str = COUNTRY_TYPE, build_epoch: int | None = None) -> Path:
+                     database_type: str = COUNTRY_TYPE, build_epoch: int | None = None,
+                     ip_version: int = 6) -> Path:
     """CIDR → ISO code (or (country, registered_country))."""
     records = {cidr: country_record(*((v,) if isinstance(v, str) else v)) for cidr, v in table.items()}
-    return write_mmdb(path, database_type, records, build_epoch)
+    return write_mmdb(path, database_type, records, build_epoch, ip_version)
 
 
 def write_asn_db(path: Path, table: Mapping[str, tuple[int, str]], *, build_epoch: int | None = None) -> Path:
