@@ -1,16 +1,26 @@
-"""One structured JSON line per request, buffered off the hot path. Never prompt text."""
+"""One structured JSON line per request, buffered off the hot path. Never prompt text.
+
+Lines follow gateway/logfile.py: one record is always one line, strings a
+client chose are capped, and a record that cannot be written is counted (``losses``) and logged
+rate-limited, never raised into the request.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import sys
-import threading
-from typing import IO, Any
-
-import orjson
+from typing import Any
 
 from gateway.context import RequestContext
+from gateway.logfile import (
+    LineWriter,
+    RecordLosses,
+    client_request_id,
+    client_text,
+    json_line,
+    unwritable,
+)
 from gateway.tasks import cancel_and_wait
+from gateway.yamlsource import ConfigError, Issue
 
 
 class AccessLog:
@@ -18,34 +28,47 @@ class AccessLog:
 
     def __init__(self, target: str | None, interval: float = 0.5, max_buffer: int = 256 * 1024) -> None:
         self._target = target
-        self._stream: IO[str] | None = None
-        self._owns_stream = False
+        self.losses = RecordLosses("access")
+        self._writer: LineWriter | None = None
         self._buffer: list[str] = []
         self._size = 0
         self._interval = interval
         self._max = max_buffer
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        self._lock = threading.Lock()
-        self.dropped = 0
+        self._closed = False
 
     @property
     def enabled(self) -> bool:
         return self._target is not None
 
+    @property
+    def dropped(self) -> int:
+        """Lines lost so far, whatever the reason (see ``losses.counts``)."""
+        return self.losses.total
+
     async def start(self) -> None:
+        """Open the target; raises ConfigError naming ``logging.access_log`` when it cannot be
+        opened for appending (the wiring checks it with the config file's position first)."""
         if self._target is None:
             return
         if self._target == "-":
-            self._stream = sys.stdout
+            self._writer = LineWriter(self.losses)
         else:
-            self._stream = await asyncio.to_thread(open, self._target, "a", encoding="utf-8")
-            self._owns_stream = True
+            writer = LineWriter(self.losses, path=self._target)
+            try:
+                await asyncio.to_thread(writer.open)
+            except OSError as exc:
+                raise ConfigError([Issue(None, "logging.access_log", unwritable(self._target, exc))]) from exc
+            self._writer = writer
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._flush_loop(), name="access-log")
 
     def log(self, ctx: RequestContext) -> None:
-        if self._stream is None:
+        """Hot path: build and encode the line; never raises."""
+        if self._writer is None:
+            if self._closed:
+                self.losses.count("closed")
             return
         now = ctx.finished or ctx.started
         record: dict[str, Any] = {
@@ -56,12 +79,15 @@ class AccessLog:
             "status": ctx.status,
             "duration_ms": round((now - ctx.started) * 1000, 3),
             "client_ip": str(ctx.client.ip) if ctx.client.ip else None,
-            "account": ctx.principal.account,
-            "model": ctx.request.model,
+            "account": client_text(ctx.principal.account),
+            "model": client_text(ctx.request.model),
             "stream": ctx.request.stream,
             "input_tokens": ctx.usage.input_tokens,
             "output_tokens": ctx.usage.output_tokens,
         }
+        client_id = client_request_id(ctx)
+        if client_id is not None:
+            record["client_request_id"] = client_id
         if ctx.upstream_ttfb is not None and ctx.upstream_started is not None:
             record["upstream_ttfb_ms"] = round((ctx.upstream_ttfb - ctx.upstream_started) * 1000, 3)
         if ctx.upstream_status is not None:
@@ -72,31 +98,30 @@ class AccessLog:
             record["rule_id"] = ctx.decision.rule_id
         if self._size >= self._max * 8:
             # The writer is stuck (a blocked pipe, a full disk): shed lines rather than grow memory.
-            self.dropped += 1
+            self.losses.count("queue_full")
             return
-        line = orjson.dumps(record).decode()
+        try:
+            line = json_line(record)
+        except TypeError as exc:
+            self.losses.count("unserialisable", 1, exc)
+            return
         self._buffer.append(line)
         self._size += len(line)
         if self._size >= self._max and self._wake is not None:
             self._wake.set()
 
     def _take(self) -> str:
-        data = "\n".join(self._buffer) + "\n" if self._buffer else ""
+        """The buffered lines, taken on the event loop's thread (where ``log`` appends)."""
+        data = "".join(f"{line}\n" for line in self._buffer)
         self._buffer = []
         self._size = 0
         return data
 
     def _write(self, data: str) -> None:
         """Blocking write; runs in a worker thread so a slow stdout never stalls the event loop."""
-        stream = self._stream
-        if not data or stream is None:
-            return
-        with self._lock:
-            try:
-                stream.write(data)
-                stream.flush()
-            except (OSError, ValueError):
-                self.dropped += data.count("\n")  # a closed or full sink must not break requests
+        writer = self._writer
+        if data and writer is not None:
+            writer.write(data)
 
     def flush(self) -> None:
         """Write what is buffered now (blocking: for shutdown)."""
@@ -116,6 +141,16 @@ class AccessLog:
             self._wake.clear()
             await asyncio.to_thread(self._write, self._take())
 
+    async def reopen(self) -> None:
+        """Write what is buffered to the file in use, then reopen the path (log rotation by
+        rename: SIGHUP or ``POST /admin/reload``)."""
+        await asyncio.to_thread(self._reopen_sync, self._take())  # the buffer is the loop's
+
+    def _reopen_sync(self, data: str) -> None:
+        self._write(data)
+        if self._writer is not None:
+            self._writer.reopen()
+
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
@@ -123,6 +158,9 @@ class AccessLog:
 
     def _close_sync(self) -> None:
         self.flush()
-        if self._owns_stream and self._stream is not None:
-            self._stream.close()
-        self._stream = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._closed = True
+        self.losses.report()
+

@@ -4,6 +4,9 @@ Sinks buffer records in memory and a background task writes them in a worker thr
 event loop never waits on disk. ``close()`` writes whatever is buffered: the app calls it on
 shutdown (aiohttp runs cleanup contexts on SIGTERM), so no record is lost on a graceful stop.
 Records never contain prompt or completion text.
+
+Lines follow gateway/logfile.py: one record, one line; client-chosen strings capped; records
+that could not be written counted, never raised.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import sys
 import threading
 from typing import Any, Protocol, TextIO
 
-import orjson
-
 from gateway.context import RequestContext
+from gateway.logfile import (
+    LineWriter,
+    RecordLosses,
+    client_request_id,
+    client_text,
+    json_line,
+)
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -43,25 +50,36 @@ class AuditSink(Protocol):
 class _BufferedLineSink:
     """Shared buffering: JSON-encode on emit, write batches from a worker thread."""
 
-    def __init__(self, flush_interval: float = 1.0, max_buffer: int = 10_000) -> None:
+    def __init__(self, writer: LineWriter, losses: RecordLosses, flush_interval: float = 1.0,
+                 max_buffer: int = 10_000, fsync: bool = False) -> None:
+        self.losses = losses
+        self._writer = writer
         self._lines: list[str] = []
         self._interval = flush_interval
         self._max_buffer = max_buffer
-        self._write_lock = threading.Lock()  # periodic flush and close may overlap in threads
+        self._fsync = fsync
+        self._flush_lock = threading.Lock()  # batches leave in order, even when flushes overlap
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.emitted = 0
-        self.dropped = 0
-        self.write_errors = 0
+
+    @property
+    def dropped(self) -> int:
+        """Records lost so far, whatever the reason (see ``losses.counts``)."""
+        return self.losses.total
 
     def emit(self, record: dict[str, Any]) -> None:
+        if self._closed:
+            self.losses.count("closed")
+            return
         try:
-            line = orjson.dumps(record, default=str).decode()
-        except TypeError:
-            self.dropped += 1
+            line = json_line(record)
+        except TypeError as exc:
+            self.losses.count("unserialisable", 1, exc)
             return
         if len(self._lines) >= self._max_buffer:
             # The writer cannot keep up (disk full or stalled): shed load rather than grow memory.
-            self.dropped += 1
+            self.losses.count("queue_full")
             return
         self._lines.append(line)
         self.emitted += 1
@@ -86,66 +104,57 @@ class _BufferedLineSink:
             await asyncio.to_thread(self.flush_sync)
 
     def flush_sync(self) -> None:
-        """Blocking flush, for shutdown paths without an event loop."""
-        with self._write_lock:
+        """Blocking flush, for shutdown paths without an event loop. Never raises."""
+        with self._flush_lock:
             lines, self._lines = self._lines, []
-            if not lines:
-                return
-            try:
-                self._write("".join(f"{line}\n" for line in lines))
-            except OSError:
-                self.write_errors += 1
-                log.exception("audit write failed; %d records lost", len(lines))
+            if lines:
+                self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
 
-    def _write(self, data: str) -> None:
-        raise NotImplementedError
+    async def reopen(self) -> None:
+        """Write what is buffered, then reopen the file (log rotation; SIGHUP, admin reload)."""
+        await asyncio.to_thread(self._reopen_sync)
+
+    def _reopen_sync(self) -> None:
+        with self._flush_lock:
+            lines, self._lines = self._lines, []
+            if lines:
+                self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
+            self._writer.reopen()
 
     async def close(self) -> None:
+        self._closed = True
         await cancel_and_wait(self._task)
         self._task = None
-        await asyncio.to_thread(self.flush_sync)
-        self._close()
+        await asyncio.to_thread(self._close_sync)
 
-    def _close(self) -> None:
-        pass
+    def _close_sync(self) -> None:
+        self.flush_sync()
+        self._writer.close()
+        self.losses.report()
 
 
 class JsonlFileSink(_BufferedLineSink):
-    """Appends JSON lines to ``path`` (opened in append mode; log rotation by rename is safe)."""
+    """Appends JSON lines to ``path`` (append mode: ``copytruncate`` rotation is safe; after a
+    rotation by rename, SIGHUP or ``POST /admin/reload`` reopens the path)."""
 
     def __init__(self, path: str | os.PathLike[str], flush_interval: float = 1.0,
                  max_buffer: int = 10_000, fsync: bool = False) -> None:
-        super().__init__(flush_interval, max_buffer)
         self.path = os.fspath(path)
-        self._fsync = fsync
-        self._file: TextIO | None = None
+        losses = RecordLosses("audit")
+        super().__init__(LineWriter(losses, path=self.path), losses, flush_interval, max_buffer, fsync)
 
-    def _write(self, data: str) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # kept open between batches
-        self._file.write(data)
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
-
-    def _close(self) -> None:
-        with self._write_lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+    def open(self) -> None:
+        """Open the file now (blocking: at start-up); raises OSError when it cannot be appended
+        to. Without this call the file is opened by the first write."""
+        self._writer.open()
 
 
 class StdoutSink(_BufferedLineSink):
     """JSON lines on standard output (containers ship stdout to the log pipeline)."""
 
     def __init__(self, stream: TextIO | None = None, flush_interval: float = 1.0) -> None:
-        super().__init__(flush_interval)
-        self._stream = stream
-
-    def _write(self, data: str) -> None:
-        stream = self._stream or sys.stdout
-        stream.write(data)
-        stream.flush()
+        losses = RecordLosses("audit")
+        super().__init__(LineWriter(losses, stream=stream), losses, flush_interval)
 
 
 class _UtcMillis:
@@ -170,18 +179,25 @@ utc_millis = _UtcMillis()
 
 
 def build_audit_record(ctx: RequestContext) -> dict[str, Any]:
-    """The audit record of one finished request. Never includes prompt or completion text."""
+    """The audit record of one finished request. Never includes prompt or completion text.
+
+    ``request_id`` is the gateway's own; what the client sent as ``X-Request-Id`` is only
+    ``client_request_id``. Strings a client or a token issuer chose are capped (client_text).
+    """
     outcome = ctx.outcome
     principal, client, usage = ctx.principal, ctx.client, ctx.usage
     decision = ctx.decision
     record: dict[str, Any] = {
         "ts": utc_millis(ctx.wall_time),
         "request_id": ctx.request_id,
-        "principal": {"authenticated": principal.authenticated, "account": principal.account,
-                      "org": principal.org, "tier": principal.tier, "key_id": principal.key_id},
+        "client_request_id": client_request_id(ctx),
+        "principal": {"authenticated": principal.authenticated, "source": principal.source,
+                      "issuer": client_text(principal.issuer), "account": client_text(principal.account),
+                      "org": client_text(principal.org), "tier": client_text(principal.tier),
+                      "key_id": client_text(principal.key_id)},
         "client": {"ip": str(client.ip) if client.ip else None, "country": client.country,
                    "asn": client.asn},
-        "api": str(ctx.request.api), "route": ctx.request.route, "model": ctx.request.model,
+        "api": str(ctx.request.api), "route": ctx.request.route, "model": client_text(ctx.request.model),
         "stream": ctx.request.stream,
         "decision": "deny" if decision is not None else "allow",
         "status": ctx.status or (decision.status if decision else None),

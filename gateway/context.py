@@ -68,6 +68,7 @@ class Principal:
     created_at: float | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    issuer: str | None = None  # the JWT issuer (``iss``) that vouched for a "jwt" principal
 
 
 @dataclass(slots=True)

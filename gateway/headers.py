@@ -15,12 +15,14 @@ HOP_BY_HOP = frozenset({
 # The client's gateway credentials and what the gateway itself sets: never forwarded.
 # Content-Encoding: aiohttp has already decoded a compressed body, and the body goes upstream as
 # read. OpenAI-Organization/-Project choose the provider account a request bills to: that is the
-# gateway's upstream credential's business, not the client's.
+# gateway's upstream credential's business, not the client's. The request id upstream is the
+# gateway's (X-Request-Id, set below); a client's own id is audited as client_request_id.
 CLIENT_ONLY = frozenset({
     "authorization", "x-api-key", "api-key", "cookie", "host", "content-length", "content-encoding",
     "accept-encoding", "x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host",
     "x-forwarded-proto", "true-client-ip", "cf-connecting-ip", "x-client-ip",
     "openai-organization", "openai-project", "x-tollgate-challenge", "x-tollgate-solution",
+    "x-request-id", "request-id",
 })
 # The provider account behind the gateway's upstream credential is not the client's to see.
 UPSTREAM_ONLY = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie",

@@ -12,7 +12,6 @@ import functools
 import ipaddress
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -41,8 +40,6 @@ class AuditSink(Protocol):
 
 
 AuditBuilder = Callable[[RequestContext], dict[str, Any]]
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class _RandomIds:
@@ -75,10 +72,12 @@ _random_ids = _RandomIds()
 os.register_at_fork(after_in_child=_random_ids.forget)
 
 
-def request_id_for(incoming: str | None) -> str:
-    """Propagate a well-formed incoming id; otherwise make one (unpredictable, 24 hex chars)."""
-    if incoming and _REQUEST_ID.match(incoming):
-        return incoming
+def new_request_id() -> str:
+    """The gateway's own id for a request: unpredictable, 24 hex characters.
+
+    A client's ``X-Request-Id`` is never adopted: the id is the audit trail's key, and a client
+    choosing it could collide with or impersonate another request's records. What the client
+    sent is recorded beside it as ``client_request_id`` (gateway/logfile.py)."""
     return _random_ids.next()
 
 
@@ -129,6 +128,7 @@ class Pipeline:
         self._settlers: tuple[Settling, ...] = tuple(s for s in stages if isinstance(s, Settling))  # type: ignore[misc]
         self._metrics = metrics
         self._access_log = access_log
+        access_log.losses.bind(metrics.lost_records("access"))
         self._max_body = max_body_bytes
         self._audit = audit
         self._audit_builder = audit_builder
@@ -136,7 +136,7 @@ class Pipeline:
     async def handle(self, request: web.Request, plan: RoutePlan) -> web.StreamResponse:
         route = plan.route
         ctx = RequestContext(
-            request_id=request_id_for(request.headers.get("x-request-id")),
+            request_id=new_request_id(),
             request=RequestView(api=route.api, route=route.name, path=request.path,
                                 method=request.method, headers=request.headers, billed=route.billed,
                                 generates=route.generates),

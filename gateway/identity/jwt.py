@@ -34,6 +34,7 @@ class _Verified:
     """The identity part of a verified token, shared by every request carrying that token."""
 
     account: str
+    issuer: str
     org: str | None
     tier: str | None
     issued_at: float | None
@@ -44,7 +45,7 @@ class _Verified:
     def principal(self) -> Principal:
         return Principal(authenticated=True, source="jwt", account=self.account, org=self.org,
                          tier=self.tier, created_at=self.issued_at, claims=self.claims,
-                         attributes=self.attributes)
+                         attributes=self.attributes, issuer=self.issuer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ class JwtVerifier:
         iat = claims.get("iat")
         return _Verified(
             account=account,
+            issuer=cfg.issuer,
             org=_scalar(claims, mapping.org),
             tier=_scalar(claims, mapping.tier) or cfg.default_tier,
             issued_at=float(iat) if isinstance(iat, int | float) else None,

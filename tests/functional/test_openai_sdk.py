@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 import openai
@@ -91,14 +92,17 @@ async def test_embeddings_and_models(gateway: RunningGateway) -> None:
     assert record["route"] == "models"
 
 
-async def test_request_id_is_propagated(gateway: RunningGateway) -> None:
+async def test_the_request_id_is_the_gateways_and_the_clients_is_recorded(gateway: RunningGateway) -> None:
     async with client(gateway) as c:
         raw = await c.chat.completions.with_raw_response.create(
             model="gpt-test",
             messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-request-id": "req-abc.123"},
         )
-    assert raw.headers["x-request-id"] == "req-abc.123"
+    rid = raw.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{24}", rid) and raw.request_id == rid
+    record = (await gateway.access_records())[-1]
+    assert record["request_id"] == rid and record["client_request_id"] == "req-abc.123"
 
 
 async def test_malformed_json_is_a_bad_request(gateway: RunningGateway) -> None:
