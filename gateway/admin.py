@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.app import RUNTIME, Runtime, _healthz, _readyz
 from gateway.pipeline import peer_address
+from gateway.policy.reload import ReloadOutcome
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -21,8 +22,10 @@ AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def authorised(request: web.Request, token_env: str | None) -> bool:
     token = os.environ.get(token_env) if token_env else None
     if token:
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        # aiohttp keeps undecodable header bytes as surrogates: restore the bytes rather than
+        # raise (a 500) on a stray byte.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
     peer = peer_address(request)
     return peer is not None and peer.is_loopback
 
@@ -45,14 +48,31 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _status(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    return web.json_response({"ready": runtime.ready, **runtime.readiness()})
+    detail = runtime.readiness()
+    return web.json_response({"ready": runtime.ready_for(detail), **detail})
+
+
+# A policy set on disk that cannot go live: the request was fine, what it asked for cannot be done.
+RELOAD_FAILED_STATUS = 422
 
 
 async def _reload(request: web.Request) -> web.Response:
-    """Reload policies, keys and GeoIP databases now; each keeps its last good state on error."""
+    """Reload policies, keys and GeoIP databases now; each keeps its last good state on error.
+
+    200 with ``reloaded: true`` when the policy files on disk now serve (``result`` ``ok`` or
+    ``unchanged``); 422 with ``reloaded: false`` and the ``error`` when they were refused, so a
+    deploy script notices. The outcome is the holder's latest: had the file watcher reloaded the
+    same files a moment later, that is the state of the files now on disk, which is what counts.
+    """
     runtime = request.app[RUNTIME]
     await runtime.features.reload()
-    return web.json_response({"reloaded": True, **runtime.readiness()})
+    holder = runtime.features.policy
+    outcome = holder.last_outcome if holder is not None else None
+    if outcome is ReloadOutcome.FAILED and holder is not None:
+        body = {"reloaded": False, "result": outcome.value, "error": holder.last_error, **runtime.readiness()}
+        return web.json_response(body, status=RELOAD_FAILED_STATUS)
+    result = outcome.value if outcome is not None else None
+    return web.json_response({"reloaded": True, "result": result, **runtime.readiness()})
 
 
 async def _explain(request: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ from gateway.accesslog import AccessLog
 from gateway.apis import adapters
 from gateway.context import ApiFamily
 from gateway.metrics import Metrics
-from gateway.pipeline import Pipeline, RoutePlan, Stage, request_id_for
+from gateway.pipeline import Pipeline, RoutePlan, Stage, new_request_id
 from gateway.settings import Settings, UpstreamSettings
 from gateway.stages.forward import Forwarder
 from gateway.upstream.base import Upstream, create_upstream
@@ -41,9 +41,15 @@ class Runtime:
         detail: dict[str, Any] = {
             "config_loaded": True,
             "upstreams": {name: u.ready for name, u in self.upstreams.items()},
+            "not_ready": self.features.not_ready_reasons(),  # component → why it fails readiness
         }
         detail.update(self.features.readiness())
         return detail
+
+    def ready_for(self, detail: dict[str, Any]) -> bool:
+        """Whether ``detail`` (from :meth:`readiness`) means ready to serve: started, every
+        upstream reachable and no component failing."""
+        return self.ready and all(detail["upstreams"].values()) and not detail["not_ready"]
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -94,14 +100,14 @@ def _guess_family(request: web.Request) -> ApiFamily:
 
 
 async def _unknown_route(request: web.Request) -> web.Response:
-    rid = request_id_for(request.headers.get("x-request-id"))
+    rid = new_request_id()
     return errors.error_response(_guess_family(request),
                                  errors.not_found(f"Unknown route {request.method} {request.path}."), rid)
 
 
 def _method_not_allowed(family: ApiFamily, allowed: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        rid = request_id_for(request.headers.get("x-request-id"))
+        rid = new_request_id()
         decision = errors.invalid_request(f"Method {request.method} is not allowed on {request.path}.")
         decision = replace(decision, status=405, headers={"Allow": allowed})  # RFC 9110 §15.5.6
         return errors.error_response(family, decision, rid)
@@ -116,7 +122,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     detail = runtime.readiness()
-    ok = runtime.ready and all(detail["upstreams"].values())
+    ok = runtime.ready_for(detail)
     return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
 
 
@@ -141,6 +147,8 @@ def create_app(settings: Settings, stages: Sequence[Stage] | None = None) -> web
             runtime.features = Features(stages=list(override))
         runtime.settings, runtime.mock_runner = await _start_mock(runtime.settings)
         await runtime.access_log.start()
+        # Log rotation by rename: SIGHUP and POST /admin/reload reopen the access log too.
+        runtime.features.reloaders.append(runtime.access_log.reopen)
         await runtime.features.start()
         plans = _route_plans(runtime)
         stages: list[Stage] = list(runtime.features.stages)

@@ -14,6 +14,7 @@ from importlib import metadata
 import uvloop
 
 from gateway.settings import Settings, load_settings, with_overrides
+from gateway.upstream.mock.options import MAX_CHUNKS, MAX_DELAY_S
 from gateway.yamlsource import ConfigError
 
 EXIT_INVALID = 2
@@ -33,6 +34,48 @@ def _feature_commands() -> list[Callable[[argparse._SubParsersAction[argparse.Ar
     return feature_commands()
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        # Left alone, the kernel takes 99999 modulo 65536 and listens on an unexpected port.
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
+    return value
+
+
+def int_in_range(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """argparse type: an integer from ``low`` to ``high`` (None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in_range(low: float, high: float, what: str) -> Callable[[str], float]:
+    """argparse type: a finite number from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Tollgate: a policy gateway for model APIs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,16 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
     run.add_argument("--host", help="listen address (overrides listen.host)")
-    run.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    run.add_argument("--port", type=port_number, help="listen port 0-65535 (overrides listen.port)")
     run.add_argument("--upstream", help="base URL of the default upstream (overrides the config)")
-    run.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.add_argument("--workers", type=int_in_range(1, None, "a positive number of worker processes"),
+                     help="worker processes sharing the port (SO_REUSEPORT)")
     run.set_defaults(func=_cmd_run)
 
     mock = sub.add_parser("mock-upstream", help="run the built-in mock model upstream")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=9000)
-    mock.add_argument("--chunks", type=int, default=8, help="content deltas per streamed choice")
-    mock.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay before each delta")
+    mock.add_argument("--port", type=port_number, default=9000)
+    chunks = int_in_range(0, MAX_CHUNKS, f"a number of chunks from 0 to {MAX_CHUNKS}")
+    mock.add_argument("--chunks", type=chunks, default=8, help="content deltas per streamed choice")
+    max_delay_ms = MAX_DELAY_S * 6 * 1000  # what MockOptions accepts for chunk_delay
+    mock.add_argument("--chunk-delay-ms", default=0.0, help="delay before each delta",
+                      type=float_in_range(0.0, max_delay_ms, f"milliseconds from 0 to {max_delay_ms:.0f}"))
     mock.set_defaults(func=_cmd_mock)
 
     version = sub.add_parser("version", help="print the version")

@@ -10,7 +10,7 @@ errors, disconnects) keep the library's types.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import generate_latest
@@ -134,8 +134,16 @@ class Metrics:
                                        ["kind"], registry=r)
         self.client_disconnects = Counter("tollgate_client_disconnects",
                                           "Responses abandoned by the client before the end.", registry=r)
-        self.reloads = Counter("tollgate_reloads", "Reloads of policies, keys or geo databases.",
-                               ["what", "result"], registry=r)
+        self.reloads = Counter(
+            "tollgate_reloads", "Reload attempts from any trigger (file watcher, SIGHUP, admin call), by "
+            "what was reloaded (only 'policy' today) and result: ok (a new version went live), unchanged "
+            "(same content as the serving version), failed (refused; the last good version keeps serving).",
+            ["what", "result"], registry=r)
+        self.log_records_lost = Counter(
+            "tollgate_log_records_lost",
+            "Access-log and audit records that could not be written, by log (access, audit) and "
+            "reason (write_error: disk full or I/O error; queue_full: the writer fell behind; "
+            "unserialisable; closed: emitted after shutdown).", ["log", "reason"], registry=r)
 
     def observe_request(self, route: str, status: int, seconds: float, input_tokens: int,
                         output_tokens: int, decision: str) -> None:
@@ -148,6 +156,14 @@ class Metrics:
         self.tokens_out += output_tokens
         decisions = self.decision_counts
         decisions[decision] = decisions.get(decision, 0) + 1
+
+    def lost_records(self, log: str) -> Callable[[str, int], None]:
+        """The counter of one log's lost records, as ``count(reason, n)`` (RecordLosses.bind)."""
+
+        def count(reason: str, n: int) -> None:
+            self.log_records_lost.labels(log, reason).inc(n)
+
+        return count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

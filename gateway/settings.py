@@ -8,13 +8,14 @@ feature's own parser, registered in :data:`SECTION_PARSERS`-style table built in
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gateway.apis import all_routes
-from gateway.yamlsource import ConfigError, Issues, Node, read_duration
+from gateway.upstream.mock.options import MAX_CHUNKS, MAX_DELAY_S
+from gateway.yamlsource import ConfigError, Issues, Mark, Node, read_duration
 
 API_CHOICES = ("auto", "openai", "anthropic")
 UPSTREAM_CLIENTS = ("pool", "session")
@@ -77,7 +78,9 @@ class LogSettings:
     access_log: str | None = "-"  # "-" stdout, a path, or null to disable
     audit_log: str | None = None  # a JSONL path, "-" stdout, or null
     level: str = "INFO"
-    log_prompts: bool = False  # never on by default: prompts are user data
+    # Where access_log/audit_log were set: a file that cannot be opened at start-up is reported
+    # at its line (key → Mark).
+    marks: Mapping[str, Mark] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,33 @@ def _port(node: Node, key: str, default: int) -> int:
         node.error(f"expected a port number 0-65535, got {value!r}", key)
         return default
     return value
+
+
+MAX_MOCK_DELAY = MAX_DELAY_S * 6  # what the mock accepts (MockOptions)
+
+# Each poll walks the policy directory: below this it is a busy loop (0 pinned a core), and a
+# change is never needed live faster than a tenth of a second.
+MIN_WATCH_INTERVAL = 0.1
+
+
+def _watch_interval(policies: Node) -> float:
+    interval = read_duration(policies, "watch_interval", 1.0)
+    node = policies.child("watch_interval")
+    if node is not None and interval < MIN_WATCH_INTERVAL:
+        node.error(f"expected an interval of at least {MIN_WATCH_INTERVAL * 1000:g}ms, got "
+                   f"{interval:g}s; use 'watch: false' to turn watching off")
+        return 1.0
+    return interval
+
+
+def _chunks(mock: Node) -> int:
+    chunks = mock.get("chunks", int, 8)
+    node = mock.child("chunks")
+    if node is not None and chunks is not None and not 0 <= chunks <= MAX_CHUNKS:
+        # At the value, like every other range error; the mock itself would refuse it at start.
+        node.error(f"expected a number of chunks from 0 to {MAX_CHUNKS}, got {chunks}")
+        return 8
+    return 8 if chunks is None else chunks
 
 
 def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
@@ -232,8 +262,8 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
             enabled=bool(mock.get("enabled", bool, False)),
             host=mock.get("host", str, "127.0.0.1") or "127.0.0.1",
             port=_port(mock, "port", 9000),
-            chunks=mock.get("chunks", int, 8) or 8,
-            chunk_delay=read_duration(mock, "chunk_delay", 0.0)))
+            chunks=_chunks(mock),
+            chunk_delay=read_duration(mock, "chunk_delay", 0.0, high=MAX_MOCK_DELAY)))
     if root.has("max_body_bytes"):
         settings = replace(settings, max_body_bytes=_size(root, "max_body_bytes", settings.max_body_bytes))
     if (routes := root.child("routes")) is not None and routes.expect_list("a list of route names"):
@@ -253,17 +283,22 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
             directory = str(base_dir / directory)
         settings = replace(settings, policies=PolicySettings(
             dir=directory, watch=bool(pol.get("watch", bool, True)),
-            watch_interval=read_duration(pol, "watch_interval", 1.0),
+            watch_interval=_watch_interval(pol),
             run_tests_on_reload=bool(pol.get("run_tests_on_reload", bool, True))))
     if (log := root.child("logging")) is not None and log.expect_mapping():
         log.check_keys({"access_log", "audit_log", "level", "log_prompts"})
+        if log.get("log_prompts", bool, False) and (switch := log.child("log_prompts")) is not None:
+            # Accepting it and logging nothing would be a silent surprise: say so instead.
+            switch.error("prompt logging is not supported (prompt text is never written to any log), "
+                         "expected false or no key")
         level = (log.get("level", str, "INFO") or "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             log.error(f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}", "level")
         settings = replace(settings, logging=LogSettings(
             access_log=_resolve(_nullable(log, "access_log", "-"), base_dir),
             audit_log=_resolve(_nullable(log, "audit_log", None), base_dir), level=level,
-            log_prompts=bool(log.get("log_prompts", bool, False))))
+            marks={key: child.mark for key in ("access_log", "audit_log")
+                   if (child := log.child(key)) is not None}))
     if root.has("workers"):
         workers = root.get("workers", int, 1)
         if workers is None or workers < 1:

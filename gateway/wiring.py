@@ -31,6 +31,8 @@ class Features:
     starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     status: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    # name → why that component keeps the gateway out of rotation now (None: it does not).
+    not_ready: dict[str, Callable[[], str | None]] = field(default_factory=dict)
     # (method, path, handler, mutating) served on the admin listener.
     admin_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]], bool]] = field(default_factory=list)
     reloaders: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -58,6 +60,11 @@ class Features:
     def readiness(self) -> dict[str, Any]:
         return {name: describe() for name, describe in self.status.items()}
 
+    def not_ready_reasons(self) -> dict[str, str]:
+        """The components failing readiness now, each with its reason (empty when all are ready)."""
+        reasons = {name: check() for name, check in self.not_ready.items()}
+        return {name: reason for name, reason in reasons.items() if reason is not None}
+
 
 def check_deployment(settings: Settings) -> None:
     """Refuse configurations that would silently misbehave (raises ConfigError)."""
@@ -76,21 +83,69 @@ def check_deployment(settings: Settings) -> None:
     if settings.workers > 1 and risk is not None and risk.enabled and not risk.challenge.secret:
         problems.append(f"--workers {settings.workers} needs a shared proof-of-work secret: set the "
                         "variable named by risk.challenge.secret_env (default TOLLGATE_CHALLENGE_SECRET)")
-    if problems:
-        raise ConfigError([Issue(Mark(settings.source, 1, 1), "workers", p) for p in problems])
+    issues = [Issue(Mark(settings.source, 1, 1), "workers", p) for p in problems]
+    # Log files are checked here too, before any worker starts, so N workers do not each print it.
+    issues += _unwritable_log_files(settings)
+    if issues:
+        raise ConfigError(issues)
 
 
-def _audit_sink(target: str | None) -> AuditSink | None:
-    from gateway.audit import JsonlFileSink, StdoutSink
+def check_log_files(settings: Settings) -> None:
+    """Raise ConfigError naming each log file that cannot be opened for appending."""
+    issues = _unwritable_log_files(settings)
+    if issues:
+        raise ConfigError(issues)
 
+
+def _unwritable_log_files(settings: Settings) -> list[Issue]:
+    issues: list[Issue] = []
+    for key in ("access_log", "audit_log"):
+        path = getattr(settings.logging, key)
+        if path in (None, "-"):
+            continue
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            issues.extend(_unwritable_log(settings, key, path, exc).issues)
+    return issues
+
+
+def _unwritable_log(settings: Settings, key: str, path: str, exc: OSError) -> ConfigError:
+    from gateway.logfile import unwritable
+
+    mark = settings.logging.marks.get(key) or Mark(settings.source, 1, 1)
+    return ConfigError([Issue(mark, f"logging.{key}", unwritable(path, exc))])
+
+
+def _add_logs(features: Features, settings: Settings, metrics: Metrics) -> None:
+    """The audit sink, and a check that both log files can be opened for appending: a gateway
+    that cannot write its trail refuses to start (ConfigError naming the setting and its line)
+    rather than serve while silently dropping records. Blocking: runs off the event loop."""
+    from gateway.audit import JsonlFileSink, StdoutSink, build_audit_record
+
+    check_log_files(settings)  # the access log itself is opened when the app starts
+    target = settings.logging.audit_log
     if target is None:
-        return None
+        return
+    sink: JsonlFileSink | StdoutSink
     if target == "-":
-        return StdoutSink()
-    return JsonlFileSink(target)
+        sink = StdoutSink()
+    else:
+        sink = JsonlFileSink(target)
+        try:
+            sink.open()
+        except OSError as exc:
+            raise _unwritable_log(settings, "audit_log", target, exc) from exc
+    sink.losses.bind(metrics.lost_records("audit"))
+    features.reloaders.append(sink.reopen)  # log rotation: reopen the file on SIGHUP / admin reload
+    features.audit_sink = sink
+    features.audit_builder = build_audit_record
+    features.stoppers.insert(0, sink.close)
 
 
 def _add_identity(features: Features, settings: Settings) -> None:
+    from gateway.geo.base import lookups_failing
     from gateway.geo.config import GeoIpConfig
     from gateway.geo.maxmind import MaxMindGeoProvider
     from gateway.identity.config import IdentityConfig
@@ -111,6 +166,9 @@ def _add_identity(features: Features, settings: Settings) -> None:
         features.stoppers.append(geo.close)
         features.reloaders.append(geo.reload)
         features.status["geoip"] = lambda: [dataclasses.asdict(i) for i in geo.databases()]
+        # A database failing lookups answers "unknown" to region rules: out of rotation (and
+        # alerted on) until its file is replaced or a minute passes without an error.
+        features.not_ready["geoip"] = lambda: lookups_failing(geo)
         features.collector.geo = geo.databases
 
     identity_cfg = settings.sections.get("identity") or IdentityConfig()
@@ -124,15 +182,19 @@ def _add_identity(features: Features, settings: Settings) -> None:
 
 def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> None:
     from gateway.policy.builtin_actions import default_registry
-    from gateway.policy.reload import PolicyHolder
+    from gateway.policy.reload import PolicyHolder, ReloadOutcome
     from gateway.stages.match import MatchStage
 
     directory = settings.policies.dir
     if directory is None:
         return
+    def count_reload(outcome: ReloadOutcome) -> None:
+        # Every trigger (file watcher, SIGHUP, admin call) is counted, under its own result.
+        metrics.reloads.labels("policy", outcome.value).inc()
+
     holder = PolicyHolder.load(directory, registry=default_registry(), settings=settings,
                                run_policy_tests=settings.policies.run_tests_on_reload,
-                               watch_interval=settings.policies.watch_interval)
+                               watch_interval=settings.policies.watch_interval, on_reload=count_reload)
     features.stages.append(MatchStage(holder))
     features.policy = holder
     features.collector.policy = lambda: holder
@@ -142,8 +204,7 @@ def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> Non
             holder.start_watching()
 
     async def reload() -> None:
-        ok = await holder.reload()
-        metrics.reloads.labels("policy", "ok" if ok else "unchanged_or_failed").inc()
+        await holder.reload()
 
     features.starters.append(start)
     features.stoppers.append(holder.stop)
@@ -217,8 +278,6 @@ def _add_quota(features: Features, settings: Settings) -> None:
 
 def build_features(settings: Settings, metrics: Metrics) -> Features:
     """Raises ConfigError (or PolicyTestsFailed) when a feature's inputs are invalid."""
-    from gateway.audit import build_audit_record
-
     features = Features()
     metrics.registry.register(features.collector)
     _add_identity(features, settings)
@@ -226,8 +285,5 @@ def build_features(settings: Settings, metrics: Metrics) -> Features:
     _add_policy(features, settings, metrics)
     _add_quota(features, settings)
     _add_friction(features, settings)
-    features.audit_sink = _audit_sink(settings.logging.audit_log)
-    if features.audit_sink is not None:
-        features.audit_builder = build_audit_record
-        features.stoppers.insert(0, features.audit_sink.close)
+    _add_logs(features, settings, metrics)
     return features

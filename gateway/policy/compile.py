@@ -19,6 +19,7 @@ from gateway.policy.matchers import ALWAYS, AllOf, Cond, ConditionCompiler, Leaf
 from gateway.policy.registry import CompileEnv, MatchedAction, Registry
 from gateway.policy.schema import NamedList, PolicyFile, RuleDef, SettingsDef, parse_file
 from gateway.policy.testing import TestCase, parse_tests
+from gateway.policy.textfile import read_utf8
 from gateway.yamlsource import ConfigError, Issue, Issues, Mark, _issue_order
 
 # Index on the most selective field a rule constrains: one account or model narrows far more
@@ -28,6 +29,9 @@ INDEX_PRIORITY = (
     "client.registered_country", "client.asn", "principal.tier", "request.route", "request.path",
     "principal.source", "request.api", "request.method",
 )
+
+NO_POLICY_FILES = ("no policy files (*.yaml, *.yml), expected at least one; a set meant to allow every "
+                   "request says so in a file holding 'version: 1'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +43,41 @@ class Source:
 
 
 def read_policy_dir(directory: str | os.PathLike[str]) -> list[Source]:
-    """All ``*.yaml``/``*.yml`` files below ``directory`` (hidden ones skipped), in path order."""
+    """All ``*.yaml``/``*.yml`` files below ``directory`` (hidden ones skipped), in path order.
+
+    Raises :class:`ConfigError` naming every file that cannot be read as UTF-8 text (a broken
+    symlink, a permission problem, a stray byte) and when there is no policy file at all: an
+    empty set would go live as "allow everything", which is never what an emptied or mis-synced
+    directory means.
+    """
     root = Path(directory)
     if not root.is_dir():
         missing = Issue(Mark(str(root), 1, 1), "", "policy directory not found, expected a directory")
         raise ConfigError([missing])
     found: list[Source] = []
+    problems: list[Issue] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         # Editors and deploy tools leave dot-files (swap files, atomic-rename temporaries).
         if any(part.startswith(".") for part in rel.parts) or path.suffix not in (".yaml", ".yml"):
             continue
-        if path.is_file():
-            found.append(Source(rel.as_posix(), path.read_text(encoding="utf-8")))
+        name = rel.as_posix()
+        if path.is_symlink() and not path.exists():
+            problems.append(Issue(Mark(name, 1, 1), "", "broken symbolic link (its target does not exist), "
+                                  "expected a policy file"))
+        elif path.is_dir():
+            continue
+        elif not path.is_file():
+            problems.append(Issue(Mark(name, 1, 1), "", "not a regular file, expected a policy file"))
+        else:
+            try:
+                found.append(Source(name, read_utf8(path, name)))
+            except ConfigError as exc:
+                problems.extend(exc.issues)
+    if problems:
+        raise ConfigError(problems)
+    if not found:
+        raise ConfigError([Issue(Mark(str(root), 1, 1), "", NO_POLICY_FILES)])
     return found
 
 
@@ -77,6 +103,8 @@ def compile_sources(sources: Sequence[Source], registry: Registry | None = None,
     """Compile a policy set; returns (snapshot or None on errors, every error and warning)."""
     registry = registry or default_registry()
     issues = Issues()
+    if not sources:
+        issues.error(Mark("<policy set>", 1, 1), "", NO_POLICY_FILES)
     names = frozenset(registry.actions)
     files = [f for s in sorted(sources, key=lambda s: s.name)
              if (f := parse_file(s.name, s.text, names, issues)) is not None]

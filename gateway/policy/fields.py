@@ -42,6 +42,18 @@ _NOT_COUNTRIES = MappingProxyType({
 })
 
 
+# AS numbers are 32-bit (RFC 6793); anything outside can never equal a looked-up ASN, so a rule
+# naming one would silently never match.
+MAX_ASN = 2**32 - 1
+
+
+def asn_problem(value: int) -> str | None:
+    """Why ``value`` is not an AS number, or None when it is one."""
+    if 0 <= value <= MAX_ASN:
+        return None
+    return f"{value} is not an AS number, expected an integer from 0 to {MAX_ASN}"
+
+
 def country_problem(code: str) -> str | None:
     """Why ``code`` is not an accepted country code, or None when it is one."""
     if code in ISO_COUNTRIES:

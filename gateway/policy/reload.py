@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,14 @@ from gateway.watch import FileWatcher
 from gateway.yamlsource import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class ReloadOutcome(StrEnum):
+    """What one reload did; the values are the ``result`` label of the reload metrics."""
+
+    OK = "ok"  # a new revision went live
+    UNCHANGED = "unchanged"  # the files hash to the serving revision: nothing to do
+    FAILED = "failed"  # invalid, unreadable or failing its tests: the last good set keeps serving
 
 
 class PolicyTestsFailed(Exception):
@@ -77,7 +87,9 @@ class PolicyHolder:
     def __init__(self, directory: str | os.PathLike[str], snapshot: Snapshot, *,
                  registry: Registry | None = None, settings: Any = None,
                  run_policy_tests: bool = True, watch_interval: float = 1.0,
-                 debounce: float = 0.5) -> None:
+                 debounce: float = 0.5, on_reload: Callable[[ReloadOutcome], None] | None = None) -> None:
+        if not watch_interval > 0:  # zero polls the directory in a busy loop; "not >" refuses nan too
+            raise ValueError(f"watch_interval must be positive, got {watch_interval}")
         self.directory = Path(directory)
         self._current = snapshot
         self._registry = registry
@@ -87,19 +99,24 @@ class PolicyHolder:
         self._debounce = debounce
         self._lock = asyncio.Lock()
         self._watcher: FileWatcher | None = None
+        self._on_reload = on_reload
         self.last_error: str | None = None
+        self.last_outcome: ReloadOutcome | None = None
         self.stats = ReloadStats()
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, registry: Registry | None = None,
-             settings: Any = None, run_policy_tests: bool = True, **kwargs: float) -> PolicyHolder:
+             settings: Any = None, run_policy_tests: bool = True, watch_interval: float = 1.0,
+             debounce: float = 0.5, on_reload: Callable[[ReloadOutcome], None] | None = None,
+             ) -> PolicyHolder:
         """Blocking initial load; raises ConfigError / PolicyTestsFailed."""
         snapshot = build_snapshot(directory, registry, settings, run_policy_tests)
         assert snapshot is not None
         for warning in snapshot.warnings:
             log.warning("policy: %s", warning)
         return cls(directory, snapshot, registry=registry, settings=settings,
-                   run_policy_tests=run_policy_tests, **kwargs)
+                   run_policy_tests=run_policy_tests, watch_interval=watch_interval, debounce=debounce,
+                   on_reload=on_reload)
 
     @property
     def current(self) -> Snapshot:
@@ -110,31 +127,39 @@ class PolicyHolder:
     def revision(self) -> str:
         return self._current.revision
 
-    async def reload(self) -> bool:
-        """Rebuild from disk off the event loop; True when a new snapshot went live."""
+    async def reload(self) -> ReloadOutcome:
+        """Rebuild from disk off the event loop; whichever trigger asked, the outcome is counted
+        (``stats``, ``on_reload``) and kept as ``last_outcome``."""
         async with self._lock:  # concurrent triggers (watcher + SIGHUP) must not race the swap
-            self.stats.last_attempt = time.time()
-            try:
-                snapshot = await asyncio.to_thread(
-                    build_snapshot, self.directory, self._registry, self._settings,
-                    self._run_tests, self._current.revision,
-                )
-            except (ConfigError, PolicyTestsFailed, OSError, UnicodeDecodeError) as exc:
-                self.stats.failed += 1
-                self.last_error = str(exc)
-                log.error("policy reload failed, keeping revision %s:\n%s", self._current.revision, exc)
-                return False
-            self.last_error = None
-            if snapshot is None:
-                self.stats.unchanged += 1
-                return False
-            old, self._current = self._current.revision, snapshot
-            self.stats.ok += 1
-            self.stats.last_success = time.time()
-            self.stats.history = [*self.stats.history[-9:], snapshot.revision]
-            log.info("policy reloaded: revision %s -> %s (%d rules)", old, snapshot.revision,
-                     len(snapshot.rules))
-            return True
+            outcome = await self._reload_locked()
+            self.last_outcome = outcome
+            if self._on_reload is not None:
+                self._on_reload(outcome)
+            return outcome
+
+    async def _reload_locked(self) -> ReloadOutcome:
+        self.stats.last_attempt = time.time()
+        try:
+            snapshot = await asyncio.to_thread(
+                build_snapshot, self.directory, self._registry, self._settings,
+                self._run_tests, self._current.revision,
+            )
+        except (ConfigError, PolicyTestsFailed, OSError) as exc:
+            self.stats.failed += 1
+            self.last_error = str(exc)
+            log.error("policy reload failed, keeping revision %s:\n%s", self._current.revision, exc)
+            return ReloadOutcome.FAILED
+        self.last_error = None
+        if snapshot is None:
+            self.stats.unchanged += 1
+            return ReloadOutcome.UNCHANGED
+        old, self._current = self._current.revision, snapshot
+        self.stats.ok += 1
+        self.stats.last_success = time.time()
+        self.stats.history = [*self.stats.history[-9:], snapshot.revision]
+        log.info("policy reloaded: revision %s -> %s (%d rules)", old, snapshot.revision,
+                 len(snapshot.rules))
+        return ReloadOutcome.OK
 
     def start_watching(self) -> None:
         """Reload when files under the policy directory change (polling, debounced)."""
@@ -158,5 +183,6 @@ class PolicyHolder:
             "reloads_ok": self.stats.ok, "reloads_failed": self.stats.failed,
             "reloads_unchanged": self.stats.unchanged, "last_attempt": self.stats.last_attempt,
             "last_success": self.stats.last_success, "last_error": self.last_error,
+            "last_result": self.last_outcome.value if self.last_outcome else None,
             "warnings": [str(w) for w in snap.warnings],
         }

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.policy.fields import country_problem
+from gateway.policy.fields import asn_problem, country_problem
 from gateway.yamlsource import Issues, Mark, Node
 
 POLICY_VERSION = 1
@@ -164,7 +164,12 @@ def _parse_lists(node: Node | None) -> list[NamedList]:
 def _list_value(kind: str, node: Node) -> Any:
     """Validate one value of a named list of ``kind``; None after reporting a problem."""
     if kind == "asns":
-        return node.as_type(int, what="an AS number (integer)")
+        asn = node.as_type(int, what="an AS number (integer)")
+        problem = asn_problem(asn) if asn is not None else None
+        if problem:
+            node.error(problem)
+            return None
+        return asn
     value = node.as_type(str)
     if value is None:
         return None

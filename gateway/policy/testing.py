@@ -7,16 +7,18 @@ Test cases live beside the policies (a ``tests:`` list in any policy file, by co
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.context import ApiFamily, ClientInfo, Principal, RequestContext, RequestView, RiskInfo
-from gateway.policy.fields import country_problem
+from gateway.ipaddr import parse_ip
+from gateway.policy.fields import asn_problem, country_problem
+from gateway.policy.textfile import read_utf8
 from gateway.yamlsource import ConfigError, Issues, Mark, Node
 
 if TYPE_CHECKING:
@@ -122,12 +124,12 @@ def _time(node: Node | None) -> float | None:
 def _ip(node: Node | None, key: str, value: str | None) -> Any:
     if value is None:
         return None
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        if node is not None:
-            (node.child(key) or node).error(f"'{value}' is not an IP address, expected e.g. 192.0.2.1")
-        return None
+    # Normalised exactly as the client_ip stage does for live traffic (IPv4-mapped, NAT64, 6to4,
+    # Teredo, zone ids), so a test case or explain decides as the gateway would.
+    address = parse_ip(value)
+    if address is None and node is not None:
+        (node.child(key) or node).error(f"'{value}' is not an IP address, expected e.g. 192.0.2.1")
+    return address
 
 
 def context_factory(node: Node, default_time: float | None = None) -> Callable[[], RequestContext] | None:
@@ -151,6 +153,9 @@ def context_factory(node: Node, default_time: float | None = None) -> Callable[[
         problem = country_problem(cli[key]) if isinstance(cli.get(key), str) else None
         if problem and client_node is not None:
             (client_node.child(key) or client_node).error(problem)
+    asn_issue = asn_problem(cli["asn"]) if isinstance(cli.get("asn"), int) else None
+    if asn_issue and client_node is not None:
+        (client_node.child("asn") or client_node).error(asn_issue)
     api = req.get("api", "openai")
     if api not in tuple(ApiFamily):
         (node.child("request") or node).error(f"unknown api '{api}', expected 'openai' or 'anthropic'")
@@ -187,9 +192,9 @@ def context_from_mapping(data: Mapping[str, Any], filename: str = "<request>") -
 
 
 def load_request_file(path: str) -> RequestContext:
-    """A request file for ``explain``: the request part of a test case."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    """A request file for ``explain``: the request part of a test case; ConfigError if invalid or
+    unreadable (including a file that is not UTF-8 text)."""
+    text = read_utf8(Path(path), path)
     issues = Issues()
     node = Node.parse(text, path, issues)
     make = context_factory(node) if node is not None else None

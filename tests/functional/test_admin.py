@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin import create_admin_app
 from gateway.upstream.mock_server import MockServer
@@ -45,6 +47,18 @@ async def chat(gw: RunningGateway, n: int) -> int:
         return r.status
 
 
+async def raw_status(url: str, header: bytes) -> int:
+    """POST /admin/reload with a header line as raw bytes (aiohttp's client would not send them)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /admin/reload HTTP/1.1\r\nHost: admin\r\n" + header
+                 + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return int(status_line.split()[1])
+
+
 async def test_metrics_status_reload_and_explain(
     mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,6 +80,7 @@ async def test_metrics_status_reload_and_explain(
             # A mutating call without the token is refused.
             async with s.post(url + "/admin/reload") as r:
                 assert r.status == 401
+            assert await raw_status(url, b"Authorization: Bearer \xff\xfeadmin-secret\r\n") == 401
             (policy_dir / "rules.yaml").write_text(POLICY.replace("gt: 2", "gt: 5"))
             auth = {"Authorization": "Bearer admin-secret"}
             async with s.post(url + "/admin/reload", headers=auth) as r:
@@ -88,3 +103,43 @@ async def test_metrics_status_reload_and_explain(
             async with s.post(url + "/admin/explain", headers=auth, json={"request": {"n": 6}}) as r:
                 explained = await r.json()
                 assert explained["decision"] == "deny" and explained["rule_id"] == "no-big-n"
+
+
+async def test_reload_answers_422_when_the_policy_set_is_refused_and_counts_each_result(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy script must see a refused set in the status code, and the metric must tell ok,
+    unchanged and failed apart (one label value per outcome, whatever triggered it)."""
+    policy_dir = tmp_path / "pol"
+    policy_dir.mkdir()
+    (policy_dir / "rules.yaml").write_text(POLICY)
+    monkeypatch.setenv("TG_TEST_ADMIN_TOKEN", "admin-secret")
+    extra = f"policies: {{dir: {policy_dir}, watch: false}}\nadmin: {{token_env: TG_TEST_ADMIN_TOKEN}}\n"
+    auth = {"Authorization": "Bearer admin-secret"}
+    async with start_gateway(mock_upstream.url, extra) as gw, admin(gw) as url, aiohttp.ClientSession() as s:
+        revision = gw.runtime.features.policy.revision
+
+        async def reload() -> tuple[int, dict[str, object]]:
+            async with s.post(url + "/admin/reload", headers=auth) as r:
+                return r.status, await r.json()
+
+        status, body = await reload()
+        assert (status, body["reloaded"], body["result"]) == (200, True, "unchanged")
+        assert "error" not in body
+        (policy_dir / "rules.yaml").write_text("version: 1\nrules:\n  - id: x\n    wen: {}\n")
+        status, body = await reload()
+        assert (status, body["reloaded"], body["result"]) == (422, False, "failed")
+        assert "rules.yaml:4:5: rules[0].wen: unknown key 'wen'" in str(body["error"])
+        (policy_dir / "rules.yaml").unlink()  # emptied: refused too, not "allow everything"
+        status, body = await reload()
+        assert status == 422 and f"{policy_dir}:1:1: no policy files" in str(body["error"])
+        assert gw.runtime.features.policy.revision == revision and await chat(gw, 3) == 400
+        (policy_dir / "rules.yaml").write_text(POLICY.replace("gt: 2", "gt: 5"))
+        status, body = await reload()
+        assert (status, body["reloaded"], body["result"]) == (200, True, "ok") and await chat(gw, 3) == 200
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+        reloads = {(sample.labels["what"], sample.labels["result"]): sample.value
+                   for family in text_string_to_metric_families(text) if family.name == "tollgate_reloads"
+                   for sample in family.samples if sample.name == "tollgate_reloads_total"}
+        assert reloads == {("policy", "unchanged"): 1, ("policy", "failed"): 2, ("policy", "ok"): 1}

@@ -93,6 +93,54 @@ def test_invalid_policy_at_start_exits_non_zero(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_an_emptied_policy_directory_refuses_to_start(tmp_path: Path) -> None:
+    """No policy file would otherwise start the gateway allowing every request."""
+    path = config(tmp_path, free_port())
+    (tmp_path / "pol" / "rules.yaml").unlink()
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'pol'}:1:1: no policy files (*.yaml, *.yml), expected at least one" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+PORT = "expected a port number 0-65535, got"
+DELAY = "expected milliseconds from 0 to 3600000, got"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--config", "g.yaml", "--port", "65536"], f"argument --port: {PORT} 65536"),
+    (["run", "--config", "g.yaml", "--port", "-1"], f"argument --port: {PORT} -1"),
+    (["run", "--config", "g.yaml", "--workers", "0"],
+     "argument --workers: expected a positive number of worker processes, got 0"),
+    (["mock-upstream", "--port", "99999"], f"argument --port: {PORT} 99999"),
+    (["mock-upstream", "--chunks", "100001"],
+     "argument --chunks: expected a number of chunks from 0 to 100000, got 100001"),
+    (["mock-upstream", "--chunk-delay-ms", "-5"], f"argument --chunk-delay-ms: {DELAY} -5"),
+    (["mock-upstream", "--chunk-delay-ms", "inf"], f"argument --chunk-delay-ms: {DELAY} inf"),
+    (["policy", "test", "pol", "--min-coverage", "101"],
+     "argument --min-coverage: expected a percentage from 0 to 100, got 101"),
+])
+def test_out_of_range_flags_are_usage_errors(argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """In process: argparse refuses them before anything starts (exit code 2, like a bad config)."""
+    from gateway.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_in_range_flags_parse() -> None:
+    from gateway.cli import build_parser
+
+    run = build_parser().parse_args(["run", "--config", "g.yaml", "--port", "0", "--workers", "4"])
+    assert (run.port, run.workers) == (0, 4)
+    mock = build_parser().parse_args(["mock-upstream", "--port", "65535", "--chunks", "0",
+                                      "--chunk-delay-ms", "3600000"])
+    assert (mock.port, mock.chunks, mock.chunk_delay_ms) == (65535, 0, 3600000.0)
+
+
 def test_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
     path = config(tmp_path, free_port())
     proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path), "--workers", "2"],

@@ -99,3 +99,38 @@ def test_upstream_client_choice() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings('upstreams: [{base_url: "http://x", client: httpx}]\n', "gw.yaml")
     assert str(info.value) == "gw.yaml:1:36: upstreams[0].client: expected one of pool, session, got 'httpx'"
+
+
+def test_watch_interval_below_100ms_is_refused_at_its_position() -> None:
+    base = "mock_upstream: {enabled: true}\npolicies:\n  dir: pol\n  watch_interval: %s\n"
+    for value, shown in [("50ms", "0.05s"), ("0", "0s")]:
+        with pytest.raises(ConfigError) as info:
+            parse_settings(base % value, "gw.yaml")
+        assert str(info.value) == (f"gw.yaml:4:19: policies.watch_interval: expected an interval of at least "
+                                   f"100ms, got {shown}; use 'watch: false' to turn watching off")
+    assert parse_settings(base % "100ms", "gw.yaml").policies.watch_interval == 0.1
+
+
+def test_mock_upstream_chunks_and_chunk_delay_are_bounded() -> None:
+    text = "mock_upstream:\n  enabled: true\n  chunks: %s\n  chunk_delay: %s\n"
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text % ("100001", "2h"), "gw.yaml")
+    assert str(info.value).splitlines() == [
+        "gw.yaml:3:11: mock_upstream.chunks: expected a number of chunks from 0 to 100000, got 100001",
+        "gw.yaml:4:16: mock_upstream.chunk_delay: must be between 0s and 3600s, got 7200s",
+    ]
+    with pytest.raises(ConfigError, match="mock_upstream.chunks: expected a number of chunks from 0 to "
+                                          "100000, got -1"):
+        parse_settings(text % ("-1", "0"), "gw.yaml")
+    # 0 chunks is a valid mock (an empty completion), not "unset, use 8".
+    mock = parse_settings(text % ("0", "1h"), "gw.yaml").mock_upstream
+    assert (mock.chunks, mock.chunk_delay) == (0, 3600.0)
+
+
+def test_prompt_logging_cannot_be_switched_on() -> None:
+    text = "mock_upstream: {enabled: true}\nlogging:\n  log_prompts: %s\n"
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text % "true", "gw.yaml")
+    assert str(info.value) == ("gw.yaml:3:16: logging.log_prompts: prompt logging is not supported (prompt "
+                               "text is never written to any log), expected false or no key")
+    parse_settings(text % "false", "gw.yaml")  # stating the default is fine

@@ -209,3 +209,65 @@ async def test_match_stage_sets_outcome_and_revision() -> None:
     assert decision is not None and decision.status == 403 and decision.rule_id == "d"
     assert ctx.policy_revision == snapshot.revision and ctx.outcome.rule_id == "d"
     assert await stage(context_from_mapping({"client": {"country": "US"}})) is None
+
+
+IP_RULES = """version: 1
+rules:
+  - {id: mapped-literal, when: {field: client.ip, equals: "::ffff:192.0.2.5"}, tag: a}
+  - {id: nat64-in-list, when: {field: client.ip, in: ["64:ff9b::c633:6407"]}, tag: b}
+  - {id: mapped-cidr, when: {field: client.ip, cidr: "::ffff:203.0.113.0/120"}, tag: c}
+  - {id: nat64-cidr, when: {field: client.ip, cidr: "64:ff9b::6440:0/120"}, tag: d}
+"""
+
+
+@pytest.mark.parametrize(("client_ip", "matched"), [
+    ("192.0.2.5", ["mapped-literal"]),
+    ("198.51.100.7", ["nat64-in-list"]),
+    ("203.0.113.200", ["mapped-cidr"]),
+    ("100.64.0.99", ["nat64-cidr"]),
+    ("2001:db8::1", []),
+])
+def test_ip_conditions_compare_as_the_client_ip_stage_normalises(client_ip: str, matched: list[str]) -> None:
+    """Live client addresses arrive normalised (IPv4 inside IPv6 becomes IPv4); an operand written
+    in an IPv6 form must still match them, or a region rule would silently never fire."""
+    snapshot = compile_text(IP_RULES)
+    assert evaluate(snapshot, context_from_mapping({"client": {"ip": client_ip}})).matched == matched
+
+
+@pytest.mark.parametrize(("written", "normalised"), [
+    ("::ffff:192.0.2.5", "192.0.2.5"),  # IPv4-mapped
+    ("64:ff9b::c000:205", "192.0.2.5"),  # NAT64
+    ("2002:c000:205::1", "192.0.2.5"),  # 6to4
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # Teredo (inverted)
+    ("fe80::1%eth0", "fe80::1"),  # zone id dropped
+])
+def test_test_cases_and_explain_requests_normalise_client_ip(written: str, normalised: str) -> None:
+    ctx = context_from_mapping({"client": {"ip": written}})
+    assert str(ctx.client.ip) == normalised and ctx.client.peer_ip == ctx.client.ip
+    rule = f'{{id: r, when: {{field: client.ip, equals: "{normalised}"}}, deny: true}}'
+    snapshot = compile_text(f"version: 1\nrules:\n  - {rule}\n")
+    assert evaluate(snapshot, ctx).decision == "deny"
+
+
+def test_a_cidr_inside_6to4_or_teredo_space_is_warned_about() -> None:
+    text = ('version: 1\nrules:\n  - {id: r, when: {field: client.ip, cidr: ["2002:c000:200::/40", '
+            '"10.0.0.0/8"]}, deny: true}\n')
+    snapshot, issues = compile_sources([Source("p.yaml", text)])
+    assert snapshot is not None
+    assert [str(i) for i in issues] == [
+        "p.yaml:3:44: warning: rules[0].when.cidr: '2002:c000:200::/40' lies in 6to4 space, whose clients "
+        "are matched as the IPv4 address they carry, so this never matches; expected an IPv4 CIDR"
+    ]
+
+
+def test_asn_operands_and_test_case_asns_must_be_32_bit() -> None:
+    text = "version: 1\nrules:\n  - {id: r, when: {field: client.asn, equals: 4294967296}, deny: true}\n"
+    _, issues = compile_sources([Source("p.yaml", text)])
+    assert [str(i) for i in issues] == [
+        "p.yaml:3:47: rules[0].when.equals: 4294967296 is not an AS number, expected an integer from 0 "
+        "to 4294967295"
+    ]
+    assert compile_text(text.replace("4294967296", "4294967295")).rules
+    with pytest.raises(ConfigError, match="client.asn: -1 is not an AS number"):
+        context_from_mapping({"client": {"asn": -1}})
+    assert context_from_mapping({"client": {"asn": 4294967295}}).client.asn == 4294967295

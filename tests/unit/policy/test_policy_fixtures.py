@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,65 @@ tests:
     assert snapshot is not None and issues == []
     report = run_tests(snapshot)
     assert len(report.results) == 2 and not report.failed, [r.failures for r in report.failed]
+
+
+@pytest.mark.parametrize("content", [{}, {"README.md": "notes", ".hidden.yaml": "version: 1\n"}],
+                         ids=["empty", "no-yaml"])
+def test_a_directory_without_policy_files_is_refused(tmp_path: Path, content: dict[str, str]) -> None:
+    """An emptied directory must not go live as "allow everything"."""
+    for name, text in content.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        read_policy_dir(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}:1:1: no policy files (*.yaml, *.yml), expected at least one; a set meant to allow "
+        "every request says so in a file holding 'version: 1'"
+    )
+    _, issues = compile_sources([])
+    assert [i.message for i in issues] == [str(info.value).split(":1:1: ", 1)[1]]
+
+
+def test_a_file_holding_only_the_version_is_an_explicit_empty_set(tmp_path: Path) -> None:
+    (tmp_path / "00-open.yaml").write_text("version: 1\n")
+    assert load_policy_dir(tmp_path).rules == ()
+
+
+def test_a_dangling_symlink_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "10-a.yaml").write_text("version: 1\n")
+    (tmp_path / "20-link.yaml").symlink_to(tmp_path / "moved-away.yaml")
+    with pytest.raises(ConfigError) as info:
+        read_policy_dir(tmp_path)
+    assert str(info.value) == (
+        "20-link.yaml:1:1: broken symbolic link (its target does not exist), expected a policy file"
+    )
+
+
+def test_non_utf8_policy_file_names_file_line_and_column(tmp_path: Path) -> None:
+    (tmp_path / "10-a.yaml").write_bytes(
+        b"version: 1\nrules:\n  - id: r\n    description: caf\xe9 rule\n    deny: true\n"
+    )
+    (tmp_path / "20-b.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        read_policy_dir(tmp_path)
+    assert str(info.value).splitlines() == [
+        "10-a.yaml:4:21: invalid UTF-8 (byte 0xe9), expected a UTF-8 text file",
+        "20-b.yaml:1:1: invalid UTF-8 (byte 0xff), expected a UTF-8 text file",
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_policy_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    policy = tmp_path / "10-a.yaml"
+    policy.write_text("version: 1\n")
+    policy.chmod(0)
+    with pytest.raises(ConfigError) as info:
+        read_policy_dir(tmp_path)
+    assert str(info.value) == "10-a.yaml:1:1: cannot read file: Permission denied, expected a readable file"
+
+
+def test_a_fifo_is_not_read(tmp_path: Path) -> None:
+    """Opening a FIFO would block the reload thread forever."""
+    (tmp_path / "10-a.yaml").write_text("version: 1\n")
+    os.mkfifo(tmp_path / "20-pipe.yaml")
+    with pytest.raises(ConfigError, match=r"^20-pipe.yaml:1:1: not a regular file, expected a policy file$"):
+        read_policy_dir(tmp_path)
