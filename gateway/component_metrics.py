@@ -60,8 +60,10 @@ def _store(stats: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
 
 def _policy(holder: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     stats = holder.stats
-    reloads = CounterMetricFamily("tollgate_policy_reloads", "Policy reload attempts by result.",
-                                  labels=["result"])
+    reloads = CounterMetricFamily(
+        "tollgate_policy_reloads", "Policy reload attempts from any trigger (file watcher, SIGHUP, admin "
+        "call) by result: ok (a new revision went live), unchanged (the files hash to the serving "
+        "revision), failed (refused; the last good set keeps serving).", labels=["result"])
     for result in ("ok", "failed", "unchanged"):
         reloads.add_metric([result], getattr(stats, result))
     info = GaugeMetricFamily("tollgate_policy_revision", "The policy revision serving now (value 1).",

@@ -134,11 +134,6 @@ class Metrics:
                                        ["kind"], registry=r)
         self.client_disconnects = Counter("tollgate_client_disconnects",
                                           "Responses abandoned by the client before the end.", registry=r)
-        self.reloads = Counter(
-            "tollgate_reloads", "Reload attempts from any trigger (file watcher, SIGHUP, admin call), by "
-            "what was reloaded (only 'policy' today) and result: ok (a new version went live), unchanged "
-            "(same content as the serving version), failed (refused; the last good version keeps serving).",
-            ["what", "result"], registry=r)
         self.log_records_lost = Counter(
             "tollgate_log_records_lost",
             "Access-log and audit records that could not be written, by log (access, audit) and "

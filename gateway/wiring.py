@@ -180,21 +180,17 @@ def _add_identity(features: Features, settings: Settings) -> None:
     features.status["identity"] = identity.status
 
 
-def _add_policy(features: Features, settings: Settings, metrics: Metrics) -> None:
+def _add_policy(features: Features, settings: Settings) -> None:
     from gateway.policy.builtin_actions import default_registry
-    from gateway.policy.reload import PolicyHolder, ReloadOutcome
+    from gateway.policy.reload import PolicyHolder
     from gateway.stages.match import MatchStage
 
     directory = settings.policies.dir
     if directory is None:
         return
-    def count_reload(outcome: ReloadOutcome) -> None:
-        # Every trigger (file watcher, SIGHUP, admin call) is counted, under its own result.
-        metrics.reloads.labels("policy", outcome.value).inc()
-
     holder = PolicyHolder.load(directory, registry=default_registry(), settings=settings,
                                run_policy_tests=settings.policies.run_tests_on_reload,
-                               watch_interval=settings.policies.watch_interval, on_reload=count_reload)
+                               watch_interval=settings.policies.watch_interval)
     features.stages.append(MatchStage(holder))
     features.policy = holder
     features.collector.policy = lambda: holder
@@ -282,7 +278,7 @@ def build_features(settings: Settings, metrics: Metrics) -> Features:
     metrics.registry.register(features.collector)
     _add_identity(features, settings)
     _add_risk(features, settings)
-    _add_policy(features, settings, metrics)
+    _add_policy(features, settings)
     _add_quota(features, settings)
     _add_friction(features, settings)
     _add_logs(features, settings, metrics)
