@@ -130,7 +130,9 @@ class Metrics:
         self.active_streams = ActiveStreams()
         r.register(_RequestPathCollector(self))
         self.upstream_errors = Counter("tollgate_upstream_errors",
-                                       "Upstream failures, by kind (connect, timeout, reset).",
+                                       "Upstream failures, by kind (connect, timeout, reset; protocol: a "
+                                       "malformed response or an unrequested 1xx; too_large: over the "
+                                       "response size limit).",
                                        ["kind"], registry=r)
         self.client_disconnects = Counter("tollgate_client_disconnects",
                                           "Responses abandoned by the client before the end.", registry=r)

@@ -23,7 +23,9 @@ from gateway.apis.sse import SseOverflow, SseSplitter
 from gateway.context import Decision, RequestContext
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
-from gateway.upstream.base import Upstream, UpstreamConnectError, UpstreamResponse
+from gateway.upstream.base import Upstream, UpstreamConnectError, UpstreamProtocolError, UpstreamResponse
+
+_NO_BODY = frozenset({204, 304})  # a Content-Length on these describes another response
 
 
 class UpstreamFailure(Exception):
@@ -40,7 +42,14 @@ def _failure(exc: BaseException) -> UpstreamFailure:
         return UpstreamFailure(errors.gateway_timeout(), "timeout")
     if isinstance(exc, aiohttp.ClientConnectorError | UpstreamConnectError):
         return UpstreamFailure(errors.bad_gateway(), "connect")
+    if isinstance(exc, UpstreamProtocolError | aiohttp.ClientResponseError):  # pool | session
+        return _malformed()
     return UpstreamFailure(errors.bad_gateway("The upstream model service failed."), "reset")
+
+
+def _malformed() -> UpstreamFailure:
+    return UpstreamFailure(errors.bad_gateway("The upstream model service sent a malformed response."),
+                           "protocol")
 
 
 class _HeadersWithFirstEvents(web.StreamResponse):
@@ -89,12 +98,15 @@ class Forwarder:
                 ctx.upstream_ttfb = time.perf_counter()
                 self._ttfb.observe(ctx.upstream_ttfb - ctx.upstream_started)
                 ctx.upstream_status = up.status
+                if up.status < 200:  # a 101 no one asked for (interim 1xx were skipped)
+                    raise _malformed()
                 if ctx.first_byte_delay > 0:
                     await asyncio.sleep(ctx.first_byte_delay)
                 if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
                     return await self._relay_stream(request, ctx, route, up)
                 return await self._relay_body(ctx, route, up)
-        except UpstreamFailure:
+        except UpstreamFailure as refused:  # too large, or not a response to relay
+            self._metrics.upstream_errors.labels(refused.kind).inc()
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             failure = _failure(exc)
@@ -115,24 +127,27 @@ class Forwarder:
     async def _relay_body(
         self, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
     ) -> web.Response:
-        too_large = UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
         if up.content_length is not None:
-            if up.content_length > self._max_response:
-                raise too_large
-            data = await up.read()  # bounded by the declared length
+            if up.content_length > self._max_response and up.status not in _NO_BODY:
+                raise self._too_large()
+            data = await up.read()  # bounded by the declared length (the parser enforces it)
         else:
             parts: list[bytes] = []
             size = 0
             async for part in up.content.iter_any():
                 size += len(part)
                 if size > self._max_response:
-                    raise too_large
+                    raise self._too_large()
                 parts.append(part)
             data = b"".join(parts)
         if up.status == 200 and up.content_type == "application/json" and data:
             data = self._account_body(ctx, route, data)
         headers = self._response_headers(ctx, up)
         return web.Response(status=up.status, body=data, headers=headers)
+
+    @staticmethod
+    def _too_large() -> UpstreamFailure:
+        return UpstreamFailure(errors.bad_gateway("The upstream response is too large."), "too_large")
 
     def _account_body(self, ctx: RequestContext, route: RouteSpec, data: bytes) -> bytes:
         try:
@@ -207,7 +222,11 @@ class Forwarder:
                 last = await self._relay_events(response, splitter, handler, up, first, pace)
                 tail = splitter.tail()
                 if tail.strip():
-                    last += tail
+                    # A last event without its blank line: shaped and accounted like any other,
+                    # and relayed as unterminated as it came (a client may discard it, per SSE).
+                    shaped = handler.on_event(tail.rstrip(b"\r\n"))
+                    if shaped is not None:
+                        last += shaped
             except (
                 TimeoutError,
                 aiohttp.ClientPayloadError,

@@ -7,13 +7,40 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import StreamReader
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.settings import UpstreamSettings
 
+# Methods a client may repeat without changing the outcome (RFC 9110 §9.2.2), as aiohttp lists them.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 
 class UpstreamConnectError(aiohttp.ClientConnectionError):
     """The upstream could not be connected to (refused, unreachable, TLS or DNS failure)."""
+
+
+class UpstreamProtocolError(aiohttp.ClientError):
+    """The upstream's response is not valid HTTP/1.1 for this request: an unparseable status line
+    or header block, one over the parser's limits, framing that contradicts itself
+    (``Transfer-Encoding`` with ``Content-Length``), or too many interim (1xx) responses."""
+
+
+class BodyErrorResponseHandler(ResponseHandler):
+    """aiohttp's response protocol, with one fix (aiohttp 3.14): when the parser fails on a
+    malformed body (a bad chunk size mid-stream), aiohttp fails the connection but never tells
+    the body's ``StreamReader``; its reader then waits forever, and the read timeout is dropped
+    with the connection. Here the body fails too, as a ``ClientPayloadError``."""
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        payload = self._payload
+        super().set_exception(exc, exc_cause)
+        if (isinstance(exc, HttpProcessingError) and payload is not None and not payload.is_eof()
+                and payload.exception() is None):
+            error = aiohttp.ClientPayloadError(f"Response payload is malformed: {exc.message}")
+            payload.set_exception(error, exc)
 
 
 class UpstreamResponse(Protocol):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from multidict import CIMultiDict
 
 from gateway.settings import UpstreamSettings
+from gateway.upstream.base import BodyErrorResponseHandler
 
 
 class AiohttpUpstream:
@@ -24,6 +26,11 @@ class AiohttpUpstream:
             enable_cleanup_closed=True,
             keepalive_timeout=30,
         )
+        # aiohttp's own protocol leaves a body whose chunked framing breaks mid-stream waiting
+        # forever (BodyErrorResponseHandler); the connector builds its protocols with _factory
+        # (tests/unit/upstream/test_pool_faults.py checks the installed aiohttp still does).
+        connector._factory = functools.partial(  # type: ignore[assignment]  # a subclass's partial
+            BodyErrorResponseHandler, loop=connector._loop)
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -23,12 +24,17 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.settings import UpstreamSettings
-from gateway.upstream.base import UpstreamConnectError
+from gateway.upstream.base import (
+    IDEMPOTENT_METHODS,
+    BodyErrorResponseHandler,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
 
 if TYPE_CHECKING:
     from aiohttp import StreamReader
@@ -39,18 +45,22 @@ log = logging.getLogger(__name__)
 # aiohttp's StreamReader high-water mark; one response body buffer per connection.
 _READ_BUFSIZE = 2**16
 _IDLE_SECONDS = 30.0  # keep-alive: idle connections older than this are closed
+_MAX_INTERIM = 16  # interim (1xx) responses skipped before the final one; more is a broken upstream
 
 
-class _Connection(ResponseHandler):
+class _Connection(BodyErrorResponseHandler):
     """One upstream connection; ``last_activity`` is what the pool's sweeper times out on."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.clock = loop.time
         self.last_activity = loop.time()
+        self.received = False  # a byte arrived since the current request was written
+        self.reused = False  # it served a request before this one (kept alive in the pool)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.clock()
+        self.received = True
         super().data_received(data)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
@@ -111,25 +121,47 @@ class PooledUpstream:
                       body: bytes | None) -> AsyncIterator[PooledResponse]:
         head = self._head(method, path_qs, headers, body)
         conn = await self._acquire()
+        held = True  # the pool slot is ours to give back (not while a replacement connects)
         reusable = False
         try:
-            conn.last_activity = conn.clock()
-            transport = conn.transport
-            if transport is None:
-                raise aiohttp.ServerDisconnectedError()
-            if body:
-                transport.writelines((head, body))
-            else:
-                transport.write(head)
             while True:
-                message, payload = await conn.read()
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break  # interim (1xx) responses are skipped, as aiohttp does
-            response = PooledResponse(message, payload)
-            yield response
+                conn.received = False
+                conn.last_activity = conn.clock()
+                transport = conn.transport
+                if transport is None:
+                    raise aiohttp.ServerDisconnectedError()
+                if body:
+                    transport.writelines((head, body))
+                else:
+                    transport.write(head)
+                try:
+                    message, payload = await conn.read()
+                    interim = 0
+                    while 100 <= message.code < 200 and message.code != 101:
+                        interim += 1  # interim responses are skipped, as aiohttp does; 101 is the
+                        if interim > _MAX_INTERIM:  # forwarder's to refuse (nothing asked to switch)
+                            raise UpstreamProtocolError(f"more than {_MAX_INTERIM} interim responses")
+                        message, payload = await conn.read()
+                except HttpProcessingError as exc:  # the status line or headers (aiohttp's own class)
+                    raise UpstreamProtocolError(f"malformed response head: {exc.message}") from exc
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A kept-alive connection the upstream closed as it was reused (its idle timeout
+                    # raced ours) before a byte of the response: an idempotent request is sent again,
+                    # once, on a new connection. A POST is not: the upstream may have read it and
+                    # begun generating, and a second generation would be billed twice.
+                    if (conn.received or not conn.reused or method not in IDEMPOTENT_METHODS
+                            or self._closed):
+                        raise
+                    held = False
+                    conn = await self._replace(conn)
+                    held = True
+                    continue
+                break
+            yield PooledResponse(message, payload)
             reusable = payload.is_eof() and not message.should_close and not conn.should_close
         finally:
-            self._release(conn, reusable)
+            if held:
+                self._release(conn, reusable)
 
     def _head(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None) -> bytes:
         parts = [f"{method} {self._prefix}{path_qs} HTTP/1.1\r\n", self._host_line]
@@ -150,14 +182,28 @@ class PooledUpstream:
         conn = self._take_idle()
         if conn is not None:
             return conn
+        deadline: float | None = None
         while self._open >= self._limit:
-            waiter = asyncio.get_running_loop().create_future()
+            # Waiting for a free connection counts against connect_timeout, as in aiohttp's
+            # connector: a pool held by long streams answers 504, it does not hold the client.
+            loop = asyncio.get_running_loop()
+            if deadline is None and self.settings.connect_timeout > 0:
+                deadline = loop.time() + self.settings.connect_timeout
+            waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
-            except asyncio.CancelledError:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:  # cancelled, or the deadline passed
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # pass the slot we were given on to the next waiter
+                else:
+                    with contextlib.suppress(ValueError):  # no dead waiters piling up in a stall
+                        self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise aiohttp.ConnectionTimeoutError(
+                        f"no free connection to {self._host}:{self._port} within "
+                        f"{self.settings.connect_timeout:g}s (pool_size {self._limit})") from exc
                 raise
             conn = self._take_idle()
             if conn is not None:
@@ -191,7 +237,7 @@ class PooledUpstream:
             # The system trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured), hostname checked.
             self._ssl = await asyncio.to_thread(ssl.create_default_context)
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
+            async with asyncio.timeout(self.settings.connect_timeout or None):  # 0: no limit
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop), self._host, self._port, ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None)
@@ -203,10 +249,24 @@ class PooledUpstream:
         conn.set_response_params(read_until_eof=True, auto_decompress=False, read_bufsize=_READ_BUFSIZE)
         return conn
 
+    async def _replace(self, stale: _Connection) -> _Connection:
+        """A new connection in the pool slot of ``stale``, which is closed."""
+        self._busy.discard(stale)
+        stale.abort()
+        try:
+            conn = await self._connect()
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+        self._busy.add(conn)
+        return conn
+
     def _release(self, conn: _Connection, reusable: bool) -> None:
         self._busy.discard(conn)
         if reusable and not self._closed and conn.is_connected():
             conn.last_activity = conn.clock()
+            conn.reused = True
             self._idle.append(conn)
             self._wake()
         else:
@@ -227,9 +287,10 @@ class PooledUpstream:
     # -- timeouts ---------------------------------------------------------------------------
     async def _sweep(self) -> None:
         """Read timeout for busy connections, idle timeout for pooled ones: one task, not a timer
-        per chunk. Precision is a quarter of the read timeout, at most one second."""
+        per chunk. Precision is a quarter of the read timeout, at most one second. A read timeout
+        of 0 means none (as in aiohttp's ``ClientTimeout``)."""
         read_timeout = self.settings.read_timeout
-        tick = min(1.0, read_timeout / 4)
+        tick = max(0.01, min(1.0, read_timeout / 4)) if read_timeout > 0 else 1.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)
@@ -240,7 +301,8 @@ class PooledUpstream:
 
     def _expire(self, now: float, read_timeout: float) -> None:
         """Fail busy connections silent for ``read_timeout``; close long-idle pooled ones."""
-        for conn in [c for c in self._busy if now - c.last_activity > read_timeout]:
+        silent = [c for c in self._busy if now - c.last_activity > read_timeout] if read_timeout > 0 else []
+        for conn in silent:
             # aiohttp's ResponseHandler internals (tests/unit/upstream/test_pool.py checks that
             # the installed aiohttp still has them); read defensively so that an aiohttp which
             # renamed them still gets read timeouts, only without the two exceptions below.
