@@ -100,19 +100,25 @@ class AnthropicAdapter:
 
 
 _DELTA = b"event: content_block_delta"
+_BLOCK_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop"})
+_THINKING_DELTAS = frozenset({"thinking_delta", "signature_delta"})
 
 
 class MessagesStream:
-    """``event:``/``data:`` pairs; thinking blocks dropped with indices renumbered when shaping."""
+    """``event:``/``data:`` pairs; thinking blocks dropped with indices renumbered when shaping.
 
-    __slots__ = ("_usage", "_shaping", "_deltas", "_dropped", "_index_map")
+    The SDKs' accumulators append a block on ``content_block_start`` and address it by ``index``
+    afterwards, so every later block's index moves down by the number of thinking blocks dropped
+    before it, in every event that names it.
+    """
+
+    __slots__ = ("_usage", "_shaping", "_deltas", "_dropped")
 
     def __init__(self, usage: Usage, shaping: Shaping) -> None:
         self._usage = usage
         self._shaping = shaping
         self._deltas = 0
-        self._dropped: set[int] = set()
-        self._index_map: dict[int, int] = {}
+        self._dropped: list[int] = []  # indexes of the thinking blocks dropped so far
 
     def on_event(self, raw: bytes) -> bytes | None:
         if raw.startswith(_DELTA):
@@ -128,36 +134,67 @@ class MessagesStream:
                 payload = _loads(event_data(raw))
                 if payload and isinstance(payload.get("usage"), dict):
                     _read_usage(payload["usage"], self._usage, final=True)
-        if self._shaping.strip_reasoning and raw.startswith(b"event: content_block"):
-            return self._renumber(raw)
+        if self._shaping.strip_reasoning:
+            return self._shape(raw)
         return raw
 
     def on_chunk(self, chunk: bytes) -> bool:
-        # message_start / message_delta carry usage: those chunks take the event path.
-        if self._shaping.active or b"event: message_" in chunk:
+        # Never while stripping thinking: every event must be parsed (see _shape); the API has no
+        # logprobs to strip. message_start / message_delta carry usage: those take the event path.
+        if self._shaping.strip_reasoning or b"event: message_" in chunk:
             return False
         self._deltas += chunk.count(b"event: content_block_delta\n")
         return True
 
-    def _renumber(self, raw: bytes) -> bytes | None:
-        payload = _loads(event_data(raw))
-        if payload is None or not isinstance(payload.get("index"), int):
+    def _shape(self, raw: bytes) -> bytes | None:
+        # Decide on the parsed payload, not on the framing: an ``event:`` line without its space,
+        # after an ``id:`` line or missing altogether must not let a thinking block through.
+        data = event_data(raw)
+        if not data.strip():
             return raw
-        index: int = payload["index"]
-        name = event_name(raw)
-        if name == b"content_block_start":
-            block = payload.get("content_block")
-            if isinstance(block, dict) and block.get("type") in _THINKING_BLOCKS:
-                self._dropped.add(index)
-                return None
-            self._index_map[index] = index - sum(1 for d in self._dropped if d < index)
-        if index in self._dropped:
+        payload = _loads(data)
+        if payload is None:
+            return None  # unreadable (cut or corrupt): it could hold thinking
+        kind = payload.get("type")
+        if kind == "message_start":
+            return self._shape_start(raw, payload)
+        if kind not in _BLOCK_EVENTS:
+            return raw
+        index = payload.get("index")
+        block = payload.get("content_block")
+        delta = payload.get("delta")
+        if (isinstance(block, dict) and block.get("type") in _THINKING_BLOCKS) or (
+            isinstance(delta, dict) and delta.get("type") in _THINKING_DELTAS
+        ):
+            if isinstance(index, int) and index not in self._dropped:
+                self._dropped.append(index)
             return None
-        new_index = self._index_map.get(index, index)
-        if new_index == index:
+        if not isinstance(index, int) or isinstance(index, bool):
             return raw
-        payload["index"] = new_index
-        return encode_event(_dumps(payload), name)
+        if index in self._dropped:
+            return None  # the stop of a thinking block
+        shift = sum(1 for d in self._dropped if d < index)
+        if not shift:
+            return raw
+        payload["index"] = index - shift
+        return encode_event(_dumps(payload), event_name(raw))
+
+    def _shape_start(self, raw: bytes, payload: dict[str, Any]) -> bytes:
+        """``message_start`` normally has no content; blocks it does carry take the first indexes."""
+        message = payload.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, list):
+            return raw
+        kept = []
+        for index, block in enumerate(content):
+            if isinstance(block, dict) and block.get("type") in _THINKING_BLOCKS:
+                self._dropped.append(index)
+            else:
+                kept.append(block)
+        if len(kept) == len(content):
+            return raw
+        message["content"] = kept
+        return encode_event(_dumps(payload), event_name(raw))
 
     def finish(self) -> None:
         if not self._usage.complete:

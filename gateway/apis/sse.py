@@ -51,20 +51,33 @@ class SseSplitter:
     """Feeds arbitrary chunks, returns complete raw events without their blank-line terminator
     (line ends normalised to ``\\n``)."""
 
-    __slots__ = ("_buffer", "_max")
+    __slots__ = ("_buffer", "_max", "_skip_lf")
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buffer = b""
         self._max = max_event_bytes
+        self._skip_lf = False  # the last chunk ended on a CR already taken as a line end
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]  # the second half of that CRLF
         buffer = self._buffer + chunk if self._buffer else chunk
         carry = b""
         if b"\r" in buffer:
             if buffer.endswith(b"\r"):
-                # A CR at the end may be the first half of a CRLF: decide with the next chunk.
-                buffer, carry = buffer[:-1], b"\r"
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                buffer = buffer[:-1].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                if buffer.endswith(b"\n"):
+                    # The CR ends a blank line whether a LF follows or not: the event is complete
+                    # now. Holding it back would leave the last event of a CR-framed stream to
+                    # the tail, which the relay sends without the handler seeing it.
+                    buffer += b"\n"
+                    self._skip_lf = True
+                else:
+                    carry = b"\r"  # maybe the first half of a CRLF: decide with the next chunk
+            else:
+                buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = buffer.split(b"\n\n")
         rest = events.pop()
         if len(rest) > self._max:
@@ -79,5 +92,5 @@ class SseSplitter:
 
     def tail(self) -> bytes:
         """Whatever partial event is left when the stream ends."""
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer, self._skip_lf = self._buffer, b"", False
         return rest
