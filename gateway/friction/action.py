@@ -6,7 +6,7 @@ friction:
   # challenge: {kind: reverify, url: https://example.com/verify}
   degrade: {strip_logprobs: true, strip_reasoning: true, force_n1: true,
             cap_max_tokens: 1024, cap_thinking_budget: 2048, fallback_model: small-model}
-  tarpit: {first_byte_delay: 2s, tokens_per_second: 5}
+  tarpit: {first_byte_delay: 2s, tokens_per_second: 5}   # delay up to 60s; rate 1-10000
   cap_tokens: {limit: 20000, per: 1h, key: cluster}  # account (default) | cluster
   deny: true                                         # or {status: 403, message: ...}
   ttl: 1h          # sticky: keeps applying to the account for this long (admin can clear it)
@@ -33,7 +33,12 @@ from gateway.yamlsource import DURATION_HELP, Node, parse_duration
 
 EFFECTS = ("cap_tokens", "challenge", "degrade", "deny", "tarpit")
 MAX_TTL = 90 * 86400.0
+# Tarpit bounds: a tarpit slows a client down, it must not park a connection (and the quota
+# concurrency slot it holds) for hours. 60 s before the first byte; at least one event (about one
+# token) per second while streaming. The stage clamps stored sticky actions to the same bounds.
 MAX_DELAY = 60.0
+MIN_RATE = 1.0
+MAX_RATE = 10_000.0
 DENY_MESSAGE = "This request is not permitted."
 _DEGRADE_FLAGS = ("strip_logprobs", "strip_reasoning", "force_n1")
 _DEGRADE_CAPS = ("cap_max_tokens", "cap_thinking_budget")
@@ -106,8 +111,8 @@ def _tarpit(node: Node) -> Tarpit | None:
         return None
     delay = _duration(delay_node, 0.0, MAX_DELAY, "first_byte_delay") if delay_node is not None else 0.0
     rate = node.get("tokens_per_second", float)
-    if rate is not None and rate <= 0:
-        node.error(f"expected a positive number, got {rate}", "tokens_per_second")
+    if rate is not None and rate_node is not None and not MIN_RATE <= rate <= MAX_RATE:  # refuses nan
+        rate_node.error(f"tokens_per_second must be between {MIN_RATE:g} and {MAX_RATE:g}, got {rate}")
         return None
     return Tarpit(delay, float(rate) if rate is not None else None) if delay is not None else None
 

@@ -1,15 +1,19 @@
 """Compiled friction actions, how several combine, and their JSON form (stored friction state).
 
-Combination (several matching rules, plus sticky state from earlier requests): ``deny`` wins;
-then a ``reverify`` challenge beats a proof-of-work one; proof-of-work difficulty is the highest
-asked (``from_risk`` resolves per request); degrade flags are OR-ed and caps take the minimum,
-the first ``fallback_model`` in rule order wins; tarpit takes the longest delay and the slowest
-rate; every ``cap_tokens`` applies (each is its own budget).
+Combination (several matching rules, plus sticky state from earlier requests), strongest first:
+``deny`` wins over everything; then a ``reverify`` challenge; then proof of work, at the highest
+difficulty asked (``from_risk`` resolves per request, the larger of it and any fixed number); only
+a request that gets past those is degraded, charged against every ``cap_tokens`` (each its own
+budget) and tarpitted. Degrade flags are OR-ed and its caps take the minimum; tarpit takes the
+longest delay and the slowest rate. Where one value must be picked (the ``deny`` status and
+message, the ``reverify`` URL, the ``fallback_model``), the first action added wins: the stage adds
+the matching rules in policy order, then the account's sticky state in rule-id order, so the
+result does not depend on the order a store returns the state in.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FROM_RISK = -1  # PowChallenge.difficulty placeholder: derive from the request's risk score
@@ -79,7 +83,12 @@ class FrictionAction:
     def from_json(cls, data: dict[str, Any]) -> FrictionAction:
         def part(name: str, kind: type[Any]) -> Any:
             raw = data.get(name)
-            return kind(**raw) if isinstance(raw, dict) else None
+            if not isinstance(raw, dict):
+                return None
+            # Fields this version does not know (a record saved by a newer replica) are ignored:
+            # the rest of the action still applies rather than the whole record being skipped.
+            known = {f.name for f in fields(kind)}
+            return kind(**{k: v for k, v in raw.items() if k in known})
 
         return cls(part("pow", PowChallenge), part("reverify", Reverify), part("degrade", Degrade),
                    part("tarpit", Tarpit), part("cap_tokens", CapTokens), part("deny", DenySpec),
@@ -91,7 +100,9 @@ class Combined:
     """The merged effect of every friction action that applies to one request."""
 
     deny: DenySpec | None = None
+    deny_rule: str | None = None
     reverify: Reverify | None = None
+    reverify_rule: str | None = None
     pow_difficulty: int | None = None  # FROM_RISK or a number; max of those asked
     pow_from_risk: bool = False
     degrade: Degrade | None = None
@@ -100,9 +111,9 @@ class Combined:
 
     def add(self, rule_id: str, action: FrictionAction) -> None:
         if action.deny is not None and self.deny is None:
-            self.deny = action.deny
+            self.deny, self.deny_rule = action.deny, rule_id
         if action.reverify is not None and self.reverify is None:
-            self.reverify = action.reverify
+            self.reverify, self.reverify_rule = action.reverify, rule_id
         if action.pow is not None:
             if action.pow.difficulty == FROM_RISK:
                 self.pow_from_risk = True

@@ -1,10 +1,27 @@
 """The friction stage (after quota): applies the ``friction`` actions the policy accumulated.
 
-Sources: enforced ``friction`` actions of ``ctx.outcome.actions`` and the account's sticky
-friction state (see :mod:`gateway.friction.state`). Shadow actions are never applied; what they
-would have done goes to ``ctx.audit["friction"]["would"]``. Order: deny → reverify → proof of
-work → degrade → ``cap_tokens`` (charged after degrade caps ``max_tokens``) → tarpit.
-Every applied friction is audited with the risk figures that led to it (never prompt text).
+Sources: enforced ``friction`` actions of ``ctx.outcome.actions`` (policy order) and the account's
+sticky friction state (see :mod:`gateway.friction.state`; rule-id order), combined as
+:mod:`gateway.friction.model` documents. Shadow actions are never applied; what they would have
+done goes to ``ctx.audit["friction"]["would"]``. Order: deny → reverify → proof of work →
+degrade → ``cap_tokens`` (charged after degrade caps ``max_tokens``) → tarpit.
+
+Audit (``ctx.audit["friction"]``, never prompt text): ``applied`` (rule, its effects, sticky or
+not), ``would`` (shadow rules), ``saved`` (sticky state this request created), ``effect`` (the
+answer that stopped the request: deny, reverify, pow), ``pow`` (issued, or the verdict on a
+solution) with ``difficulty``, ``cap_tokens`` (per budget: allowed, remaining; the reservation and
+what was settled), ``tarpit`` and the risk figures that led to it.
+
+``cap_tokens`` is reserved and reconciled like a quota token budget: the reservation (input
+estimate + ``max_tokens`` × ``n``, or 1,024 output tokens when ``max_tokens`` is absent) is checked
+and charged in one atomic store call for every cap of the request, all or none, and settled at the
+end of the response to what was consumed (a stream cut short pays for the output streamed and the
+input; a request that never reached the model, or that the model refused, pays nothing). A request
+stopped before this stage (quota, deny, challenge) charges nothing. Concurrent requests therefore
+never *reserve* past a cap; what they consume can exceed it only by what each request in flight
+uses beyond its own reservation (output past an absent ``max_tokens``' 1,024, or input above the
+estimate), so with ``max_tokens`` set the overshoot is bounded by the input estimate's error. A
+reservation larger than the whole cap can never fit: 429, not retryable.
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.context import Decision, RequestContext
+from gateway.friction.action import MAX_DELAY, MAX_RATE, MIN_RATE
 from gateway.friction.challenge import SOLUTION_HEADER, ChallengeIssuer, Verdict, difficulty_for
 from gateway.friction.degrade import apply_degrade
 from gateway.friction.model import CapTokens, Combined, FrictionAction
@@ -32,6 +50,19 @@ def _deny_kind(status: int) -> str:
         status, "invalid_request" if status < 500 else "unavailable")
 
 
+def _consumed(ctx: RequestContext, input_reserved: int) -> int:
+    """Tokens a request consumed, as the quota stage counts them (gateway/quota/stage.py)."""
+    usage = ctx.usage
+    if not ctx.request.billed:  # count_tokens, models: no model ran
+        return 0
+    if not (usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0):
+        failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
+        if ctx.upstream_started is None or failed:
+            return 0  # never reached the model (or it refused): nothing to pay for
+    input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
+    return input_tokens + usage.output_tokens
+
+
 class FrictionStage(SettlesNow):
     """Applies friction; returns a Decision for deny, challenges and exhausted token caps."""
 
@@ -41,8 +72,9 @@ class FrictionStage(SettlesNow):
         self._store = store
         self._settings = settings
         self._issuer = ChallengeIssuer(settings.secret, settings.ttl, clock)
-        # id(ctx) → (receipts, estimate): request ids come from clients and may repeat.
-        self._receipts: dict[int, tuple[list[Receipt], int]] = {}
+        # id(ctx) → (receipts, input reserved, total reserved): request ids come from clients
+        # and may repeat; the pipeline settles every request it ran this stage for.
+        self._receipts: dict[int, tuple[list[Receipt], int, int]] = {}
 
     @property
     def state(self) -> FrictionState:
@@ -52,36 +84,50 @@ class FrictionStage(SettlesNow):
     def issuer(self) -> ChallengeIssuer:
         return self._issuer
 
+    @property
+    def pending(self) -> int:
+        """cap_tokens reservations not settled yet (requests in flight)."""
+        return len(self._receipts)
+
     async def __call__(self, ctx: RequestContext) -> Decision | None:
         outcome_actions = getattr(ctx.outcome, "actions", None) or ()
         mine = [a for a in outcome_actions if a.name == "friction" and isinstance(a.value, FrictionAction)]
         account = ctx.principal.account
+        audit: dict[str, Any] = {"applied": [], "would": []}
         sticky: dict[str, FrictionAction] = {}
         if account and ctx.risk.signals.get("friction_active"):
             try:
-                sticky = {rid: action for rid, (action, _r) in (await self._state.load(account)).items()}
+                saved = await self._state.load(account)
+                # Rule-id order: the store's field order is its own, the combination must not be.
+                sticky = {rid: saved[rid][0] for rid in sorted(saved)}
             except StoreError:
-                sticky = {}
+                audit["state_error"] = "load"  # sticky friction not applied: fail open, audited
         if not mine and not sticky:
+            if audit.get("state_error"):
+                ctx.audit["friction"] = audit
             return None
         combined = Combined()
-        audit: dict[str, Any] = {"applied": [], "would": []}
+        applied: set[str] = set()
         for matched in mine:
             action: FrictionAction = matched.value
             if matched.shadow:
-                audit["would"].append({"rule": matched.rule_id, "effects": action.effects()})
+                audit["would"].append({"rule": matched.rule_id, "effects": action.effects(),
+                                       **({"ttl": action.ttl} if action.ttl else {})})
                 continue
             combined.add(matched.rule_id, action)
-            audit["applied"].append(matched.rule_id)
+            applied.add(matched.rule_id)
+            audit["applied"].append({"rule": matched.rule_id, "effects": action.effects()})
             if account and (action.ttl or action.reverify) and matched.rule_id not in sticky:
                 try:
-                    await self._state.save(account, matched.rule_id, action)
+                    record = await self._state.save(account, matched.rule_id, action, self._why(ctx))
+                    audit.setdefault("saved", []).append({"rule": matched.rule_id,
+                                                          "expires": record["expires"]})
                 except StoreError:
-                    audit["state_error"] = True
+                    audit["state_error"] = "save"
         for rule_id, action in sticky.items():
-            if rule_id not in audit["applied"]:
+            if rule_id not in applied:
                 combined.add(rule_id, action)
-                audit["applied"].append(f"{rule_id} (sticky)")
+                audit["applied"].append({"rule": rule_id, "effects": action.effects(), "sticky": True})
         if audit["applied"]:
             risk = ctx.risk
             audit["risk"] = {"score": risk.score, "cluster_score": risk.cluster_score,
@@ -90,16 +136,25 @@ class FrictionStage(SettlesNow):
         ctx.audit["friction"] = audit
         return await self._apply(ctx, combined, audit)
 
+    @staticmethod
+    def _why(ctx: RequestContext) -> dict[str, Any]:
+        """What a saved sticky record keeps of the request that saved it (for the listing)."""
+        risk = ctx.risk
+        return {"request_id": ctx.request_id,
+                "risk": {"score": round(risk.score, 4), "cluster_score": round(risk.cluster_score, 4),
+                         "cluster_id": risk.cluster_id}}
+
     async def _apply(self, ctx: RequestContext, c: Combined, audit: dict[str, Any]) -> Decision | None:
         if c.deny is not None:
             audit["effect"] = "deny"
             return Decision(status=c.deny.status, error_type=_deny_kind(c.deny.status),
-                            message=c.deny.message)
+                            message=c.deny.message, rule_id=c.deny_rule)
         if c.reverify is not None:
             audit["effect"] = "reverify"
             return Decision(
                 status=403, error_type="challenge", code="reverification_required",
                 message="Additional verification is required for this account.",
+                rule_id=c.reverify_rule,
                 headers={"WWW-Authenticate": f'Tollgate-Reverify url="{c.reverify.url}"'},
                 extra={"challenge": {"kind": "reverify", "url": c.reverify.url}},
             )
@@ -114,9 +169,13 @@ class FrictionStage(SettlesNow):
             if decision is not None:
                 return decision
         if c.tarpit is not None:
-            ctx.first_byte_delay = max(ctx.first_byte_delay, c.tarpit.first_byte_delay)
+            # Clamped again here: sticky records were validated by the policy that saved them,
+            # which may have had other bounds (or the store was written by hand).
+            delay = min(MAX_DELAY, max(0.0, c.tarpit.first_byte_delay))
+            ctx.first_byte_delay = max(ctx.first_byte_delay, delay)
             rate = c.tarpit.tokens_per_second
             if rate is not None:
+                rate = MIN_RATE if math.isnan(rate) else min(MAX_RATE, max(MIN_RATE, rate))
                 pace = ctx.pace_tokens_per_s
                 ctx.pace_tokens_per_s = rate if pace is None else min(pace, rate)
             audit["tarpit"] = {"delay": ctx.first_byte_delay, "rate": ctx.pace_tokens_per_s}
@@ -132,6 +191,7 @@ class FrictionStage(SettlesNow):
         if c.pow_from_risk:
             risk = max(ctx.risk.score, ctx.risk.cluster_score)
             required = max(required, difficulty_for(risk, s.min_difficulty, s.max_difficulty))
+        audit["difficulty"] = required
         principal = self._principal(ctx)
         solution = ctx.request.headers.get(SOLUTION_HEADER)
         if solution:
@@ -139,6 +199,7 @@ class FrictionStage(SettlesNow):
                 verdict = await self._issuer.verify(solution, principal, required, self._store.set_if_absent)
             except StoreError:
                 verdict = Verdict.REPLAYED  # cannot prove it is fresh: ask again (fail closed)
+                audit["pow_store_error"] = True
             audit["pow"] = verdict.value
             if verdict is Verdict.OK:
                 return None
@@ -146,7 +207,6 @@ class FrictionStage(SettlesNow):
             audit["pow"] = "issued"
         challenge = self._issuer.issue(principal, required)
         audit["effect"] = "pow"
-        audit["difficulty"] = required
         return Decision(
             status=401, error_type="challenge", code="challenge_required",
             message=f"Proof of work required: solve the challenge and send the solution in the "
@@ -158,7 +218,14 @@ class FrictionStage(SettlesNow):
     async def _caps(self, ctx: RequestContext, caps: list[tuple[str, CapTokens]],
                     audit: dict[str, Any]) -> Decision | None:
         view = ctx.request
-        estimate = view.input_tokens_estimate + (view.max_tokens or DEFAULT_OUTPUT_ESTIMATE)
+        input_est = max(0, view.input_tokens_estimate) if view.billed else 0
+        output_est = (view.max_tokens or DEFAULT_OUTPUT_ESTIMATE) * max(1, view.n) if view.generates else 0
+        estimate = input_est + output_est
+        note: dict[str, Any] = {"reserved": estimate}
+        audit["cap_tokens"] = note
+        if estimate == 0:
+            note["result"] = "nothing_to_reserve"  # no model runs (models, count_tokens)
+            return None
         charges = []
         for rule_id, cap in caps:
             who = ctx.risk.cluster_id if cap.key == "cluster" else ctx.principal.account
@@ -168,26 +235,41 @@ class FrictionStage(SettlesNow):
         try:
             result = await self._store.charge(charges)
         except StoreError:
-            audit["cap_tokens"] = "store_error"
+            note["result"] = "store_error"
             return None  # caps are friction, not quota: fail open, counted in the audit
+        states = list(zip(caps, result.states, strict=True))
+        note["caps"] = [{"rule": rule_id, "key": cap.key, "limit": cap.limit, "allowed": st.allowed,
+                         "remaining": st.remaining} for (rule_id, cap), st in states]
         if result.allowed:
-            self._receipts[id(ctx)] = (list(result.receipts), estimate)
-            audit["cap_tokens"] = "charged"
+            self._receipts[id(ctx)] = (list(result.receipts), input_est, estimate)
+            note["result"] = "charged"
             return None
-        retry = max((st.retry_after for st in result.states if not st.allowed), default=1.0)
-        retry_s = 3600 if math.isinf(retry) else max(1, math.ceil(retry))
-        audit["cap_tokens"] = "exhausted"
+        denied = [(rule_id, st) for (rule_id, _cap), st in states if not st.allowed]
+        rule_id, state = max(denied, key=lambda d: d[1].retry_after)
+        audit["effect"] = "cap_tokens"
+        if math.isinf(state.retry_after):
+            note["result"] = "never_fits"
+            return Decision(status=429, error_type="rate_limit", rule_id=rule_id, retryable=False,
+                            message=f"This request reserves {estimate:,} tokens, more than this "
+                                    f"account's token budget allows at all: reduce max_tokens or the "
+                                    f"request size.")
+        note["result"] = "exhausted"
+        retry_s = max(1, math.ceil(state.retry_after))
         return Decision(status=429, error_type="rate_limit", message="Token budget exhausted for now.",
-                        headers={"Retry-After": str(retry_s)}, retryable=True)
+                        rule_id=rule_id, headers={"Retry-After": str(retry_s)}, retryable=True)
 
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
-        """Reconcile the cap_tokens reservation with the usage actually produced: the store call
-        to await, if this request made one."""
+        """Reconcile the cap_tokens reservation with the tokens consumed: the store call to
+        await, if this request made one."""
         held = self._receipts.pop(id(ctx), None)
         if held is None:
             return None
-        receipts, estimate = held
-        delta = ctx.usage.total_tokens - estimate
+        receipts, input_reserved, estimate = held
+        consumed = _consumed(ctx, input_reserved)
+        note = ctx.audit.get("friction", {}).get("cap_tokens")
+        if isinstance(note, dict):
+            note["settled"] = consumed
+        delta = consumed - estimate
         if delta:
             return self._store.adjust([Adjustment(r, delta) for r in receipts if r.applied])
         return None
