@@ -98,14 +98,12 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def add_solve_command(subparsers: Any) -> None:
-    """Register ``solve`` and ``friction list|clear`` on the CLI's ``add_subparsers()`` object;
-    each handler is ``args.func`` (returns the exit code). (Named for its first command:
-    gateway/commands.py registers it under this name.)"""
+    """Register ``solve`` on the CLI's ``add_subparsers()`` object; its handler is ``args.func``
+    (returns the exit code)."""
     parser = subparsers.add_parser("solve", help="solve a Tollgate proof-of-work challenge",
                                    description="Solve a proof-of-work challenge from the command line.")
     parser.add_argument("challenge", help="a token, a WWW-Authenticate value, or '-' for JSON on stdin")
     parser.set_defaults(func=_run)
-    add_friction_commands(subparsers)
 
 
 def add_friction_commands(subparsers: Any) -> None:

@@ -145,7 +145,7 @@ def compile_sources(sources: Sequence[Source], registry: Registry | None = None,
         revision=revision_of(sources), rules=tuple(rules), index=build_index(rules),
         default_decision=conf.default, default_deny=default_deny, mode=conf.mode, lists=lists,
         files=tuple(f.name for f in files), warnings=tuple(i for i in ordered if i.severity == "warning"),
-        tests=tuple(tests),
+        tests=tuple(tests), enforced_rules=frozenset(r.id for r in rules if not r.shadow),
     )
     return snapshot, ordered
 

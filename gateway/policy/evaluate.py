@@ -92,6 +92,7 @@ class Snapshot:
     files: tuple[str, ...]
     warnings: tuple[Issue, ...] = ()
     tests: tuple[TestCase, ...] = ()
+    enforced_rules: frozenset[str] = frozenset()  # ids of the rules that are not shadow
 
     def rule(self, rule_id: str) -> CompiledRule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -118,6 +119,9 @@ class Outcome:
     tags: list[str] = field(default_factory=list)  # tags this evaluation added (enforced rules)
     shadow: list[ShadowHit] = field(default_factory=list)
     terminal: str | None = None  # the deciding rule's terminal action name (e.g. an extension's)
+    # The snapshot's enforced rule ids: state saved by a rule (sticky friction) applies only while
+    # that rule is enforced in the revision this request was decided by.
+    enforced_rules: frozenset[str] = frozenset()
 
     @property
     def would_decide(self) -> str | None:
@@ -162,9 +166,9 @@ def evaluate(snapshot: Snapshot, ctx: RequestContext) -> Outcome:
     if decided is None:
         deny = snapshot.default_deny.decision(None) if snapshot.default_decision == "deny" else None
         return Outcome(snapshot.default_decision, None, deny, snapshot.revision, matched, actions,
-                       added, shadow)
+                       added, shadow, None, snapshot.enforced_rules)
     if decided.deny is not None:
         return Outcome("deny", decided.id, decided.deny.decision(decided.id), snapshot.revision,
-                       matched, actions, added, shadow, decided.terminal)
+                       matched, actions, added, shadow, decided.terminal, snapshot.enforced_rules)
     return Outcome("allow", decided.id, None, snapshot.revision, matched, actions, added, shadow,
-                   decided.terminal)
+                   decided.terminal, snapshot.enforced_rules)

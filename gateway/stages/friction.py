@@ -102,8 +102,9 @@ class FrictionStage(SettlesNow):
                 sticky = {rid: saved[rid][0] for rid in sorted(saved)}
             except StoreError:
                 audit["state_error"] = "load"  # sticky friction not applied: fail open, audited
+            sticky = self._still_enforced(ctx, sticky, audit)
         if not mine and not sticky:
-            if audit.get("state_error"):
+            if audit.get("state_error") or audit.get("suspended"):
                 ctx.audit["friction"] = audit
             return None
         combined = Combined()
@@ -135,6 +136,24 @@ class FrictionStage(SettlesNow):
                              **{k: v for k, v in risk.signals.items() if k.startswith("s_")}}
         ctx.audit["friction"] = audit
         return await self._apply(ctx, combined, audit)
+
+    @staticmethod
+    def _still_enforced(ctx: RequestContext, sticky: dict[str, FrictionAction],
+                        audit: dict[str, Any]) -> dict[str, FrictionAction]:
+        """The sticky records whose rule is enforced in the policy revision deciding this request.
+
+        A rule an operator switched to shadow or removed (a false positive, say) stops applying
+        its saved friction at once, for every account, without a clear per account; the record
+        stays until its ttl, so re-enforcing the rule within it resumes the friction.
+        """
+        enforced = getattr(ctx.outcome, "enforced_rules", None)
+        if enforced is None or not sticky:  # no policy stage: nothing to check against
+            return sticky
+        suspended = [rid for rid in sticky if rid not in enforced]
+        if not suspended:
+            return sticky
+        audit["suspended"] = suspended
+        return {rid: action for rid, action in sticky.items() if rid in enforced}
 
     @staticmethod
     def _why(ctx: RequestContext) -> dict[str, Any]:

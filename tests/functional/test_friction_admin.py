@@ -121,3 +121,32 @@ async def test_sticky_reverify_is_listed_cleared_by_the_cli_and_audited(
     assert cleared["account"] == CLIENT_ACCOUNT and cleared["by"] == "alice"
     assert cleared["peer"] == "127.0.0.1" and str(cleared["ts"]).endswith("+00:00")
     assert list(cleared["cleared"]) == ["reverify-suspect-model"]  # type: ignore[call-overload]
+
+
+async def test_sticky_friction_is_suspended_while_its_rule_is_shadow_or_removed(
+        mock_upstream: MockServer, tmp_path: Path) -> None:
+    """An operator who shadows or deletes a misfiring rule releases every account it trapped at
+    once; re-enforcing the rule within the record's ttl resumes the friction."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    rules = policies / "rules.yaml"
+    rules.write_text(POLICY)
+    audit_log = tmp_path / "audit.jsonl"
+    config = gateway_yaml(mock_upstream.url, tmp_path, f"policies: {{dir: {policies}, watch: false}}\n",
+                          audit_log=audit_log)
+    async with run_gateway(config, tmp_path) as gw:
+        assert (await chat(gw, "suspect"))[0] == 403  # saved as sticky
+        assert (await chat(gw, "m"))[0] == 403
+        rules.write_text(POLICY.replace("    when:", "    mode: shadow\n    when:"))
+        await gw.runtime.features.reload()
+        assert (await chat(gw, "m"))[0] == 200  # shadow: suspended
+        rules.write_text("version: 1\n")
+        await gw.runtime.features.reload()
+        assert (await chat(gw, "m"))[0] == 200  # removed: suspended
+        rules.write_text(POLICY)
+        await gw.runtime.features.reload()
+        assert (await chat(gw, "m"))[0] == 403  # enforced again within the ttl: resumes
+        records = [r for r in await gw.audit_records() if "request_id" in r]
+    notes: list[Any] = [r.get("extra", {}) for r in records]
+    assert [n.get("friction", {}).get("suspended") for n in notes] == [None, None, ["reverify-suspect-model"],
+                                                   ["reverify-suspect-model"], None]
