@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gateway.yamlsource import Node, read_duration
 
@@ -134,7 +135,7 @@ _ISSUER_KEYS = {
 }
 # JWKS over plain HTTP lets anyone on the path swap the signing keys; loopback stays allowed (a
 # sidecar, tests).
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
@@ -167,9 +168,12 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
         claims=_parse_claims(node.child("claims")),
         default_tier=node.get("default_tier", str),
         jwks_cache_ttl=read_duration(node, "jwks_cache_ttl", d.jwks_cache_ttl),
-        jwks_refresh_cooldown=read_duration(node, "jwks_refresh_cooldown", d.jwks_refresh_cooldown),
+        # A zero cooldown would let every unknown-kid token fetch the key set (a refetch storm
+        # against us and the identity provider); a zero timeout means none at all in aiohttp.
+        jwks_refresh_cooldown=read_duration(node, "jwks_refresh_cooldown", d.jwks_refresh_cooldown,
+                                            low=1.0, high=3600.0),
         jwks_max_stale=read_duration(node, "jwks_max_stale", d.jwks_max_stale),
-        jwks_timeout=read_duration(node, "jwks_timeout", d.jwks_timeout),
+        jwks_timeout=read_duration(node, "jwks_timeout", d.jwks_timeout, low=0.1, high=60.0),
         jwks_max_bytes=_int(node, "jwks_max_bytes", d.jwks_max_bytes, 1024, 16 << 20),
         account_prefix=node.get("account_prefix", str, "", what="a text put in front of the account") or "",
     )
@@ -177,13 +181,17 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
 
 
 def _acceptable_jwks_url(url: str) -> bool:
-    if url.startswith("https://"):
-        return len(url) > len("https://")
-    if not url.startswith("http://"):
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises on a malformed port
+    except ValueError:
         return False
-    authority = url[len("http://"):].split("/", 1)[0]
-    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
-    return host in _LOOPBACK_HOSTS
+    # No user info: in http://127.0.0.1:80@evil.example/ the host is evil.example.
+    if not host or "@" in parts.netloc:
+        return False
+    if url.startswith("https://"):
+        return True
+    return url.startswith("http://") and host in _LOOPBACK_HOSTS
 
 
 def _check_namespaces(issuers: list[JwtIssuerConfig], nodes: list[Node], keys_file: bool) -> None:

@@ -1,13 +1,18 @@
 """JSON Web Key Sets from a file or URL, with refresh discipline that survives abuse and outages.
 
-- A token naming an unknown ``kid`` may trigger a refresh, but at most one fetch happens per
-  ``cooldown`` whatever the request rate (single flight under a lock, then a time gate), and an
-  unknown kid is remembered (negative cache) so a kid flood costs a dict probe, not a lock.
+- A token naming an unknown ``kid`` may trigger a refresh, but at most one fetch starts per
+  ``cooldown`` whatever the request rate. Callers share the fetch in flight (single flight, a
+  shielded task, so a client that disconnects cannot cancel it for the others). Between fetches
+  an unknown kid is refused at once: a dict probe and a clock read, no lock, no waiting.
 - Known keys are refreshed in the background every ``ttl``. When fetching fails, the last good
-  keys keep working for ``max_stale`` after the last success, then verification fails closed.
+  keys keep working for ``max_stale`` after the last success, then verification fails closed. A
+  document that is not a key set, or holds no usable key, counts as a failed fetch.
+- ``revision`` changes when a refresh removes or replaces a key, so the verifier's cache of
+  verified tokens drops tokens that a withdrawn key signed.
 - Only asymmetric public keys are accepted (``oct`` keys are dropped), and each key is bound to
   the algorithms its type supports intersected with the issuer's pinned list: an RSA key can
-  never be used with HS256 or with an EC algorithm.
+  never be used with HS256 or with an EC algorithm. A key that cannot be used is skipped; it
+  never spoils the rest of the set.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ _FAMILIES: dict[str, frozenset[str]] = {
     "OKP:Ed448": frozenset({"EdDSA"}),
 }
 MAX_KEYS = 100
-_NEGATIVE_CACHE_MAX = 4096
 
 
 class JwksError(Exception):
@@ -46,42 +50,55 @@ class JwksError(Exception):
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
     kid: str | None
-    key: Any  # a cryptography public key object
+    key: Any  # a cryptography public key object (compares by value)
     algorithms: frozenset[str]
 
 
 def parse_jwks(
     data: bytes | str | Mapping[str, Any], allowed: frozenset[str],
 ) -> dict[str | None, VerificationKey]:
-    """Usable signing keys of a JWKS document by kid. Unusable keys are skipped, not fatal."""
+    """Usable signing keys of a JWKS document by kid. Unusable keys are skipped, not fatal;
+    a document that is not a key set raises :class:`JwksError`."""
     try:
         doc = json.loads(data) if isinstance(data, bytes | str) else data
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise JwksError(f"not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise JwksError(f"not JSON: {type(exc).__name__}") from exc
     if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
         raise JwksError("expected an object with a 'keys' list")
     out: dict[str | None, VerificationKey] = {}
     for jwk in doc["keys"][:MAX_KEYS]:
-        if not isinstance(jwk, Mapping) or jwk.get("use", "sig") != "sig":
-            continue
-        kty = jwk.get("kty")
-        family = _FAMILIES.get(str(kty) if kty == "RSA" else f"{kty}:{jwk.get('crv')}")
-        if family is None:  # includes "oct": shared secrets are never verification keys here
-            continue
-        algs = family & allowed
-        if "alg" in jwk:
-            algs &= {jwk["alg"]}
-        kid = jwk.get("kid")
-        if not algs or not (kid is None or isinstance(kid, str)):
-            continue
-        try:
-            key = jwt.PyJWK(dict(jwk), algorithm=sorted(algs)[0]).key
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            continue
-        if hasattr(key, "private_numbers"):
-            key = key.public_key()  # a JWKS leaking private parts still only verifies
-        out[kid] = VerificationKey(kid, key, frozenset(algs))
+        key = _verification_key(jwk, allowed)
+        if key is not None:
+            out[key.kid] = key
     return out
+
+
+def _verification_key(jwk: Any, allowed: frozenset[str]) -> VerificationKey | None:
+    """One JWK as a verification key, or None when it is not a usable signing key for us.
+    Every member is type-checked before use: a malformed key is dropped, never raised."""
+    if not isinstance(jwk, Mapping) or jwk.get("use", "sig") != "sig":
+        return None
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return None
+    kty, crv, alg, kid = jwk.get("kty"), jwk.get("crv"), jwk.get("alg"), jwk.get("kid")
+    if not isinstance(kty, str) or not (crv is None or isinstance(crv, str)):
+        return None
+    family = _FAMILIES.get(kty if kty == "RSA" else f"{kty}:{crv}")
+    if family is None:  # includes "oct": shared secrets are never verification keys here
+        return None
+    algs = family & allowed
+    if alg is not None:
+        algs = algs & {alg} if isinstance(alg, str) else frozenset()
+    if not algs or not (kid is None or isinstance(kid, str)):
+        return None
+    try:
+        key = jwt.PyJWK(dict(jwk), algorithm=sorted(algs)[0]).key
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if hasattr(key, "private_numbers"):
+        key = key.public_key()  # a JWKS leaking private parts still only verifies
+    return VerificationKey(kid, key, frozenset(algs))
 
 
 class KeySource:
@@ -97,9 +114,8 @@ class KeySource:
         self._keys: dict[str | None, VerificationKey] = {}
         self._last_success: float | None = None
         self._last_attempt: float | None = None
-        self._negative: dict[str | None, float] = {}
-        self._lock = asyncio.Lock()
-        self._background: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self.revision = 0  # bumped when a refresh removes or replaces a key
         self.fetches = 0  # for tests and metrics
         self.failures = 0
 
@@ -111,22 +127,16 @@ class KeySource:
         now = self._clock()
         found = self._lookup(kid, now)
         if found is not None:
-            if now - (self._last_success or now) >= self._ttl:
-                self._refresh_in_background(now)
+            if now - (self._last_success or now) >= self._ttl and self._may_fetch(now):
+                self._start_refresh(now)  # in the background; this request goes on with `found`
             return found
-        until = self._negative.get(kid)
-        if until is not None and now < until:
-            return None
-        async with self._lock:
-            # Whoever waited here behind a fetch finds the gate closed and just re-reads.
-            if self._last_attempt is None or self._clock() - self._last_attempt >= self._cooldown:
-                await self._refresh()
-        found = self._lookup(kid, self._clock())
-        if found is None:
-            if len(self._negative) >= _NEGATIVE_CACHE_MAX:
-                self._negative.clear()
-            self._negative[kid] = self._clock() + self._cooldown
-        return found
+        task = self._inflight
+        if task is None or task.done():
+            if not self._may_fetch(now):
+                return None  # fetched within the cooldown: refuse at once
+            task = self._start_refresh(now)
+        await asyncio.shield(task)  # our cancellation must not cancel everyone's fetch
+        return self._lookup(kid, self._clock())
 
     def _lookup(self, kid: str | None, now: float) -> VerificationKey | None:
         if self._last_success is None or now - self._last_success > self._max_stale:
@@ -135,40 +145,42 @@ class KeySource:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
 
+    def _may_fetch(self, now: float) -> bool:
+        idle = self._inflight is None or self._inflight.done()
+        return idle and (self._last_attempt is None or now - self._last_attempt >= self._cooldown)
+
+    def _start_refresh(self, now: float) -> asyncio.Task[None]:
+        self._last_attempt = now  # closes the gate before the task even starts
+        self._inflight = asyncio.create_task(self._refresh(), name=f"jwks-refresh {self}")
+        return self._inflight
+
     async def _refresh(self) -> None:
-        self._last_attempt = self._clock()
         self.fetches += 1
         try:
             keys = parse_jwks(await self._fetch(), self._allowed)
+            if not keys:
+                raise JwksError("no usable signing key in the set")
         except (JwksError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            # At most one attempt per cooldown, so this line is rate-limited by construction.
             self.failures += 1
-            log.warning("JWKS refresh failed for %s, keeping last good keys: %s", self, exc)
+            log.warning("JWKS refresh failed for %s, keeping last good keys: %s: %s", self,
+                        type(exc).__name__, exc)
             return
+        if any(keys.get(kid) != key for kid, key in self._keys.items()):
+            self.revision += 1  # a key was withdrawn or replaced: tokens it signed are void
         self._keys = keys
         self._last_success = self._clock()
-        self._negative.clear()
-
-    def _refresh_in_background(self, now: float) -> None:
-        if self._background is not None and not self._background.done():
-            return
-        if self._last_attempt is not None and now - self._last_attempt < self._cooldown:
-            return
-        self._background = asyncio.create_task(self._locked_refresh(), name=f"jwks-refresh {self}")
-
-    async def _locked_refresh(self) -> None:
-        async with self._lock:
-            await self._refresh()
 
     async def join(self) -> None:
-        """Wait for a running background refresh (tests, orderly shutdown)."""
-        if self._background is not None:
-            await self._background
+        """Wait for a running refresh (tests, orderly shutdown)."""
+        if self._inflight is not None:
+            await self._inflight
 
     async def close(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
+        if self._inflight is not None:
+            self._inflight.cancel()
             try:
-                await self._background
+                await self._inflight
             except asyncio.CancelledError:
                 pass
 
@@ -176,19 +188,34 @@ class KeySource:
 class JwksFile(KeySource):
     """Keys from a local file, re-read under the same discipline as a URL."""
 
-    def __init__(self, path: Path, allowed: frozenset[str], **kwargs: Any) -> None:
+    def __init__(self, path: Path, allowed: frozenset[str], *, max_bytes: int = 1 << 20,
+                 **kwargs: Any) -> None:
         super().__init__(allowed, **kwargs)
         self.path = path
+        self._max_bytes = max_bytes
 
     async def _fetch(self) -> bytes:
-        return await asyncio.to_thread(self.path.read_bytes)
+        return await asyncio.to_thread(self._read)
+
+    def _read(self) -> bytes:
+        with self.path.open("rb") as f:
+            data = f.read(self._max_bytes + 1)  # never more than the cap into memory
+        if len(data) > self._max_bytes:
+            raise JwksError(f"file larger than {self._max_bytes} bytes")
+        return data
 
     def __str__(self) -> str:
         return str(self.path)
 
 
 class JwksUrl(KeySource):
-    """Keys from an HTTPS endpoint, fetched with aiohttp; responses are size-capped."""
+    """Keys from an HTTPS endpoint, fetched with aiohttp.
+
+    Responses are size-capped while streaming (decompressed bytes count), the whole exchange is
+    bounded by ``timeout``, redirects are not followed (a 3xx is a failed fetch, so a redirect
+    can never lead to plain http or another host), and TLS certificates are verified (aiohttp's
+    default; ``session`` is for tests and must not be one that disables verification).
+    """
 
     def __init__(self, url: str, allowed: frozenset[str], *, timeout: float = 5.0,
                  max_bytes: int = 1 << 20, session: aiohttp.ClientSession | None = None,
@@ -208,12 +235,12 @@ class JwksUrl(KeySource):
             if resp.status != 200:
                 raise JwksError(f"HTTP {resp.status}")
             if (resp.content_length or 0) > self._max_bytes:
-                raise JwksError("response too large")
+                raise JwksError(f"response larger than {self._max_bytes} bytes")
             body = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 body += chunk
                 if len(body) > self._max_bytes:
-                    raise JwksError("response too large")
+                    raise JwksError(f"response larger than {self._max_bytes} bytes")
             return bytes(body)
 
     async def close(self) -> None:

@@ -1,10 +1,18 @@
 """JWT authentication (pyjwt) against configured issuers, with a verified-token cache.
 
 Order of checks, cheapest first, so junk never reaches a signature check or a key fetch:
-size cap → cache → header (alg pinned per issuer; ``none`` and HS* are never accepted) →
+size cap (and ASCII only) → cache → header (alg pinned per issuer; ``none`` and HS* are never accepted) →
 issuer chosen by *exact* ``iss`` (a dict lookup, no substring or prefix matching) → key by
 ``kid`` from that issuer's set, bound to its own algorithms → full pyjwt verification with
-required claims, audience, issuer, leeway.
+required claims (``exp`` always), audience, issuer, leeway.
+
+The cache of verified tokens is keyed by SHA-256 of the whole token: a probe reveals nothing
+about near misses (no comparison of attacker-chosen bytes against secrets). An entry lives until
+the token's ``exp`` or ``cache_max_ttl`` after verification, whichever comes first (a hit never
+extends it), and no longer than its issuer's key set keeps the key: when a refresh withdraws or
+replaces a key, the set's ``revision`` moves on and every entry verified before that is void.
+Failed tokens are not cached: a forged signature costs one verification (~0.1 ms) each time,
+and a negative cache would not change that for an attacker, who can mint endless distinct junk.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from jwt.types import Options
 
 from gateway.context import Principal
 from gateway.identity.config import ClaimMapping, JwtConfig, JwtIssuerConfig
@@ -41,6 +50,8 @@ class _Verified:
     claims: Mapping[str, Any]
     attributes: Mapping[str, Any]
     expires: float  # wall time after which the cache entry is void
+    source: KeySource  # whose key verified the token...
+    revision: int  # ...and its revision then: a withdrawn key voids the entry
 
     def principal(self) -> Principal:
         return Principal(authenticated=True, source="jwt", account=self.account, org=self.org,
@@ -53,6 +64,18 @@ class _Issuer:
     config: JwtIssuerConfig
     source: KeySource
     algorithms: frozenset[str]
+    audience: list[str]
+    options: Options  # pyjwt decode options, built once
+
+
+def _issuer(config: JwtIssuerConfig, source: KeySource) -> _Issuer:
+    # exp is required whatever required_claims says: a token without it would be valid forever,
+    # and the cache and key withdrawal rely on tokens ending.
+    required = list(dict.fromkeys((*config.required_claims, "exp")))
+    options: Options = {"require": required, "verify_signature": True, "verify_exp": True,
+                        "verify_nbf": True, "verify_iat": True, "verify_aud": True,
+                        "verify_iss": True}
+    return _Issuer(config, source, frozenset(config.algorithms), list(config.audience), options)
 
 
 class JwtVerifier:
@@ -70,7 +93,7 @@ class JwtVerifier:
         self._issuers: dict[str, _Issuer] = {}
         for issuer in config.issuers:
             source = (sources or {}).get(issuer.issuer) or _source_for(issuer, session)
-            self._issuers[issuer.issuer] = _Issuer(issuer, source, frozenset(issuer.algorithms))
+            self._issuers[issuer.issuer] = _issuer(issuer, source)
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
 
     def source(self, issuer: str) -> KeySource:
@@ -79,10 +102,12 @@ class JwtVerifier:
     async def authenticate(self, token: str) -> Principal:
         if len(token) > self._config.max_token_bytes:
             raise InvalidToken("token too large")
+        if not token.isascii():  # a JWT is base64url and dots; this also keeps bytes == chars
+            raise InvalidToken("malformed token: not ASCII")
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            if self._clock() < cached.expires:
+            if self._clock() < cached.expires and cached.revision == cached.source.revision:
                 self._cache.move_to_end(digest)
                 return cached.principal()
             del self._cache[digest]
@@ -110,24 +135,22 @@ class JwtVerifier:
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise InvalidToken("bad kid")
         key = await issuer.source.get(kid)
+        revision = issuer.source.revision  # no await from here on: this is the key's revision
         if key is None:
             raise InvalidToken("no key for kid")
         if alg not in key.algorithms:
             raise InvalidToken("algorithm does not match the key")
         cfg = issuer.config
         try:
-            claims = jwt.decode(
-                token, key.key, algorithms=[alg], audience=list(cfg.audience), issuer=cfg.issuer,
-                leeway=cfg.leeway,
-                options={"require": list(cfg.required_claims), "verify_signature": True,
-                         "verify_exp": True, "verify_nbf": True, "verify_iat": True,
-                         "verify_aud": True, "verify_iss": True},
-            )
+            claims = jwt.decode(token, key.key, algorithms=[alg], audience=issuer.audience,
+                                issuer=cfg.issuer, leeway=cfg.leeway,
+                                options=issuer.options)
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"rejected: {type(exc).__name__}") from exc
-        return self._map(cfg, claims)
+        return self._map(issuer, claims, revision)
 
-    def _map(self, cfg: JwtIssuerConfig, claims: dict[str, Any]) -> _Verified:
+    def _map(self, issuer: _Issuer, claims: dict[str, Any], revision: int) -> _Verified:
+        cfg = issuer.config
         mapping: ClaimMapping = cfg.claims
         account = _scalar(claims, mapping.account)
         if account is None:
@@ -154,6 +177,8 @@ class JwtVerifier:
             claims=MappingProxyType(claims),
             attributes=MappingProxyType(attributes),
             expires=expires,
+            source=issuer.source,
+            revision=revision,
         )
 
     async def close(self) -> None:
@@ -169,7 +194,7 @@ def _source_for(cfg: JwtIssuerConfig, session: aiohttp.ClientSession | None) -> 
         return JwksUrl(cfg.jwks_url, allowed, timeout=cfg.jwks_timeout, max_bytes=cfg.jwks_max_bytes,
                        session=session, **common)
     assert cfg.jwks_file is not None  # the config parser requires exactly one of the two
-    return JwksFile(cfg.jwks_file, allowed, **common)
+    return JwksFile(cfg.jwks_file, allowed, max_bytes=cfg.jwks_max_bytes, **common)
 
 
 def _lookup(claims: Mapping[str, Any], path: tuple[str, ...] | None) -> Any:

@@ -200,7 +200,24 @@ def test_overlapping_prefixes_are_refused_equal_ones_share_deliberately() -> Non
     ("https://idp.example/jwks", True), ("http://127.0.0.1:8080/jwks", True),
     ("http://localhost/jwks", True), ("http://[::1]:9/jwks", True), ("http://idp.example/jwks", False),
     ("http://127.0.0.1.evil.example/x", False), ("https://", False), ("ftp://idp.example/jwks", False),
+    ("http://[::1]/jwks", True), ("http://LOCALHOST/jwks", True),
+    # user info hides the real host: it is evil.example, over plain http
+    ("http://127.0.0.1:80@evil.example/jwks", False), ("http://localhost@evil.example/", False),
+    ("https://user@idp.example/jwks", False), ("http://127.0.0.1:port/jwks", False),
 ])
 def test_jwks_urls_must_be_https_except_to_loopback(url: str, ok: bool) -> None:
     text = errors_of(_issuers("").replace("jwks_file: jwks0.json", f"jwks_url: '{url}'"))
     assert (text == "") is ok, text
+
+
+@pytest.mark.parametrize("line, error", [
+    ("jwks_refresh_cooldown: 0s", "identity.jwt.issuers[0].jwks_refresh_cooldown: must be between 1s and "
+                                  "3600s, got 0s"),
+    ("jwks_timeout: 0s", "identity.jwt.issuers[0].jwks_timeout: must be between 0.1s and 60s, got 0s"),
+    ("jwks_timeout: 5m", "identity.jwt.issuers[0].jwks_timeout: must be between 0.1s and 60s, got 300s"),
+])
+def test_jwks_fetch_settings_that_would_disable_the_protections_are_refused(line: str, error: str) -> None:
+    # A zero cooldown lets every unknown-kid token fetch the key set; aiohttp reads a zero
+    # timeout as "no timeout", which would hold every caller of a hung fetch.
+    text = errors_of(_issuers(line))
+    assert text.startswith("gw.yaml:8:") and error in text, text
