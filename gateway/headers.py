@@ -24,9 +24,13 @@ CLIENT_ONLY = frozenset({
     "openai-organization", "openai-project", "x-tollgate-challenge", "x-tollgate-solution",
     "x-request-id", "request-id",
 })
-# The provider account behind the gateway's upstream credential is not the client's to see.
+# The provider account behind the gateway's upstream credential is not the client's to see:
+# neither its identity nor its rate limits (the shared account's limits would mislead every client;
+# the quota stage sets Tollgate's own). Retry-After stays: a provider 429 must still slow the SDK.
 UPSTREAM_ONLY = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie",
-                           "openai-organization", "openai-project", "anthropic-organization-id"})
+                           "openai-organization", "openai-project", "anthropic-organization-id",
+                           "ratelimit", "ratelimit-policy"})
+UPSTREAM_ONLY_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
@@ -39,13 +43,17 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     return tokens
 
 
-def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """``headers`` minus ``drop``, hop-by-hop fields and the fields named in ``Connection``."""
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str],
+              drop_prefixes: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """``headers`` minus ``drop``, names starting with ``drop_prefixes``, hop-by-hop fields and
+    the fields named in ``Connection``."""
     declared = connection_tokens(headers) if "Connection" in headers else ()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in drop or lower in declared:
+            continue
+        if drop_prefixes and lower.startswith(drop_prefixes):
             continue
         out.add(name, value)
     return out
@@ -68,4 +76,4 @@ def upstream_request_headers(client: CIMultiDictProxy[str], api: ApiFamily, cred
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Upstream response headers a client may see."""
-    return _filtered(upstream, UPSTREAM_ONLY)
+    return _filtered(upstream, UPSTREAM_ONLY, UPSTREAM_ONLY_PREFIXES)

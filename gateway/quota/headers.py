@@ -1,15 +1,22 @@
 """Rate-limit response headers, built from the states of the limits actually enforced.
 
-* IETF draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy: "rpm";q=60;w=60`` and
-  ``RateLimit: "rpm";r=41;t=17``; ``qu="requests"``/``"concurrent-requests"`` where the draft
-  has a unit, else the vendor parameter ``tg-unit`` (input_tokens, output_tokens, total_tokens,
-  usd-micros). Always sent.
+* IETF draft-ietf-httpapi-ratelimit-headers-11 (structured-field Lists, RFC 9651):
+  ``RateLimit-Policy: "rpm";q=60;w=60;qu="requests"`` and ``RateLimit: "rpm";r=41;t=17``.
+  ``qu`` where the draft's unit registry has the unit (``requests``, ``concurrent-requests``),
+  else the vendor parameter ``tg-unit`` (input_tokens, output_tokens, total_tokens, usd-micros).
+  A concurrency limit has no window: no ``w``, and no ``t`` (its reset is always 0). Numbers
+  above the largest structured-field Integer (15 digits) are written as that Integer (the
+  fields would not parse otherwise). Always sent.
 * OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``, reset as a Go duration.
   Sent on OpenAI routes only.
 * Anthropic: ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*``, reset as
   an RFC 3339 time. Sent on Anthropic routes only.
-When several limits of one family apply, the aliases show the most restrictive one (fewest
-remaining), which is the one that will deny first.
+
+``t`` and every alias reset are the same instant: when the limit is back to full (rounded up to
+the second; to the millisecond in the Go duration). When several limits of one alias family
+apply, the aliases show the one with the fewest remaining (ties: smaller limit, then first
+written): its limit, remaining and reset, exactly as its ``RateLimit`` item says. Fewest
+remaining is a bound every limit of the family respects: a request within it fits them all.
 
 Built on every quota-checked response, so the work is split in two: a :class:`HeaderLayout` holds
 everything that depends only on *which* limits are enforced (the whole ``RateLimit-Policy``
@@ -43,6 +50,12 @@ _ANTHROPIC_OUTPUT = ("anthropic-ratelimit-output-tokens-limit", "anthropic-ratel
                      "anthropic-ratelimit-output-tokens-reset")
 # Memo tables are cleared when they reach this size (entries are tiny and cheap to rebuild).
 MEMO_ENTRIES = 4096
+# Resets and retries are whole milliseconds divided by 1000, so ``seconds * 1000`` can come out a
+# float error above the integer (2.007 * 1000 = 2007.0000000000002) and round up to one more;
+# this slack, in milliseconds, is far below one and above that error for every period up to 1mo.
+MS_SLACK = 1e-4
+# The largest structured-field Integer (RFC 9651 §3.3.1: at most 15 digits).
+SF_INTEGER_MAX = 999_999_999_999_999
 
 # Alias candidates of one family: (position in the layout, limit as text), ordered by
 # (limit, position) so that "fewest remaining, first in that order" is the documented tie-break.
@@ -58,8 +71,9 @@ class HeaderItem(NamedTuple):
 
 
 def go_duration(seconds: float) -> str:
-    """Format like Go's ``time.Duration`` (OpenAI's style): ``6m0s``, ``1.5s``, ``120ms``."""
-    ms = math.ceil(seconds * 1000)
+    """Format like Go's ``time.Duration`` (OpenAI's style): ``6m0s``, ``1.5s``, ``120ms``;
+    rounded up to the millisecond."""
+    ms = math.ceil(seconds * 1000 - MS_SLACK)
     if ms < 1000:
         return _MILLIS[ms] if ms > 0 else "0s"
     whole, frac = divmod(ms, 1000)
@@ -108,7 +122,24 @@ def _unit(kind: LimitKind) -> str:
 
 def _policy(name: str, lim: CompiledLimit) -> str:
     window = "" if lim.period is None else f";w={math.ceil(lim.period)}"
-    return f"{_sf_string(name)};q={lim.limit}{window};{_unit(lim.kind)}"
+    return f"{_sf_string(name)};q={min(lim.limit, SF_INTEGER_MAX)}{window};{_unit(lim.kind)}"
+
+
+def _service_limit(name: str, lim: CompiledLimit) -> str:
+    """One limit's ``RateLimit`` item as a %-format taking (remaining, reset). A concurrency limit
+    has no time window (its reset is always 0), so its item has no ``t``: ``%.0s`` takes the
+    reset and writes nothing, which keeps every item's arguments alike."""
+    tail = ";r=%d%.0s" if lim.kind is LimitKind.CONCURRENCY else ";r=%d;t=%d"
+    return _sf_string(name).replace("%", "%%") + tail
+
+
+def _beyond_sf_integers(lim: CompiledLimit) -> bool:
+    """Whether a limit's remaining or reset could exceed :data:`SF_INTEGER_MAX`: remaining is at
+    most the limit (or, for a request rate, its burst), the reset at most period × burst / limit
+    (a request rate's tolerance) or one window and a bucket."""
+    if lim.limit > SF_INTEGER_MAX or lim.burst > SF_INTEGER_MAX:
+        return True
+    return lim.period is not None and 2 * lim.period * lim.burst / lim.limit > SF_INTEGER_MAX
 
 
 def _candidates(limits: Sequence[CompiledLimit], kinds: tuple[LimitKind, ...]) -> _Candidates:
@@ -143,12 +174,19 @@ class HeaderLayout:
 
     __slots__ = ("anthropic", "openai", "policy", "rate_format")
 
+    def __new__(cls, named: Sequence[tuple[str, CompiledLimit]]) -> HeaderLayout:
+        # Numbers a structured field cannot carry get the clamping subclass, so the usual layout
+        # renders without a check per response.
+        if cls is HeaderLayout and any(_beyond_sf_integers(lim) for _, lim in named):
+            return object.__new__(_ClampedLayout)
+        return object.__new__(cls)
+
     def __init__(self, named: Sequence[tuple[str, CompiledLimit]]) -> None:
         limits = [lim for _, lim in named]
         self.policy = ", ".join(_policy(name, lim) for name, lim in named)
         # The whole RateLimit value as one %-format (remaining, reset per limit): one formatting
         # operation per response instead of one f-string per limit and a join.
-        self.rate_format = ", ".join(_sf_string(name).replace("%", "%%") + ";r=%d;t=%d" for name, _ in named)
+        self.rate_format = ", ".join(_service_limit(name, lim) for name, lim in named)
         requests = _candidates(limits, (LimitKind.REQUESTS,))
         tokens = _candidates(limits, (LimitKind.INPUT_TOKENS, LimitKind.OUTPUT_TOKENS,
                                       LimitKind.TOTAL_TOKENS))
@@ -206,6 +244,21 @@ class HeaderLayout:
                         times.clear()
                     times[second] = text
                 headers[names[2]] = text
+        return headers
+
+
+class _ClampedLayout(HeaderLayout):
+    """A layout with a limit whose numbers may exceed :data:`SF_INTEGER_MAX` (a configuration no
+    real quota has): the IETF fields show at most that Integer, the aliases the exact numbers."""
+
+    __slots__ = ()
+
+    def render(self, states: Sequence[LimitState], now: float, api: ApiFamily | None,
+               times: dict[int, str] | None = None, into: dict[str, str] | None = None) -> dict[str, str]:
+        headers = super().render(states, now, api, times, into)
+        top = SF_INTEGER_MAX
+        headers["RateLimit"] = self.rate_format % tuple(
+            [v for s in states for v in (min(s.remaining, top), min(math.ceil(s.reset), top))])
         return headers
 
 

@@ -24,7 +24,7 @@ import orjson
 
 from gateway.context import ApiFamily, Decision, RequestContext
 from gateway.memo import make_room
-from gateway.quota.headers import HeaderBuilder, HeaderItem
+from gateway.quota.headers import MS_SLACK, HeaderBuilder, HeaderItem
 from gateway.quota.limits import CompiledLimit, LimitKind
 from gateway.quota.plan import Combo, KeyEntry, LimitSlot, Plan, limit_audit
 from gateway.quota.renewal import LeaseRenewer
@@ -322,13 +322,17 @@ class QuotaStage(SettlesNow):
                 rule_id=rule_id, headers={**headers, "x-should-retry": "false"},
                 retryable=False, code="rate_limit_exceeded")
         retry = max(1, math.ceil(state.retry_after))
+        # Stores compute whole milliseconds (seconds = ms / 1000): the slack (far below a
+        # millisecond) absorbs the float error that would turn 2007 ms into 2007.0000000000002
+        # and round it up to 2008.
+        retry_ms = max(1, math.ceil(state.retry_after * 1000 - MS_SLACK))
         return Decision(
             429, "rate_limit",
             f"Rate limit exceeded: limit '{lim.name}' allows {lim.describe()}. "
             f"Retry after {retry} seconds.",
             rule_id=rule_id,
             headers={**headers, "Retry-After": str(retry),
-                     "retry-after-ms": str(max(1, math.ceil(state.retry_after * 1000)))},
+                     "retry-after-ms": str(retry_ms)},
             retryable=True, code="rate_limit_exceeded")
 
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:

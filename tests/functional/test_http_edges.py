@@ -284,9 +284,12 @@ def test_provider_account_headers_do_not_reach_the_client() -> None:
     upstream = CIMultiDictProxy(CIMultiDict({
         "Content-Type": "application/json", "openai-organization": "provider-org",
         "openai-project": "proj_provider", "anthropic-organization-id": "org-uuid",
-        "x-request-id": "up-1"}))
+        "x-request-id": "up-1", "x-ratelimit-limit-tokens": "30000000",
+        "anthropic-ratelimit-requests-remaining": "3999", "RateLimit": '"p";r=1;t=1',
+        "RateLimit-Policy": '"p";q=4000;w=60', "Retry-After": "2"}))
     out = client_response_headers(upstream)
-    assert dict(out) == {"Content-Type": "application/json", "x-request-id": "up-1"}
+    # The provider account's limits are not the client's; a provider's Retry-After still is.
+    assert dict(out) == {"Content-Type": "application/json", "x-request-id": "up-1", "Retry-After": "2"}
 
 
 async def test_credentials_are_checked_before_the_body_is_read(gateway: RunningGateway) -> None:

@@ -15,6 +15,7 @@ from tests.support.quota_ctx import limit
     (0, "0s"), (0.0004, "1ms"), (0.12, "120ms"), (1, "1s"), (1.5, "1.5s"), (8.64, "8.64s"),
     (59.9991, "1m0s"), (360, "6m0s"), (3725.25, "1h2m5.25s"), (86400, "24h0m0s"),
     (-1, "0s"), (0.999, "999ms"), (59.999, "59.999s"), (61.01, "1m1.01s"),
+    (2.007, "2.007s"), (1234.567, "20m34.567s"),  # 2.007 * 1000 = 2007.0000000000002: not 2.008s
 ])
 def test_go_duration(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
@@ -42,7 +43,8 @@ def test_build_headers_are_consistent_with_the_limits() -> None:
         '"otpd";q=5000;w=86400;tg-unit="output_tokens", "usd";q=5000000;w=86400;tg-unit="usd-micros", '
         '"conc";q=4;qu="concurrent-requests"')
     assert headers["RateLimit"] == (
-        '"rpm";r=41;t=18, "itpm";r=9000;t=60, "otpd";r=100;t=360, "usd";r=1;t=5, "conc";r=3;t=0')
+        # the concurrency limit has no window, so no t
+        '"rpm";r=41;t=18, "itpm";r=9000;t=60, "otpd";r=100;t=360, "usd";r=1;t=5, "conc";r=3')
     # OpenAI: requests from rpm; tokens = the token limit with the fewest remaining (otpd)
     assert headers["x-ratelimit-limit-requests"] == "60"
     assert headers["x-ratelimit-remaining-requests"] == "41"
