@@ -136,6 +136,10 @@ class Metrics:
                                        ["kind"], registry=r)
         self.client_disconnects = Counter("tollgate_client_disconnects",
                                           "Responses abandoned by the client before the end.", registry=r)
+        self.client_write_timeouts = Counter(
+            "tollgate_client_write_timeouts",
+            "Streams cut off because the client read nothing for the upstream's client_write_timeout "
+            "(also counted in tollgate_client_disconnects), by upstream.", ["upstream"], registry=r)
         self.log_records_lost = Counter(
             "tollgate_log_records_lost",
             "Access-log and audit records that could not be written, by log (access, audit) and "

@@ -31,6 +31,15 @@ class UpstreamSettings:
     api_key_env: str | None = None  # environment variable holding the provider credential
     connect_timeout: float = 5.0
     read_timeout: float = 300.0  # longest silence between two bytes of a response
+    # Whole response, for responses not relayed as a stream (streams of reasoning models can
+    # legitimately run for many minutes: they are bounded by read_timeout). 0: none.
+    total_timeout: float = 0.0
+    # Longest a write to the client may wait on a client that reads nothing (a stream holds its
+    # upstream connection meanwhile). 0: none.
+    client_write_timeout: float = 60.0
+    # Keep-alive connections idle longer are closed (and sooner if the upstream's Keep-Alive
+    # header says so). 0: no keep-alive, a connection per request.
+    idle_timeout: float = 15.0
     pool_size: int = 256
     max_response_bytes: int = 64 * 1024 * 1024
     client: str = "pool"  # pool: gateway/upstream/pool.py; session: aiohttp.ClientSession
@@ -189,7 +198,8 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
     if not node.expect_mapping("an upstream mapping with name and base_url"):
         return None
     node.check_keys({"name", "base_url", "api", "api_key_env", "connect_timeout", "read_timeout",
-                     "pool_size", "max_response_bytes", "client"}, required={"base_url"})
+                     "total_timeout", "client_write_timeout", "idle_timeout", "pool_size",
+                     "max_response_bytes", "client"}, required={"base_url"})
     base_url = node.get("base_url", str, "") or ""
     if base_url and not base_url.startswith(("http://", "https://")):
         url_node = node.child("base_url")
@@ -211,6 +221,9 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
         api_key_env=node.get("api_key_env", str),
         connect_timeout=read_duration(node, "connect_timeout", 5.0),
         read_timeout=read_duration(node, "read_timeout", 300.0),
+        total_timeout=read_duration(node, "total_timeout", 0.0),
+        client_write_timeout=read_duration(node, "client_write_timeout", 60.0),
+        idle_timeout=read_duration(node, "idle_timeout", 15.0),
         pool_size=pool,
         max_response_bytes=_size(node, "max_response_bytes", 64 * 1024 * 1024),
         client=client,

@@ -4,11 +4,23 @@ Streams are relayed as events complete (time to first byte preserved), with back
 ``StreamResponse.write``. When the client goes away aiohttp cancels the handler; leaving the
 upstream context then closes the upstream connection, which is how the model stops generating.
 There is no retry once a byte reached the client.
+
+Two deadlines of the upstream's settings are the forwarder's, so that both upstream clients keep
+them alike:
+- ``client_write_timeout``: a client that stops reading a stream would hold its upstream
+  connection, and a pool slot, for as long as the model generates (a write waits on backpressure
+  without a limit). One periodic check per forwarder (:class:`_WriteDeadlines`) looks at the
+  streams' writes in progress, like the pool's read-timeout sweeper; a write blocked longer than
+  the limit has its client connection aborted, which is then handled as any client disconnect.
+  A write costs a clock read and two attribute stores, no timer.
+- ``total_timeout``: a deadline on a response that is not relayed as a stream, with one timer per
+  request and only when configured. It is lifted once a response turns out to be a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -25,7 +37,59 @@ from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
 from gateway.upstream.base import Upstream, UpstreamConnectError, UpstreamProtocolError, UpstreamResponse
 
+log = logging.getLogger(__name__)
+
 _NO_BODY = frozenset({204, 304})  # a Content-Length on these describes another response
+
+
+class _Writes:
+    """One stream's client writes as the deadline check sees them."""
+
+    __slots__ = ("transport", "since", "timed_out")
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self.transport = transport
+        self.since = 0.0  # when the write in progress began (loop time); 0: none in progress
+        self.timed_out = False
+
+
+class _WriteDeadlines:
+    """``client_write_timeout`` for every stream a forwarder relays: a check every quarter of the
+    limit (at most a second) while streams are open, instead of a timer per write. A write blocked
+    past the limit aborts its client's connection; aiohttp then cancels the handler (or the next
+    write fails), the path of any client disconnect."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._tick = max(0.01, min(1.0, limit / 4))
+        self._open: set[_Writes] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def watch(self, transport: asyncio.Transport | None) -> _Writes:
+        writes = _Writes(transport)
+        self._open.add(writes)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self._tick, self._check)
+        return writes
+
+    def forget(self, writes: _Writes) -> None:
+        self._open.discard(writes)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            late = loop.time() - self.limit
+            blocked = [w for w in self._open if w.since and w.since < late]
+            for writes in blocked:
+                writes.timed_out = True
+                self._open.discard(writes)
+                if writes.transport is not None:
+                    writes.transport.abort()
+        except Exception:  # a bug here must not end the deadlines for the process's lifetime
+            log.exception("client write deadline check failed")
+        finally:
+            # Stops when no stream is open (no timer left behind), restarts with the next one.
+            self._handle = loop.call_later(self._tick, self._check) if self._open else None
 
 
 class UpstreamFailure(Exception):
@@ -75,6 +139,11 @@ class Forwarder:
         self._metrics = metrics
         self._max_response = max_response_bytes
         self._ttfb = metrics.upstream_ttfb.labels(upstream.name)
+        settings = upstream.settings
+        self._total_timeout = settings.total_timeout
+        self._write_deadlines = (_WriteDeadlines(settings.client_write_timeout)
+                                 if settings.client_write_timeout > 0 else None)
+        self._write_timeouts = metrics.client_write_timeouts.labels(upstream.name)
 
     def _body(self, ctx: RequestContext, raw: bytes) -> bytes | None:
         view = ctx.request
@@ -92,19 +161,12 @@ class Forwarder:
     ) -> web.StreamResponse:
         headers = upstream_request_headers(request.headers, route.api, self._credential, ctx.request_id)
         body = self._body(ctx, raw)
-        ctx.upstream_started = time.perf_counter()
+        ctx.upstream_started = started = time.perf_counter()
         try:
-            async with self._upstream.request(request.method, request.path_qs, headers, body) as up:
-                ctx.upstream_ttfb = time.perf_counter()
-                self._ttfb.observe(ctx.upstream_ttfb - ctx.upstream_started)
-                ctx.upstream_status = up.status
-                if up.status < 200:  # a 101 no one asked for (interim 1xx were skipped)
-                    raise _malformed()
-                if ctx.first_byte_delay > 0:
-                    await asyncio.sleep(ctx.first_byte_delay)
-                if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
-                    return await self._relay_stream(request, ctx, route, up)
-                return await self._relay_body(ctx, route, up)
+            if self._total_timeout:
+                async with asyncio.timeout(self._total_timeout) as deadline:
+                    return await self._exchange(request, ctx, route, headers, body, started, deadline)
+            return await self._exchange(request, ctx, route, headers, body, started, None)
         except UpstreamFailure as refused:  # too large, or not a response to relay
             self._metrics.upstream_errors.labels(refused.kind).inc()
             raise
@@ -112,6 +174,26 @@ class Forwarder:
             failure = _failure(exc)
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
+
+    async def _exchange(self, request: web.Request, ctx: RequestContext, route: RouteSpec,
+                        headers: CIMultiDict[str], body: bytes | None, started: float,
+                        deadline: asyncio.Timeout | None) -> web.StreamResponse:
+        async with self._upstream.request(request.method, request.path_qs, headers, body) as up:
+            ctx.upstream_ttfb = time.perf_counter()
+            self._ttfb.observe(ctx.upstream_ttfb - started)
+            ctx.upstream_status = up.status
+            if up.status < 200:  # a 101 no one asked for (interim 1xx were skipped)
+                raise _malformed()
+            if ctx.first_byte_delay > 0:
+                if deadline is not None and (when := deadline.when()) is not None:
+                    # The tarpit is the gateway's doing, not the upstream's: it does not count.
+                    deadline.reschedule(when + ctx.first_byte_delay)
+                await asyncio.sleep(ctx.first_byte_delay)
+            if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
+                if deadline is not None:
+                    deadline.reschedule(None)  # a stream is bounded by read_timeout, not in total
+                return await self._relay_stream(request, ctx, route, up)
+            return await self._relay_body(ctx, route, up)
 
     def _response_headers(self, ctx: RequestContext, up: UpstreamResponse) -> CIMultiDict[str]:
         headers = client_response_headers(up.headers)
@@ -186,17 +268,20 @@ class Forwarder:
         return (b"\n\n".join(out) + b"\n\n", len(out)) if out else (b"", 0)
 
     async def _relay_events(self, response: web.StreamResponse, splitter: SseSplitter, handler: StreamHandler,
-                            up: UpstreamResponse, first: bytes, pace: float | None) -> bytes:
+                            up: UpstreamResponse, first: bytes, pace: float | None, writes: _Writes) -> bytes:
         """Relay events as they arrive; returns the final bytes when the upstream's body ended
         with them, so that they leave with the end of the response."""
         content = up.content
+        clock = asyncio.get_running_loop().time
         chunk = first or await content.readany()
         while chunk:
             data, events = self._events_out(splitter, handler, chunk)
             if data:
                 if content.is_eof() and not pace:
                     return data  # nothing more can come: finish in the same write
+                writes.since = clock()  # seen by _WriteDeadlines if the write waits on the client
                 await response.write(data)
+                writes.since = 0.0
                 if pace:
                     await asyncio.sleep(events / pace)
             chunk = await content.readany()
@@ -214,12 +299,14 @@ class Forwarder:
         splitter = SseSplitter()
         pace = ctx.pace_tokens_per_s
         active = self._metrics.active_streams
+        deadlines = self._write_deadlines
+        writes = deadlines.watch(request.transport) if deadlines is not None else _Writes(None)
         active.inc()
         try:
             await response.prepare(request)
             last = b""  # written with the end of the response, in one write
             try:
-                last = await self._relay_events(response, splitter, handler, up, first, pace)
+                last = await self._relay_events(response, splitter, handler, up, first, pace, writes)
                 tail = splitter.tail()
                 if tail.strip():
                     # A last event without its blank line: shaped and accounted like any other,
@@ -239,13 +326,24 @@ class Forwarder:
                 self._metrics.upstream_errors.labels(failure.kind).inc()
                 ctx.audit["stream_error"] = failure.kind
                 last += errors.sse_error_event(route.api, failure.decision)
+            writes.since = asyncio.get_running_loop().time()  # the end waits on the client too
             await response.write_eof(last)
+            writes.since = 0.0
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ctx.client_disconnected = True
         except asyncio.CancelledError:
             ctx.client_disconnected = True
             raise
         finally:
+            if deadlines is not None:
+                deadlines.forget(writes)
+            if writes.timed_out:
+                # The client read nothing for client_write_timeout: it is gone as far as the
+                # gateway is concerned (its connection was aborted; the upstream one closes
+                # as this handler leaves the upstream's context).
+                ctx.client_disconnected = True
+                ctx.audit["client_write_timeout"] = True
+                self._write_timeouts.inc()
             handler.finish()
             if not ctx.usage.complete and not ctx.usage.input_tokens:
                 # Cut short before the upstream reported usage: the prompt was still consumed.

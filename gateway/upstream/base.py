@@ -17,6 +17,30 @@ from gateway.settings import UpstreamSettings
 # Methods a client may repeat without changing the outcome (RFC 9110 §9.2.2), as aiohttp lists them.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+# Taken off an upstream's announced keep-alive timeout: its close and our reuse must not race.
+KEEPALIVE_SAFETY_S = 1.0
+
+
+def idle_limit(keep_alive: str | None, idle_timeout: float) -> float:
+    """How long a connection may stay idle in the pool after a response whose ``Keep-Alive``
+    header is ``keep_alive``: ``idle_timeout``, or the upstream's ``timeout=N`` less a second if
+    that is shorter. 0: do not reuse it (``N`` of 1 s or less leaves no safe window). A header
+    without a readable timeout changes nothing."""
+    if keep_alive is None:
+        return idle_timeout
+    for param in keep_alive.split(","):
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "timeout":
+            continue
+        try:
+            announced = float(value.strip().strip('"'))
+        except ValueError:
+            return idle_timeout
+        if announced != announced:  # NaN
+            return idle_timeout
+        return max(0.0, min(announced - KEEPALIVE_SAFETY_S, idle_timeout))
+    return idle_timeout
+
 
 class UpstreamConnectError(aiohttp.ClientConnectionError):
     """The upstream could not be connected to (refused, unreachable, TLS or DNS failure)."""
@@ -69,6 +93,7 @@ class Upstream(Protocol):
     caller can stream it; leaving the context closes (or cancels) the upstream request."""
 
     name: str
+    settings: UpstreamSettings  # what it was built from; the forwarder reads its client-side deadlines
 
     def request(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None

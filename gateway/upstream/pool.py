@@ -7,7 +7,10 @@ small request against ~105 µs here; docs/performance.md). This client keeps wha
 aiohttp - its ``ResponseHandler`` protocol, the llhttp response parser, ``StreamReader`` bodies
 with flow control, and aiohttp's payload and disconnect exceptions - and replaces the rest with
 a fixed request line per upstream, a LIFO keep-alive pool, and one sweeper task per upstream that
-enforces read and idle timeouts for all connections at once instead of a timer per chunk.
+enforces read and idle timeouts for all connections at once instead of a timer per chunk. A
+connection idles at most ``idle_timeout``, or less when the upstream's ``Keep-Alive: timeout=N``
+says it closes sooner (``base.idle_limit``); that limit is checked exactly when a connection is
+taken from the pool, so a sweeper tick late never hands out one the upstream is closing.
 
 The ``session`` client (gateway/upstream/client.py) is still available per upstream.
 """
@@ -34,6 +37,7 @@ from gateway.upstream.base import (
     BodyErrorResponseHandler,
     UpstreamConnectError,
     UpstreamProtocolError,
+    idle_limit,
 )
 
 if TYPE_CHECKING:
@@ -44,12 +48,12 @@ log = logging.getLogger(__name__)
 
 # aiohttp's StreamReader high-water mark; one response body buffer per connection.
 _READ_BUFSIZE = 2**16
-_IDLE_SECONDS = 30.0  # keep-alive: idle connections older than this are closed
 _MAX_INTERIM = 16  # interim (1xx) responses skipped before the final one; more is a broken upstream
 
 
 class _Connection(BodyErrorResponseHandler):
-    """One upstream connection; ``last_activity`` is what the pool's sweeper times out on."""
+    """One upstream connection; ``last_activity`` is what the pool's sweeper times out on (and,
+    while the connection idles in the pool, when it went back there)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -57,6 +61,10 @@ class _Connection(BodyErrorResponseHandler):
         self.last_activity = loop.time()
         self.received = False  # a byte arrived since the current request was written
         self.reused = False  # it served a request before this one (kept alive in the pool)
+        self.idle_limit = 0.0  # how long it may idle in the pool (set as it goes back there)
+
+    def idle_expired(self, now: float) -> bool:
+        return now - self.last_activity > self.idle_limit
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.clock()
@@ -158,7 +166,9 @@ class PooledUpstream:
                     continue
                 break
             yield PooledResponse(message, payload)
-            reusable = payload.is_eof() and not message.should_close and not conn.should_close
+            if payload.is_eof() and not message.should_close and not conn.should_close:
+                conn.idle_limit = idle_limit(message.headers.get("Keep-Alive"), self.settings.idle_timeout)
+                reusable = conn.idle_limit > 0
         finally:
             if held:
                 self._release(conn, reusable)
@@ -219,11 +229,15 @@ class PooledUpstream:
         return conn
 
     def _take_idle(self) -> _Connection | None:
-        """The most recently used idle connection still open (LIFO keeps the pool warm)."""
+        """The most recently used idle connection still open and within its idle limit (LIFO keeps
+        the pool warm)."""
         idle = self._idle
+        if not idle:
+            return None
+        now = idle[-1].clock()
         while idle:
             conn = idle.pop()
-            if conn.is_connected() and not conn.should_close:
+            if conn.is_connected() and not conn.should_close and not conn.idle_expired(now):
                 self._busy.add(conn)
                 return conn
             self._discard(conn)
@@ -314,14 +328,12 @@ class PooledUpstream:
                 conn.set_exception(exc)
                 if payload is not None:
                     payload.set_exception(exc)
-        # The idle list is LIFO, so the longest-idle connections sit at its start.
-        expired = 0
-        for conn in self._idle:
-            if now - conn.last_activity <= _IDLE_SECONDS:
-                break
-            expired += 1
-        if expired:
-            stale, self._idle[:expired] = self._idle[:expired], []
+        # Limits differ per connection (an upstream's Keep-Alive header), so the LIFO order of
+        # the idle list is not the order of expiry: the whole list is checked (at most pool_size).
+        idle = self._idle
+        if any(conn.idle_expired(now) for conn in idle):
+            stale = [conn for conn in idle if conn.idle_expired(now)]
+            idle[:] = [conn for conn in idle if not conn.idle_expired(now)]
             for conn in stale:
                 self._discard(conn)
 

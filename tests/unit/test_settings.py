@@ -134,3 +134,30 @@ def test_prompt_logging_cannot_be_switched_on() -> None:
     assert str(info.value) == ("gw.yaml:3:16: logging.log_prompts: prompt logging is not supported (prompt "
                                "text is never written to any log), expected false or no key")
     parse_settings(text % "false", "gw.yaml")  # stating the default is fine
+
+
+def test_upstream_deadlines_default_and_parse() -> None:
+    default = parse_settings('upstreams: [{base_url: "http://x"}]\n', "gw.yaml").upstreams[0]
+    assert (default.total_timeout, default.client_write_timeout, default.idle_timeout) == (0.0, 60.0, 15.0)
+    text = ('upstreams:\n  - base_url: "http://x"\n    total_timeout: 10m\n    client_write_timeout: 0\n'
+            '    idle_timeout: 500ms\n')
+    up = parse_settings(text, "gw.yaml").upstreams[0]
+    assert (up.total_timeout, up.client_write_timeout, up.idle_timeout) == (600.0, 0.0, 0.5)
+    nulls = 'upstreams: [{base_url: "http://x", total_timeout: null, idle_timeout: null}]\n'
+    assert parse_settings(nulls, "gw.yaml").upstreams[0].idle_timeout == 15.0
+
+
+def test_upstream_deadlines_are_validated_at_their_position() -> None:
+    text = ('upstreams:\n  - base_url: "http://x"\n    total_timeout: forever\n'
+            '    client_write_timeout: -1s\n    idle_timeout: [15s]\n    idle_timout: 5s\n')
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "gw.yaml")
+    assert str(info.value).splitlines() == [
+        "gw.yaml:3:20: upstreams[0].total_timeout: expected a duration such as 250ms, 30s, 5m, 1h, 1d, 1w "
+        "or 1mo, got 'forever'",
+        "gw.yaml:4:27: upstreams[0].client_write_timeout: expected a duration such as 250ms, 30s, 5m, 1h, "
+        "1d, 1w or 1mo, got '-1s'",
+        "gw.yaml:5:19: upstreams[0].idle_timeout: expected a duration such as 250ms, 30s, 5m, 1h, 1d, 1w "
+        "or 1mo, got ['15s']",
+        "gw.yaml:6:5: upstreams[0].idle_timout: unknown key 'idle_timout'; did you mean 'idle_timeout'?",
+    ]

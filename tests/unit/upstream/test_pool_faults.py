@@ -4,8 +4,9 @@ when it retries, which deadlines hold, and that no failure leaks a pool slot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.settings import UpstreamSettings
-from gateway.upstream.base import UpstreamConnectError, UpstreamProtocolError
+from gateway.upstream.base import UpstreamConnectError, UpstreamProtocolError, idle_limit
 from gateway.upstream.client import AiohttpUpstream
 from gateway.upstream.pool import PooledUpstream
 
@@ -464,5 +465,153 @@ async def test_a_waiter_is_woken_when_a_failed_connection_is_discarded(start: St
         with pytest.raises(UpstreamProtocolError):
             await first
         assert_pool_empty(client)
+    finally:
+        await client.close()
+
+
+# -- keep-alive limits ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("header", "limit"), [
+    (None, 15.0),
+    ("timeout=5, max=100", 4.0),  # Apache's form: a second less, for the race of its close
+    ("max=100, TIMEOUT = 30", 15.0),  # ours is shorter
+    ('timeout="3"', 2.0),
+    ("timeout=1", 0.0),  # no safe window: not reused
+    ("timeout=0", 0.0),
+    ("timeout=-4", 0.0),
+    ("timeout=soon", 15.0),  # unreadable: ignored
+    ("timeout=nan", 15.0),
+    ("max=5", 15.0),
+    ("", 15.0),
+])
+def test_idle_limit_from_a_keep_alive_header(header: str | None, limit: float) -> None:
+    assert idle_limit(header, 15.0) == limit
+
+
+def keep_alive(n: int, seconds: int | None) -> bytes:
+    head, _, body = ok(n).partition(b"\r\n\r\n")
+    extra = b"" if seconds is None else b"\r\nKeep-Alive: timeout=%d" % seconds
+    return head + extra + b"\r\n\r\n" + body
+
+
+def session(port: int, **kw: Any) -> AiohttpUpstream:
+    return AiohttpUpstream(UpstreamSettings(name="t", base_url=f"http://127.0.0.1:{port}", client="session",
+                                            **kw))
+
+
+CLIENTS = pytest.mark.parametrize("make", [pool, session], ids=["pool", "session"])
+
+
+@contextlib.contextmanager
+def idle_for(client: PooledUpstream | AiohttpUpstream, seconds: float) -> Iterator[None]:
+    """The client's idle connections look ``seconds`` older, rather than the test sleeping: the
+    pool's are backdated, the session's connector and protocols read the loop's clock."""
+    if isinstance(client, PooledUpstream):
+        for conn in client._idle:
+            conn.last_activity -= seconds
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "time", lambda: real() + seconds)
+        patch.setattr(aiohttp.connector, "monotonic", lambda: real() + seconds)
+        yield
+
+
+@CLIENTS
+async def test_idle_timeout_is_exact_at_reuse_not_at_the_next_sweep(start: Start, make: Any) -> None:
+    """The pool's sweeper ticks every second here (read_timeout 300 s); a connection idle past
+    idle_timeout must still not be handed out between two ticks."""
+
+    async def respond(up: Upstream, n: int, conn: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(ok(n))
+        return True
+
+    upstream = await start(respond)
+    client = make(upstream.port, idle_timeout=0.15)
+    try:
+        await fetch(client)
+        await fetch(client)
+        await asyncio.sleep(0.25)
+        await fetch(client)
+        assert [conn for conn, _ in upstream.seen] == [1, 1, 2]
+    finally:
+        await client.close()
+
+
+@CLIENTS
+async def test_an_upstream_keep_alive_timeout_shortens_the_idle_limit(start: Start, make: Any) -> None:
+
+    async def respond(up: Upstream, n: int, conn: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(keep_alive(n, 2))  # 2 s announced: kept idle for 1 s at most
+        return True
+
+    upstream = await start(respond)
+    client = make(upstream.port)
+    try:
+        await fetch(client)
+        await fetch(client)  # within the limit: reused
+        with idle_for(client, 1.1):
+            await fetch(client)
+        assert [conn for conn, _ in upstream.seen] == [1, 1, 2]
+    finally:
+        await client.close()
+
+
+@CLIENTS
+async def test_a_keep_alive_timeout_of_one_second_is_never_reused(start: Start, make: Any) -> None:
+
+    async def respond(up: Upstream, n: int, conn: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(keep_alive(n, 1))
+        return True
+
+    upstream = await start(respond)
+    client = make(upstream.port)
+    try:
+        for n in (1, 2, 3):
+            assert await fetch(client) == b'{"n": %d}' % n
+        assert [conn for conn, _ in upstream.seen] == [1, 2, 3]
+        if isinstance(client, PooledUpstream):
+            assert client._open == 0 and not client._idle
+    finally:
+        await client.close()
+
+
+@CLIENTS
+async def test_an_idle_timeout_of_zero_means_a_connection_per_request(start: Start, make: Any) -> None:
+
+    async def respond(up: Upstream, n: int, conn: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(ok(n))
+        return True
+
+    upstream = await start(respond)
+    client = make(upstream.port, idle_timeout=0.0)
+    try:
+        for _ in range(3):
+            await fetch(client)
+        assert [conn for conn, _ in upstream.seen] == [1, 2, 3]
+    finally:
+        await client.close()
+
+
+async def test_the_sweeper_closes_connections_past_their_own_limits(start: Start) -> None:
+    """Limits differ per connection: the idle list's order is not the order of expiry."""
+
+    async def respond(up: Upstream, n: int, conn: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(keep_alive(n, 3 if conn == 1 else None))  # conn 1: 2 s; conn 2: idle_timeout
+        return True
+
+    upstream = await start(respond)
+    client = pool(upstream.port, idle_timeout=10.0, pool_size=2)
+    try:
+        await asyncio.gather(fetch(client), fetch(client))
+        assert len(client._idle) == 2
+        now = asyncio.get_running_loop().time()
+        client._expire(now + 5, 300.0)
+        assert len(client._idle) == 1 and client._idle[0].idle_limit == 10.0
+        assert_pool_empty(client)
+        client._expire(now + 11, 300.0)
+        assert not client._idle and client._open == 0
     finally:
         await client.close()
