@@ -16,7 +16,7 @@ from gateway.logfile import (
     RecordLosses,
     client_request_id,
     client_text,
-    json_line,
+    line_or_loss,
     unwritable,
 )
 from gateway.tasks import cancel_and_wait
@@ -100,10 +100,8 @@ class AccessLog:
             # The writer is stuck (a blocked pipe, a full disk): shed lines rather than grow memory.
             self.losses.count("queue_full")
             return
-        try:
-            line = json_line(record)
-        except TypeError as exc:
-            self.losses.count("unserialisable", 1, exc)
+        line = line_or_loss(record, self.losses)
+        if line is None:
             return
         self._buffer.append(line)
         self._size += len(line)

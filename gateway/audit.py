@@ -24,7 +24,7 @@ from gateway.logfile import (
     RecordLosses,
     client_request_id,
     client_text,
-    json_line,
+    line_or_loss,
 )
 from gateway.tasks import cancel_and_wait
 
@@ -72,10 +72,8 @@ class _BufferedLineSink:
         if self._closed:
             self.losses.count("closed")
             return
-        try:
-            line = json_line(record)
-        except TypeError as exc:
-            self.losses.count("unserialisable", 1, exc)
+        line = line_or_loss(record, self.losses)
+        if line is None:
             return
         if len(self._lines) >= self._max_buffer:
             # The writer cannot keep up (disk full or stalled): shed load rather than grow memory.
@@ -106,9 +104,13 @@ class _BufferedLineSink:
     def flush_sync(self) -> None:
         """Blocking flush, for shutdown paths without an event loop. Never raises."""
         with self._flush_lock:
-            lines, self._lines = self._lines, []
-            if lines:
-                self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
+            self._write_buffered()
+
+    def _write_buffered(self) -> None:
+        """Write what is buffered (the caller holds ``_flush_lock``: batches leave in order)."""
+        lines, self._lines = self._lines, []
+        if lines:
+            self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
 
     async def reopen(self) -> None:
         """Write what is buffered, then reopen the file (log rotation; SIGHUP, admin reload)."""
@@ -116,9 +118,7 @@ class _BufferedLineSink:
 
     def _reopen_sync(self) -> None:
         with self._flush_lock:
-            lines, self._lines = self._lines, []
-            if lines:
-                self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
+            self._write_buffered()
             self._writer.reopen()
 
     async def close(self) -> None:

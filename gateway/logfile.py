@@ -138,6 +138,15 @@ class RecordLosses:
                       self.log_name, lost, why)
 
 
+def line_or_loss(record: dict[str, Any], losses: RecordLosses) -> str | None:
+    """``record`` as one JSON line, or None after counting it as ``unserialisable``."""
+    try:
+        return json_line(record)
+    except TypeError as exc:
+        losses.count("unserialisable", 1, exc)
+        return None
+
+
 class LineWriter:
     """Writes batches of lines to a file (appending) or a text stream, from a worker thread.
 

@@ -219,6 +219,10 @@ class PooledUpstream:
             if conn is not None:
                 return conn
         self._open += 1
+        return await self._connect_in_slot()
+
+    async def _connect_in_slot(self) -> _Connection:
+        """Connect in a slot already counted in ``_open``; on failure the slot is given back."""
         try:
             conn = await self._connect()
         except BaseException:
@@ -267,14 +271,7 @@ class PooledUpstream:
         """A new connection in the pool slot of ``stale``, which is closed."""
         self._busy.discard(stale)
         stale.abort()
-        try:
-            conn = await self._connect()
-        except BaseException:
-            self._open -= 1
-            self._wake()
-            raise
-        self._busy.add(conn)
-        return conn
+        return await self._connect_in_slot()
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
         self._busy.discard(conn)

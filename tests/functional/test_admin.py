@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin import create_admin_app
 from gateway.upstream.mock_server import MockServer
 from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
+from tests.support.gateway import admin_listener as admin
 
 POLICY = """version: 1
 rules:
@@ -23,17 +20,6 @@ rules:
     when: {field: request.n, gt: 2}
     deny: {status: 400, error_type: invalid_request, message: Too many choices.}
 """
-
-
-@contextlib.asynccontextmanager
-async def admin(gw: RunningGateway) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_admin_app(gw.runtime))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 async def chat(gw: RunningGateway, n: int) -> int:

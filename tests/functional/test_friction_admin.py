@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from gateway.upstream.mock_server import MockServer
-from tests.functional.test_admin import admin
 from tests.support.gateway import CLIENT_ACCOUNT, CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
+from tests.support.gateway import admin_listener as admin
 from tests.support.redis_servers import RedisServer, start_server
 
 REPO = Path(__file__).resolve().parents[2]

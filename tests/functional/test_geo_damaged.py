@@ -3,32 +3,18 @@ database, the admin status and /metrics show it, and a good replacement makes th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import maxminddb
-from aiohttp import web
 
-from gateway.admin import create_admin_app
 from gateway.upstream.mock_server import MockServer
-from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
+from tests.support.gateway import CLIENT_KEY, gateway_yaml, run_gateway
+from tests.support.gateway import admin_listener as admin
 from tests.support.mmdb import write_anonymous_db, write_country_db
 
 RESTRICTED = "203.0.113.9"  # CN in the fixture database
-
-
-@contextlib.asynccontextmanager
-async def admin(gw: RunningGateway) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_admin_app(gw.runtime))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def damage_in_place(path: Path) -> None:

@@ -23,7 +23,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.upstream.mock_server import MockServer
-from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
+from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway, serve_app
 from tests.unit.quota.test_quota_headers_conformance import ietf
 
 GatewayStarter = Callable[..., AbstractAsyncContextManager[RunningGateway]]
@@ -168,13 +168,8 @@ async def provider_with_own_limits() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def test_the_provider_accounts_own_limits_do_not_reach_the_client(

@@ -16,8 +16,8 @@ from gateway.risk.redis_sigstore import RedisSignalStore
 from gateway.risk.sigstore import AccountState, AccountTouch
 from gateway.upstream.mock_server import MockServer
 from tests.conftest import GatewayFactory
-from tests.functional.test_admin import admin
 from tests.support.gateway import CLIENT_ACCOUNT, CLIENT_KEY
+from tests.support.gateway import admin_listener as admin
 from tests.support.redis_servers import RedisServer, start_server
 
 pytestmark = pytest.mark.redis

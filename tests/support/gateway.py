@@ -102,3 +102,24 @@ async def run_gateway(
         yield RunningGateway(url=f"http://127.0.0.1:{port}", app=app, access_log=tmp / "access.jsonl")
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def admin_listener(gw: RunningGateway) -> AsyncIterator[str]:
+    """The admin listener of a gateway started in-process; yields its base URL."""
+    from gateway.admin import create_admin_app
+
+    async with serve_app(create_admin_app(gw.runtime)) as url:
+        yield url
