@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
@@ -126,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
     if settings.workers == 1:
         return _serve_worker(args, 0)
-    return _supervise(args, settings.workers)
+    return _supervise(args, settings)
 
 
 def _serve_worker(args: argparse.Namespace, index: int) -> int:
@@ -150,26 +152,61 @@ def _worker_main(args: argparse.Namespace, index: int) -> None:
     sys.exit(_serve_worker(args, index))
 
 
-def _supervise(args: argparse.Namespace, workers: int) -> int:
-    """Start N workers on one port (SO_REUSEPORT); forward signals; exit when they all have."""
+# After the drain and the grace, a worker still settles the requests it cut (SETTLE_AFTER_CUT,
+# which aiohttp may spend twice: waiting for a handler, then for its cancellation) and stops its
+# components (stores flushed, logs written): the supervisor allows this much on top before it
+# kills a worker.
+STOP_MARGIN = 15.0
+_JOIN_POLL = 1.0  # a stop signal arriving while the supervisor waits is acted on this soon
+
+
+def _exit_status(code: int | None, stopping: bool) -> int:
+    """A worker's exit code as a shell reports it: 128 + N for a worker ended by signal N, except
+    for the stop signal it was sent before it could install its handlers (still starting up)."""
+    if code is None:
+        return 1
+    if stopping and code in (-signal.SIGTERM, -signal.SIGINT):
+        return 0
+    return 128 - code if code < 0 else code
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """Start N workers on one port (SO_REUSEPORT); forward signals; exit when they all have.
+
+    Workers still running ``drain_delay + grace + STOP_MARGIN`` after the first SIGTERM/SIGINT are
+    killed (SIGKILL), and the exit status says so (137); otherwise it is the highest of theirs."""
     spawn = multiprocessing.get_context("spawn")
     procs = [spawn.Process(target=_worker_main, args=(args, i), name=f"gateway-worker-{i}")
-             for i in range(workers)]
+             for i in range(settings.workers)]
     for proc in procs:
         proc.start()
+    budget = settings.shutdown.drain_delay + settings.shutdown.grace + STOP_MARGIN
+    kill_at: float | None = None  # monotonic time; None until a stop is asked
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal kill_at
+        if signum != signal.SIGHUP and kill_at is None:
+            kill_at = time.monotonic() + budget
+        # A second SIGTERM is forwarded too: the workers then cut their drain short.
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    codes = []
-    for proc in procs:
-        proc.join()
-        codes.append(proc.exitcode or 0)
-    return max(codes)
+    while alive := [proc for proc in procs if proc.exitcode is None]:  # exitcode reaps
+        wait = _JOIN_POLL
+        if kill_at is not None:
+            wait = kill_at - time.monotonic()
+            if wait <= 0:
+                for proc in alive:
+                    print(f"gateway: worker {proc.name} still running {budget:g}s after the stop signal "
+                          "(drain_delay + grace + margin): killed", file=sys.stderr)
+                    proc.kill()
+                    proc.join()
+                break
+        multiprocessing.connection.wait([proc.sentinel for proc in alive], min(wait, _JOIN_POLL))
+    return max(_exit_status(proc.exitcode, kill_at is not None) for proc in procs)
 
 
 def _cmd_mock(args: argparse.Namespace) -> int:

@@ -159,10 +159,12 @@ class Pipeline:
             return response
         finally:
             ctx.finished = time.perf_counter()
-            if response is not None:
+            if ctx.client_disconnected:
+                # nginx's convention for "client closed request", also when the forwarder noticed
+                # it on a failed write and still returned its (never completed) response.
+                ctx.status = 499
+            elif response is not None:
                 ctx.status = response.status
-            elif ctx.client_disconnected:
-                ctx.status = 499  # nginx's convention for "client closed request"
             try:
                 rest = self._settle_now(ctx)
                 if rest:

@@ -93,6 +93,21 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownSettings:
+    """How a worker stops on SIGTERM/SIGINT (see docs/configuration.md, ``shutdown``).
+
+    drain_delay: readiness is red and every response carries ``Connection: close``, but the
+                 listener keeps accepting, for this long (a load balancer keeps sending for a
+                 while after the signal); a second signal ends it early.
+    grace:       then the listener closes and requests in flight, streams included, have this
+                 long to finish; those still running are cut (as a client disconnect would).
+    """
+
+    drain_delay: float = 0.0
+    grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole gateway configuration."""
 
@@ -106,6 +121,7 @@ class Settings:
     policies: PolicySettings = field(default_factory=PolicySettings)
     logging: LogSettings = field(default_factory=LogSettings)
     workers: int = 1
+    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     # Feature sections parsed by their own modules: name → parsed object.
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -238,7 +254,18 @@ def _section_parsers() -> tuple[dict[str, SectionParser], dict[str, tuple[frozen
 
 
 CORE_KEYS = {"listen", "admin", "upstreams", "mock_upstream", "max_body_bytes", "routes", "policies",
-             "logging", "workers"}
+             "logging", "workers", "shutdown"}
+
+# Upper bounds that catch a unit slip (30m for 30s) rather than limit a real deployment: a load
+# balancer takes seconds to stop sending, and the longest stream worth waiting for is minutes.
+MAX_DRAIN_DELAY = 300.0
+MAX_GRACE = 3600.0
+
+
+def _shutdown(node: Node) -> ShutdownSettings:
+    node.check_keys({"drain_delay", "grace"})
+    return ShutdownSettings(drain_delay=read_duration(node, "drain_delay", 0.0, high=MAX_DRAIN_DELAY),
+                            grace=read_duration(node, "grace", 30.0, high=MAX_GRACE))
 
 
 def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Settings:
@@ -318,6 +345,8 @@ def parse_settings(text: str, filename: str, base_dir: Path | None = None) -> Se
             root.error("expected a positive number of worker processes", "workers")
             workers = 1
         settings = replace(settings, workers=workers)
+    if (shutdown := root.child("shutdown")) is not None and shutdown.expect_mapping():
+        settings = replace(settings, shutdown=_shutdown(shutdown))
 
     sections = {name: parse(root.child(name)) for name, parse in parsers.items()}
     sections.update({name: parse(root) for name, (_, parse) in root_parsers.items()})

@@ -33,23 +33,29 @@ def require_redis(*binaries: str) -> None:
             pytest.skip(reason)
 
 
-def free_port(bus: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (and port + 10000 free too, for a cluster bus)."""
+def free_port(bus: bool = False, following: int = 0) -> int:
+    """A free TCP port on 127.0.0.1; with ``bus``, port + 10000 free too (a cluster bus); with
+    ``following``, that many ports after it free too (one admin port per worker)."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if not bus:
+        also = [port + 10000] if bus else []
+        also += [port + i for i in range(1, following + 1)]
+        if all(_bindable(p) for p in also):
             return port
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
     raise RuntimeError("no free port found")
+
+
+def _bindable(port: int) -> bool:
+    if port > 65535:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ping(port: int, password: str | None = None) -> bool:

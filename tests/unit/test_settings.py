@@ -161,3 +161,31 @@ def test_upstream_deadlines_are_validated_at_their_position() -> None:
         "or 1mo, got ['15s']",
         "gw.yaml:6:5: upstreams[0].idle_timout: unknown key 'idle_timout'; did you mean 'idle_timeout'?",
     ]
+
+
+def test_shutdown_defaults_and_parse() -> None:
+    from gateway.settings import ShutdownSettings
+
+    default = parse_settings("mock_upstream: {enabled: true}\n", "gw.yaml").shutdown
+    assert default == ShutdownSettings() and (default.drain_delay, default.grace) == (0.0, 30.0)
+    text = "mock_upstream: {enabled: true}\nshutdown:\n  drain_delay: 5s\n  grace: 2m\n"
+    assert parse_settings(text, "gw.yaml").shutdown == ShutdownSettings(drain_delay=5.0, grace=120.0)
+    # 0 grace: requests still running when the listener closes are cut at once.
+    zero = parse_settings("mock_upstream: {enabled: true}\nshutdown: {grace: 0}\n", "gw.yaml").shutdown
+    assert zero == ShutdownSettings(drain_delay=0.0, grace=0.0)
+
+
+def test_shutdown_errors_are_reported_at_their_position() -> None:
+    text = ("mock_upstream: {enabled: true}\nshutdown:\n  drain_delay: 30m\n  grace: soon\n"
+            "  drain: 5s\n")
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "gw.yaml")
+    assert str(info.value).splitlines() == [
+        "gw.yaml:3:16: shutdown.drain_delay: must be between 0s and 300s, got 1800s",
+        "gw.yaml:4:10: shutdown.grace: expected a duration such as 250ms, 30s, 5m, 1h, 1d, 1w or 1mo, "
+        "got 'soon'",
+        "gw.yaml:5:3: shutdown.drain: unknown key 'drain'; did you mean 'drain_delay'?",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_settings("mock_upstream: {enabled: true}\nshutdown: 30s\n", "gw.yaml")
+    assert str(info.value) == "gw.yaml:2:11: shutdown: expected a mapping, got string '30s'"
