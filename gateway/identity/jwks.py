@@ -138,6 +138,13 @@ class KeySource:
         await asyncio.shield(task)  # our cancellation must not cancel everyone's fetch
         return self._lookup(kid, self._clock())
 
+    def prefetch(self) -> None:
+        """Start loading the keys in the background (at start-up), so the first requests find
+        them instead of waiting on the fetch; a failure is logged and retried on demand."""
+        now = self._clock()
+        if self._last_success is None and self._may_fetch(now):
+            self._start_refresh(now)
+
     def _lookup(self, kid: str | None, now: float) -> VerificationKey | None:
         if self._last_success is None or now - self._last_success > self._max_stale:
             return None  # never loaded, or too stale to trust: fail closed

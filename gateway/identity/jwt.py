@@ -99,6 +99,11 @@ class JwtVerifier:
     def source(self, issuer: str) -> KeySource:
         return self._issuers[issuer].source
 
+    def prefetch(self) -> None:
+        """Start loading every issuer's keys in the background (see KeySource.prefetch)."""
+        for issuer in self._issuers.values():
+            issuer.source.prefetch()
+
     async def authenticate(self, token: str) -> Principal:
         if len(token) > self._config.max_token_bytes:
             raise InvalidToken("token too large")

@@ -25,6 +25,10 @@ class IdentityService:
     async def start(self) -> None:
         if self.keys is not None:
             await self.keys.start()
+        if self.jwt is not None:
+            # Not awaited: an identity provider that is down must not stop the gateway starting
+            # (API keys still work, and JWTs are fetched again on demand).
+            self.jwt.prefetch()
 
     async def reload(self) -> None:
         if self.keys is not None:

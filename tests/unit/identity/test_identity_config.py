@@ -136,6 +136,10 @@ async def test_identity_service_lifecycle(tmp_path: Path, rsa_key: Any) -> None:
     service = IdentityService(cfg)
     await service.start()
     try:
+        assert service.jwt is not None
+        source = service.jwt.source(ISSUER)
+        await source.join()  # prefetched at start-up: the first token finds the keys loaded
+        assert source.fetches == 1
         ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims())}")])
         # the account carries the issuer's account_prefix
         assert await service.stage(ctx) is None and ctx.principal.account == "sso:acct-1"
@@ -221,3 +225,24 @@ def test_jwks_fetch_settings_that_would_disable_the_protections_are_refused(line
     # timeout as "no timeout", which would hold every caller of a hung fetch.
     text = errors_of(_issuers(line))
     assert text.startswith("gw.yaml:8:") and error in text, text
+
+
+async def test_an_unreachable_identity_provider_does_not_stop_the_start(tmp_path: Path, rsa_key: Any) -> None:
+    from gateway.identity.service import IdentityService
+
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    cfg, issues = parse(GOOD.replace("keys_reload_interval: 5s", "keys_reload_interval: 0"), tmp_path)
+    issues.raise_if_errors()  # jwks.json is missing: the prefetch fails, the start does not
+    service = IdentityService(cfg)
+    await service.start()
+    try:
+        assert service.jwt is not None
+        source = service.jwt.source(ISSUER)
+        await source.join()
+        assert (source.fetches, source.failures) == (1, 1)
+        ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims())}")])
+        decision = await service.stage(ctx)
+        assert decision is not None and decision.status == 401  # no keys yet: refused, not crashed
+    finally:
+        await service.close()
+
