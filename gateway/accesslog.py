@@ -110,7 +110,7 @@ class AccessLog:
 
     def _take(self) -> str:
         """The buffered lines, taken on the event loop's thread (where ``log`` appends)."""
-        data = "".join(f"{line}\n" for line in self._buffer)
+        data = "\n".join(self._buffer) + "\n" if self._buffer else ""
         self._buffer = []
         self._size = 0
         return data

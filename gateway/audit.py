@@ -110,7 +110,7 @@ class _BufferedLineSink:
         """Write what is buffered (the caller holds ``_flush_lock``: batches leave in order)."""
         lines, self._lines = self._lines, []
         if lines:
-            self._writer.write("".join(f"{line}\n" for line in lines), self._fsync)
+            self._writer.write("\n".join(lines) + "\n", self._fsync)
 
     async def reopen(self) -> None:
         """Write what is buffered, then reopen the file (log rotation; SIGHUP, admin reload)."""

@@ -90,14 +90,8 @@ def check_deployment(settings: Settings) -> None:
         raise ConfigError(issues)
 
 
-def check_log_files(settings: Settings) -> None:
-    """Raise ConfigError naming each log file that cannot be opened for appending."""
-    issues = _unwritable_log_files(settings)
-    if issues:
-        raise ConfigError(issues)
-
-
 def _unwritable_log_files(settings: Settings) -> list[Issue]:
+    """An issue naming each log file that cannot be opened for appending."""
     issues: list[Issue] = []
     for key in ("access_log", "audit_log"):
         path = getattr(settings.logging, key)
@@ -107,15 +101,15 @@ def _unwritable_log_files(settings: Settings) -> list[Issue]:
             with open(path, "ab"):
                 pass
         except OSError as exc:
-            issues.extend(_unwritable_log(settings, key, path, exc).issues)
+            issues.append(_unwritable_log(settings, key, path, exc))
     return issues
 
 
-def _unwritable_log(settings: Settings, key: str, path: str, exc: OSError) -> ConfigError:
+def _unwritable_log(settings: Settings, key: str, path: str, exc: OSError) -> Issue:
     from gateway.logfile import unwritable
 
     mark = settings.logging.marks.get(key) or Mark(settings.source, 1, 1)
-    return ConfigError([Issue(mark, f"logging.{key}", unwritable(path, exc))])
+    return Issue(mark, f"logging.{key}", unwritable(path, exc))
 
 
 def _add_logs(features: Features, settings: Settings, metrics: Metrics) -> None:
@@ -124,7 +118,8 @@ def _add_logs(features: Features, settings: Settings, metrics: Metrics) -> None:
     rather than serve while silently dropping records. Blocking: runs off the event loop."""
     from gateway.audit import JsonlFileSink, StdoutSink, build_audit_record
 
-    check_log_files(settings)  # the access log itself is opened when the app starts
+    if issues := _unwritable_log_files(settings):  # the access log is opened when the app starts
+        raise ConfigError(issues)
     target = settings.logging.audit_log
     if target is None:
         return
@@ -136,7 +131,7 @@ def _add_logs(features: Features, settings: Settings, metrics: Metrics) -> None:
         try:
             sink.open()
         except OSError as exc:
-            raise _unwritable_log(settings, "audit_log", target, exc) from exc
+            raise ConfigError([_unwritable_log(settings, "audit_log", target, exc)]) from exc
     sink.losses.bind(metrics.lost_records("audit"))
     features.reloaders.append(sink.reopen)  # log rotation: reopen the file on SIGHUP / admin reload
     features.audit_sink = sink

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -87,7 +86,7 @@ class PolicyHolder:
     def __init__(self, directory: str | os.PathLike[str], snapshot: Snapshot, *,
                  registry: Registry | None = None, settings: Any = None,
                  run_policy_tests: bool = True, watch_interval: float = 1.0,
-                 debounce: float = 0.5, on_reload: Callable[[ReloadOutcome], None] | None = None) -> None:
+                 debounce: float = 0.5) -> None:
         if not watch_interval > 0:  # zero polls the directory in a busy loop; "not >" refuses nan too
             raise ValueError(f"watch_interval must be positive, got {watch_interval}")
         self.directory = Path(directory)
@@ -99,7 +98,6 @@ class PolicyHolder:
         self._debounce = debounce
         self._lock = asyncio.Lock()
         self._watcher: FileWatcher | None = None
-        self._on_reload = on_reload
         self.last_error: str | None = None
         self.last_outcome: ReloadOutcome | None = None
         self.stats = ReloadStats()
@@ -107,16 +105,14 @@ class PolicyHolder:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, registry: Registry | None = None,
              settings: Any = None, run_policy_tests: bool = True, watch_interval: float = 1.0,
-             debounce: float = 0.5, on_reload: Callable[[ReloadOutcome], None] | None = None,
-             ) -> PolicyHolder:
+             debounce: float = 0.5) -> PolicyHolder:
         """Blocking initial load; raises ConfigError / PolicyTestsFailed."""
         snapshot = build_snapshot(directory, registry, settings, run_policy_tests)
         assert snapshot is not None
         for warning in snapshot.warnings:
             log.warning("policy: %s", warning)
         return cls(directory, snapshot, registry=registry, settings=settings,
-                   run_policy_tests=run_policy_tests, watch_interval=watch_interval, debounce=debounce,
-                   on_reload=on_reload)
+                   run_policy_tests=run_policy_tests, watch_interval=watch_interval, debounce=debounce)
 
     @property
     def current(self) -> Snapshot:
@@ -129,12 +125,10 @@ class PolicyHolder:
 
     async def reload(self) -> ReloadOutcome:
         """Rebuild from disk off the event loop; whichever trigger asked, the outcome is counted
-        (``stats``, ``on_reload``) and kept as ``last_outcome``."""
+        (``stats``) and kept as ``last_outcome``."""
         async with self._lock:  # concurrent triggers (watcher + SIGHUP) must not race the swap
             outcome = await self._reload_locked()
             self.last_outcome = outcome
-            if self._on_reload is not None:
-                self._on_reload(outcome)
             return outcome
 
     async def _reload_locked(self) -> ReloadOutcome:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
+
+from tests.support.redis_servers import RedisServer, start_server
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +19,13 @@ def blockbuster() -> Iterator[BlockBuster]:
     fixture files synchronously."""
     with blockbuster_ctx("gateway") as bb:
         yield bb
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port, stopped after it."""
+    server = start_server(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.support.gateway import CLIENT_KEY, write_keys_file
-from tests.support.redis_servers import RedisServer, free_port, start_server
+from tests.support.redis_servers import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOW_ALL = "version: 1\nrules:\n  - id: small-n\n    when: {field: request.n, gt: 8}\n    deny: true\n"
@@ -179,22 +178,13 @@ async def test_sighup_reloads_and_sigterm_drains_with_every_audit_record(tmp_pat
     assert {r["rule_id"] for r in denied} == {"closed"}
 
 
-@pytest.fixture
-def redis_for_workers(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_server(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.redis
-async def test_workers_share_the_port_and_stop_together(tmp_path: Path, redis_for_workers: RedisServer,
+async def test_workers_share_the_port_and_stop_together(tmp_path: Path, redis_server: RedisServer,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    extra = (f"store: {{backend: redis, redis: {{url: '{redis_for_workers.url}'}}}}\n"
-             f"risk: {{store: {{backend: redis, url: '{redis_for_workers.url}'}}}}\n")
+    extra = (f"store: {{backend: redis, redis: {{url: '{redis_server.url}'}}}}\n"
+             f"risk: {{store: {{backend: redis, url: '{redis_server.url}'}}}}\n")
     monkeypatch.setenv("TOLLGATE_CHALLENGE_SECRET", "shared-secret-for-the-test")
     proc = gateway("run", "--config", str(config(tmp_path, port, extra)), "--workers", "2", cwd=REPO,
                    log=tmp_path / "gw.log")

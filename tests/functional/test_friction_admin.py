@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import CLIENT_ACCOUNT, CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
 from tests.support.gateway import admin_listener as admin
-from tests.support.redis_servers import RedisServer, start_server
+from tests.support.redis_servers import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "TG_TEST_FRICTION_ADMIN_TOKEN"
@@ -32,13 +31,6 @@ rules:
     when: {field: request.model, equals: suspect}
     friction: {challenge: {kind: reverify, url: "https://verify.example/acct"}}
 """
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_server(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 async def chat(gw: RunningGateway, model: str) -> tuple[int, dict[str, Any]]:

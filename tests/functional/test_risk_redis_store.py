@@ -5,8 +5,6 @@ the metrics; inline mode awaits Redis on every request."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import openai
@@ -18,16 +16,9 @@ from gateway.upstream.mock_server import MockServer
 from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_ACCOUNT, CLIENT_KEY
 from tests.support.gateway import admin_listener as admin
-from tests.support.redis_servers import RedisServer, start_server
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_server(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 async def _chat(client: openai.AsyncOpenAI, i: int) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 
 from gateway.server import SAME_SIGNAL_WINDOW, StopSignals
 from tests.support.gateway import CLIENT_KEY, write_keys_file
-from tests.support.redis_servers import RedisServer, free_port, start_server
+from tests.support.redis_servers import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"
@@ -266,15 +266,6 @@ def test_a_signal_delivered_twice_at_once_is_one_stop_request() -> None:
     now[0] += SAME_SIGNAL_WINDOW
     stop.received()
     assert stop.hurry.is_set()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_server(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.redis

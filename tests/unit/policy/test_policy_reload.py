@@ -113,23 +113,23 @@ def test_a_watch_interval_that_would_busy_loop_is_refused(tmp_path: Path, interv
         PolicyHolder.load(tmp_path, watch_interval=interval)
 
 
-async def test_every_trigger_reports_its_outcome(tmp_path: Path) -> None:
-    """Direct calls (SIGHUP, admin) and the file watcher all go through on_reload: the metric."""
+async def test_every_trigger_counts_its_outcome(tmp_path: Path) -> None:
+    """Direct calls (SIGHUP, admin) and the file watcher are all counted in ``stats`` (what
+    tollgate_policy_reloads_total exports)."""
     write(tmp_path, DENY_CN)
-    seen: list[ReloadOutcome] = []
-    holder = PolicyHolder.load(tmp_path, watch_interval=0.02, debounce=0.02, on_reload=seen.append)
+    holder = PolicyHolder.load(tmp_path, watch_interval=0.02, debounce=0.02)
     assert await holder.reload() is ReloadOutcome.UNCHANGED
     write(tmp_path, "version: 1\nrules: [{id: a}]\n")
     assert await holder.reload() is ReloadOutcome.FAILED
-    assert seen == [ReloadOutcome.UNCHANGED, ReloadOutcome.FAILED]
+    assert (holder.stats.unchanged, holder.stats.failed, holder.stats.ok) == (1, 1, 0)
     holder.start_watching()
     try:
         await asyncio.sleep(0.05)  # let the watcher take its first look before the change
         write(tmp_path, DENY_CN.replace("CN", "KP"))
         for _ in range(300):
-            if ReloadOutcome.OK in seen:
+            if holder.stats.ok:
                 break
             await asyncio.sleep(0.01)
     finally:
         await holder.stop()
-    assert seen[-1] is ReloadOutcome.OK and holder.last_outcome is ReloadOutcome.OK
+    assert holder.stats.ok == 1 and holder.last_outcome is ReloadOutcome.OK
