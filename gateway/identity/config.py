@@ -49,6 +49,10 @@ class JwtIssuerConfig:
     jwks_max_stale: float = 86400.0  # keep serving last good keys this long when fetches fail
     jwks_timeout: float = 5.0
     jwks_max_bytes: int = 1 << 20
+    # Accepted JOSE ``typ`` header values (e.g. ``at+jwt``, RFC 9068 access tokens), as written;
+    # None: no check. Keeps an ID token or another JWT the provider signs from passing as an
+    # access token.
+    token_types: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +135,7 @@ def _parse_jwt(node: Node, base_dir: Path | None, keys_file: bool) -> JwtConfig 
 _ISSUER_KEYS = {
     "issuer", "audience", "algorithms", "jwks_file", "jwks_url", "required_claims", "leeway", "claims",
     "default_tier", "jwks_cache_ttl", "jwks_refresh_cooldown", "jwks_max_stale", "jwks_timeout",
-    "jwks_max_bytes", "account_prefix",
+    "jwks_max_bytes", "account_prefix", "token_types",
 }
 # JWKS over plain HTTP lets anyone on the path swap the signing keys; loopback stays allowed (a
 # sidecar, tests).
@@ -176,8 +180,35 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
         jwks_timeout=read_duration(node, "jwks_timeout", d.jwks_timeout, low=0.1, high=60.0),
         jwks_max_bytes=_int(node, "jwks_max_bytes", d.jwks_max_bytes, 1024, 16 << 20),
         account_prefix=node.get("account_prefix", str, "", what="a text put in front of the account") or "",
+        token_types=_token_types(node),
     )
     return parsed if issuer and audience and algorithms else None  # errors already reported
+
+
+def _token_types(issuer: Node) -> tuple[str, ...] | None:
+    """``token_types``: a non-empty list of non-empty strings, or absent (no ``typ`` check).
+    Stricter than the other lists: an empty entry or an empty list is refused, not skipped,
+    since either would most likely leave a check the operator meant to have silently off or
+    refuse every token."""
+    node = issuer.child("token_types")
+    if node is None:
+        return None
+    if not node.expect_list("a list of token types (JOSE 'typ' values such as at+jwt)"):
+        return None
+    out: list[str] = []
+    for item in node.elements():
+        value = item.as_type(str, what="a token type (JOSE 'typ' value such as at+jwt)")
+        if value is None:
+            continue
+        if not value.strip():
+            item.error("expected a token type (JOSE 'typ' value such as at+jwt), got "
+                       + ("an empty string" if not value else "only spaces"))
+            continue
+        out.append(value)
+    if not node.value:
+        issuer.error("expected at least one token type; leave token_types out to accept any 'typ'",
+                     "token_types")
+    return tuple(out) or None
 
 
 def _acceptable_jwks_url(url: str) -> bool:

@@ -8,7 +8,9 @@
   keys keep working for ``max_stale`` after the last success, then verification fails closed. A
   document that is not a key set, or holds no usable key, counts as a failed fetch.
 - ``revision`` changes when a refresh removes or replaces a key, so the verifier's cache of
-  verified tokens drops tokens that a withdrawn key signed.
+  verified tokens drops tokens that a withdrawn key signed; :meth:`KeySource.vouches` also
+  turns false once the set is past ``max_stale``, so a cached token is refused exactly when a
+  fresh verification would be.
 - Only asymmetric public keys are accepted (``oct`` keys are dropped), and each key is bound to
   the algorithms its type supports intersected with the issuer's pinned list: an RSA key can
   never be used with HS256 or with an EC algorithm. A key that cannot be used is skipped; it
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,6 +116,10 @@ class KeySource:
         self._clock = clock
         self._keys: dict[str | None, VerificationKey] = {}
         self._last_success: float | None = None
+        # On the source's clock: past this the keys are too stale to trust (never loaded: -inf).
+        # One float, so the verified-token cache can check it on every hit for the cost of a
+        # comparison.
+        self._usable_until = -math.inf
         self._last_attempt: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         self.revision = 0  # bumped when a refresh removes or replaces a key
@@ -145,8 +152,15 @@ class KeySource:
         if self._last_success is None and self._may_fetch(now):
             self._start_refresh(now)
 
+    def vouches(self, revision: int) -> bool:
+        """Whether a token verified with this set's keys at ``revision`` may still be accepted
+        without verifying it again: no key has been withdrawn or replaced since, and the set is
+        not past ``max_stale`` (when :meth:`get` would refuse every key). Called on every hit of
+        the verified-token cache, so it is a clock read and two comparisons."""
+        return revision == self.revision and self._clock() <= self._usable_until
+
     def _lookup(self, kid: str | None, now: float) -> VerificationKey | None:
-        if self._last_success is None or now - self._last_success > self._max_stale:
+        if now > self._usable_until:
             return None  # never loaded, or too stale to trust: fail closed
         if kid is None:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
@@ -177,6 +191,7 @@ class KeySource:
             self.revision += 1  # a key was withdrawn or replaced: tokens it signed are void
         self._keys = keys
         self._last_success = self._clock()
+        self._usable_until = self._last_success + self._max_stale
 
     async def join(self) -> None:
         """Wait for a running refresh (tests, orderly shutdown)."""

@@ -2,15 +2,19 @@
 
 Order of checks, cheapest first, so junk never reaches a signature check or a key fetch:
 size cap (and ASCII only) → cache → header (alg pinned per issuer; ``none`` and HS* are never accepted) →
-issuer chosen by *exact* ``iss`` (a dict lookup, no substring or prefix matching) → key by
-``kid`` from that issuer's set, bound to its own algorithms → full pyjwt verification with
-required claims (``exp`` always), audience, issuer, leeway.
+issuer chosen by *exact* ``iss`` (a dict lookup, no substring or prefix matching) → ``typ``
+when the issuer lists ``token_types`` → key by ``kid`` from that issuer's set, bound to its own
+algorithms → full pyjwt verification with required claims (``exp`` always), audience, issuer,
+leeway.
 
 The cache of verified tokens is keyed by SHA-256 of the whole token: a probe reveals nothing
 about near misses (no comparison of attacker-chosen bytes against secrets). An entry lives until
 the token's ``exp`` or ``cache_max_ttl`` after verification, whichever comes first (a hit never
-extends it), and no longer than its issuer's key set keeps the key: when a refresh withdraws or
-replaces a key, the set's ``revision`` moves on and every entry verified before that is void.
+extends it), and no longer than its issuer's key set vouches for it: when a refresh withdraws
+or replaces a key, the set's ``revision`` moves on and every entry verified before that is void;
+when the set goes past ``jwks_max_stale``, every entry of that issuer is void until a refresh
+succeeds. A void entry is dropped and the token verified afresh, so it gets exactly the answer
+(and the refresh attempt) a token not in the cache would.
 Failed tokens are not cached: a forged signature costs one verification (~0.1 ms) each time,
 and a negative cache would not change that for an attacker, who can mint endless distinct junk.
 """
@@ -51,7 +55,7 @@ class _Verified:
     attributes: Mapping[str, Any]
     expires: float  # wall time after which the cache entry is void
     source: KeySource  # whose key verified the token...
-    revision: int  # ...and its revision then: a withdrawn key voids the entry
+    revision: int  # ...and its revision then: see KeySource.vouches
 
     def principal(self) -> Principal:
         return Principal(authenticated=True, source="jwt", account=self.account, org=self.org,
@@ -66,6 +70,7 @@ class _Issuer:
     algorithms: frozenset[str]
     audience: list[str]
     options: Options  # pyjwt decode options, built once
+    types: frozenset[str] | None  # accepted ``typ`` values as full media types; None: any
 
 
 def _issuer(config: JwtIssuerConfig, source: KeySource) -> _Issuer:
@@ -75,7 +80,8 @@ def _issuer(config: JwtIssuerConfig, source: KeySource) -> _Issuer:
     options: Options = {"require": required, "verify_signature": True, "verify_exp": True,
                         "verify_nbf": True, "verify_iat": True, "verify_aud": True,
                         "verify_iss": True}
-    return _Issuer(config, source, frozenset(config.algorithms), list(config.audience), options)
+    types = None if config.token_types is None else frozenset(map(_media_type, config.token_types))
+    return _Issuer(config, source, frozenset(config.algorithms), list(config.audience), options, types)
 
 
 class JwtVerifier:
@@ -112,7 +118,7 @@ class JwtVerifier:
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            if self._clock() < cached.expires and cached.revision == cached.source.revision:
+            if self._clock() < cached.expires and cached.source.vouches(cached.revision):
                 self._cache.move_to_end(digest)
                 return cached.principal()
             del self._cache[digest]
@@ -136,6 +142,12 @@ class JwtVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in issuer.algorithms:
             raise InvalidToken("algorithm not allowed for issuer")
+        if issuer.types is not None:
+            typ = header.get("typ")
+            # ASCII only: str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN
+            # to "k"), and no media type has them.
+            if not isinstance(typ, str) or not typ.isascii() or _media_type(typ) not in issuer.types:
+                raise InvalidToken("token type not allowed for issuer")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise InvalidToken("bad kid")
@@ -200,6 +212,14 @@ def _source_for(cfg: JwtIssuerConfig, session: aiohttp.ClientSession | None) -> 
                        session=session, **common)
     assert cfg.jwks_file is not None  # the config parser requires exactly one of the two
     return JwksFile(cfg.jwks_file, allowed, max_bytes=cfg.jwks_max_bytes, **common)
+
+
+def _media_type(typ: str) -> str:
+    """A ``typ`` value as the media type it names: RFC 7515 §4.1.9 has a value without ``/``
+    read as if ``application/`` were in front (``at+jwt`` is ``application/at+jwt``), and media
+    types compare case-insensitively (RFC 2045)."""
+    typ = typ.lower()
+    return typ if "/" in typ else "application/" + typ
 
 
 def _lookup(claims: Mapping[str, Any], path: tuple[str, ...] | None) -> Any:

@@ -227,6 +227,56 @@ def test_jwks_fetch_settings_that_would_disable_the_protections_are_refused(line
     assert text.startswith("gw.yaml:8:") and error in text, text
 
 
+def test_token_types_are_read_as_written_and_absent_by_default() -> None:
+    cfg, issues = parse(_issuers("token_types: [at+jwt, application/JWT]\naccount_prefix: 'a:'",
+                                 "account_prefix: 'b:'"))
+    assert not issues.items and cfg.jwt is not None
+    assert [i.token_types for i in cfg.jwt.issuers] == [("at+jwt", "application/JWT"), None]
+
+
+@pytest.mark.parametrize("line, error", [
+    ("token_types: at+jwt", "gw.yaml:8:22: identity.jwt.issuers[0].token_types: expected a list of token "
+                            "types (JOSE 'typ' values such as at+jwt), got string 'at+jwt'"),
+    ("token_types:", "gw.yaml:8:21: identity.jwt.issuers[0].token_types: expected a list of token types "
+                     "(JOSE 'typ' values such as at+jwt), got nothing (null)"),
+    ("token_types: {at+jwt: 1}", "gw.yaml:8:22: identity.jwt.issuers[0].token_types: expected a list of "
+                                 "token types"),
+    ("token_types: []", "gw.yaml:8:9: identity.jwt.issuers[0].token_types: expected at least one token "
+                        "type; leave token_types out to accept any 'typ'"),
+    ("token_types: [at+jwt, '']", "gw.yaml:8:31: identity.jwt.issuers[0].token_types[1]: expected a token "
+                                  "type (JOSE 'typ' value such as at+jwt), got an empty string"),
+    ("token_types: [at+jwt, ' ']", "gw.yaml:8:31: identity.jwt.issuers[0].token_types[1]: expected a token "
+                                   "type (JOSE 'typ' value such as at+jwt), got only spaces"),
+    ("token_types: [5, at+jwt]", "gw.yaml:8:23: identity.jwt.issuers[0].token_types[0]: expected a token "
+                                 "type (JOSE 'typ' value such as at+jwt), got int 5"),
+    ("token_types: [[at+jwt]]", "gw.yaml:8:23: identity.jwt.issuers[0].token_types[0]: expected a token "
+                                "type (JOSE 'typ' value such as at+jwt), got a list"),
+])
+def test_bad_token_types_are_refused_with_their_place(line: str, error: str) -> None:
+    text = errors_of(_issuers(line))
+    assert error in text and text.count("\n") == 0, text  # one error, where the bad value is
+
+
+async def test_token_types_from_config_reach_the_stage(tmp_path: Path, rsa_key: Any) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [public_jwk(rsa_key, "k1")]}))
+    text = GOOD.replace("  keys_file: keys.yaml\n", "").replace(
+        "        leeway: 10s\n", "        leeway: 10s\n        token_types: [at+jwt]\n")
+    cfg, issues = parse(text, tmp_path)
+    issues.raise_if_errors()
+    assert cfg.jwt is not None
+    verifier = JwtVerifier(cfg.jwt)
+    stage = IdentityStage.from_config(cfg, None, verifier)
+    try:
+        ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims(), headers={'typ': 'at+jwt'})}")])
+        assert await stage(ctx) is None and ctx.principal.account == "sso:acct-1"
+        ctx = make_ctx([("Authorization", f"Bearer {sign(rsa_key, claims())}")])  # pyjwt's typ: JWT
+        decision = await stage(ctx)
+        assert decision is not None and decision.status == 401
+        assert ctx.audit["identity"] == "jwt token type not allowed for issuer"
+    finally:
+        await verifier.close()
+
+
 async def test_an_unreachable_identity_provider_does_not_stop_the_start(tmp_path: Path, rsa_key: Any) -> None:
     from gateway.identity.service import IdentityService
 

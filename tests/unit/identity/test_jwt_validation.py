@@ -117,6 +117,41 @@ async def test_audience_any_of_the_configured(jwks_path: Path, clock: FakeClock,
             await v.authenticate(token)
 
 
+# ---- the typ header ----------------------------------------------------------------------------
+@pytest.mark.parametrize("typ, ok", [
+    ("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True), ("Application/At+JWT", True),
+    ("JWT", False), (None, False), ("application/jwt", False), ("at+jwt; charset=utf-8", False),
+    ("text/at+jwt", False), (["at+jwt"], False), (1, False), ("at+jwt ", False),
+])
+async def test_token_types_refuse_a_missing_or_other_typ(jwks_path: Path, clock: FakeClock, rsa_key: Any,
+                                                         typ: Any, ok: bool) -> None:
+    v = make_verifier(jwks_path, clock, issuer=issuer_config(jwks_file=jwks_path, token_types=("at+jwt",)))
+    token = sign(rsa_key, claims(), headers={"typ": typ})
+    if ok:
+        assert (await v.authenticate(token)).account == "acct-1"
+    else:
+        with pytest.raises(InvalidToken, match="token type not allowed for issuer"):
+            await v.authenticate(token)
+        assert v.source(ISSUER).fetches == 0  # refused on the header, before any key fetch
+
+
+async def test_token_types_compare_as_media_types(jwks_path: Path, clock: FakeClock, rsa_key: Any) -> None:
+    # Configured in the long form and in upper case; tokens in the short form, and vice versa.
+    cfg = issuer_config(jwks_file=jwks_path, token_types=("application/AT+JWT", "jwt"))
+    v = make_verifier(jwks_path, clock, issuer=cfg)
+    for typ in ("at+jwt", "JWT", "application/jwt"):
+        assert (await v.authenticate(sign(rsa_key, claims(), headers={"typ": typ}))).account == "acct-1"
+    with pytest.raises(InvalidToken, match="token type not allowed"):
+        await v.authenticate(sign(rsa_key, claims(), headers={"typ": "id+jwt"}))
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "id+jwt", ["x"]])
+async def test_without_token_types_any_typ_is_accepted(jwks_path: Path, clock: FakeClock, rsa_key: Any,
+                                                       typ: Any) -> None:
+    v = make_verifier(jwks_path, clock)  # the default: no typ check, as before the option existed
+    assert (await v.authenticate(sign(rsa_key, claims(), headers={"typ": typ}))).account == "acct-1"
+
+
 @pytest.mark.parametrize("headers", [
     {"crit": ["exp-ext"], "exp-ext": 1}, {"crit": ["b64"], "b64": False}, {"crit": "b64"}, {"crit": []},
 ])
@@ -188,6 +223,53 @@ async def test_cache_entry_ends_at_exp(jwks_path: Path, clock: FakeClock, rsa_ke
     wall.advance(11)
     await v.authenticate(token)  # re-verified: pyjwt's real clock says it is still valid
     assert counter.calls == 2
+
+
+async def test_cached_tokens_are_refused_once_the_key_set_is_past_max_stale(
+        jwks_path: Path, clock: FakeClock, rsa_key: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: a cached token kept being accepted after its issuer's key set went past
+    # jwks_max_stale, when the same token verified afresh is refused.
+    v = make_verifier(jwks_path, clock)  # jwks_max_stale: the default 24 h
+    stage = IdentityStage(None, v)
+    counter = CountingVerifier(v, monkeypatch)
+    token = sign(rsa_key, claims())
+    assert (await v.authenticate(token)).account == "acct-1"
+    good = jwks_path.read_text()
+    jwks_path.write_text("<html>maintenance</html>")  # every refresh from now on fails
+    clock.advance(86400)  # the last good keys are exactly max_stale old: still trusted
+    assert (await v.authenticate(token)).account == "acct-1"
+    assert counter.calls == 1  # from the cache
+
+    clock.advance(1)  # past max_stale
+    refusals = []
+    for credential in (token, sign(rsa_key, claims(sub="never-seen"))):  # cached, then fresh
+        ctx = make_ctx([("Authorization", f"Bearer {credential}")])
+        decision = await stage(ctx)
+        assert decision is not None
+        refusals.append((decision.status, decision.message, ctx.audit["identity"]))
+    assert refusals == [(401, MESSAGE, "jwt no key for kid")] * 2  # the cached token, as a fresh one
+    source = v.source(ISSUER)
+    assert counter.calls == 3 and (source.fetches, source.failures) == (2, 1)
+
+    jwks_path.write_text(good)  # the provider is back
+    clock.advance(30)  # one cooldown after the failed attempt
+    assert (await v.authenticate(token)).account == "acct-1"
+    assert (await v.authenticate(token)).account == "acct-1"
+    assert counter.calls == 4 and source.fetches == 3  # verified again once, then cached again
+
+
+async def test_a_successful_refresh_keeps_cached_tokens_past_the_first_deadline(
+        jwks_path: Path, clock: FakeClock, rsa_key: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = make_verifier(jwks_path, clock)  # jwks_cache_ttl 10 min, jwks_max_stale 24 h
+    token = sign(rsa_key, claims())
+    await v.authenticate(token)
+    clock.advance(86000)
+    await v.authenticate(sign(rsa_key, claims(sub="other")))  # not cached: starts a background refresh
+    await v.source(ISSUER).join()
+    counter = CountingVerifier(v, monkeypatch)
+    clock.advance(1000)  # past the first fetch's max_stale, well within the refresh's
+    assert (await v.authenticate(token)).account == "acct-1"
+    assert counter.calls == 0  # still from the cache
 
 
 # ---- where the token comes from ----------------------------------------------------------------
