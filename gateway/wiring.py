@@ -264,6 +264,11 @@ def _add_quota(features: Features, settings: Settings) -> None:
     routes = getattr(store, "routes", None)
     if routes is not None:
         features.collector.extra["store_cluster_redirects"] = lambda: float(routes.redirects)
+    redis_stats = getattr(store, "stats", None)
+    if redis_stats is not None:  # charges given up on that Redis ran after all (gateway/store/redis.py)
+        extra = features.collector.extra
+        extra["store_abandoned_charges_refunded"] = lambda: float(redis_stats.abandoned_refunds)
+        extra["store_abandoned_charges_unknown"] = lambda: float(redis_stats.abandoned_unknown)
     features.status["quota"] = status
 
 

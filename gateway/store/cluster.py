@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -190,21 +191,35 @@ class ClusterRoutes:
         self.forget()
 
 
-async def replies_of(protos: Sequence[RespProtocol], calls: Sequence[bytes], deadline: float) -> list[Any]:
+async def replies_of(protos: Sequence[RespProtocol], calls: Sequence[bytes], deadline: float,
+                     abandoned: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Send each packed call on its connection, every one written before any reply is awaited
     (one round-trip time for all), and return the replies in order, a failed call's exception in
-    its place (for the caller to judge with :meth:`ClusterRoutes.failed`). If the caller is
-    cancelled, the calls still unanswered keep their reply slots (``RespProtocol.watch``)."""
+    its place (for the caller to judge with :meth:`ClusterRoutes.failed`). Replies nobody will
+    act on go to ``abandoned(index, reply)``: a call past its deadline (when its reply comes)
+    and, if the caller is cancelled, every call (the answered ones at once). Without it, such
+    replies are dropped (``RespProtocol.watch``)."""
     futs = [proto.send(call, deadline) for proto, call in zip(protos, calls, strict=True)]
     replies: list[Any] = []
     for at, fut in enumerate(futs):
         try:
             replies.append(await fut)
         except asyncio.CancelledError:
-            for proto, left in zip(protos[at:], futs[at:], strict=True):
-                if not left.done():
-                    proto.watch(left)
+            if abandoned is None:
+                for proto, left in zip(protos[at:], futs[at:], strict=True):
+                    if not left.done():
+                        proto.watch(left)
+                raise
+            for i, reply in enumerate(replies):
+                if not isinstance(reply, TimeoutError):  # (those were claimed when they timed out)
+                    abandoned(i, reply)
+            for i in range(at, len(futs)):
+                protos[i].claim_late(futs[i], partial(abandoned, i))
             raise
+        except TimeoutError as exc:
+            if abandoned is not None:
+                protos[at].claim_late(fut, partial(abandoned, at))
+            replies.append(exc)
         except Exception as exc:  # noqa: BLE001 (each call's outcome is judged by the caller)
             replies.append(exc)
     return replies

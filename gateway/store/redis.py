@@ -19,6 +19,10 @@
   redirections.
 * Concurrency leases are renewed by ``renew.lua`` (extended only while still held, never
   resurrected), batched per slot like every other call.
+* A charge given up on while Redis may still run it (its deadline passed, or the request was
+  cancelled: the client went away) is undone when its reply comes after all: nobody acts on that
+  result, so whatever it applied is refunded (``RespProtocol.claim_late``). Only a lost
+  connection leaves the outcome unknown (counted; the windows and lease TTLs bound it).
 * Reconciles can be deferred (``adjust_soon``): settles queued since the lean connection's last
   write go out together in one EVALSHA (one per slot in a Cluster, on the key's primary), ahead of
   anything written after them, so the next charge always sees them
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +44,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from gateway.store.base import (
     Adjustment,
@@ -52,10 +57,12 @@ from gateway.store.base import (
 )
 from gateway.store.cluster import ClusterRoutes, cluster_client, replies_of, routed_call
 from gateway.store.reconcile import Done, Outcome, ReconcileQueue
-from gateway.store.resp import RespConnection, lean_connection, pack
+from gateway.store.resp import LateReply, RespConnection, lean_connection, pack
 from gateway.store.wire import ScriptCodec
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 RedisClient = Redis | RedisCluster
 
 # Leases per renew.lua call: a renewal round for thousands of open streams goes out as several
@@ -74,11 +81,16 @@ class _Script:
 
 @dataclass(slots=True)
 class RedisStoreStats:
-    """Counters worth exporting: cluster compensations and NOSCRIPT reloads."""
+    """Counters worth exporting: cluster compensations, NOSCRIPT reloads, abandoned charges."""
 
     compensations: int = 0
     compensation_failures: int = 0
     script_reloads: int = 0
+    # Charges given up on (deadline, cancelled request) that Redis applied after all, and were
+    # refunded; refunds that failed; those whose outcome is unknown (the connection was lost).
+    abandoned_refunds: int = 0
+    abandoned_refund_failures: int = 0
+    abandoned_unknown: int = 0
 
 
 class RedisStore:
@@ -103,6 +115,7 @@ class RedisStore:
         self._routes = ClusterRoutes(client, deadline, loads, self._node_queue) \
             if lean and isinstance(client, RedisCluster) else None
         self._settle_batch = settle_batch
+        self._tasks: set[asyncio.Task[None]] = set()  # refunds of abandoned charges, when not queued
         # A Cluster: one deferred-reconcile queue per primary, riding on its lean connection
         self._node_queues: dict[RespConnection, ReconcileQueue] = {}
         self._reconcile = None if self._lean is None else ReconcileQueue(
@@ -162,27 +175,29 @@ class RedisStore:
         return await routed_call(routes, key_slot(keys[0].encode()), packed,
                                  lambda: self._client.evalsha(sha, len(keys), *keys, *args))
 
-    async def _lean_eval(self, lean: RespConnection, script: _Script, packed: bytes) -> Any:
+    async def _lean_eval(self, lean: RespConnection, script: _Script, packed: bytes,
+                         late: LateReply | None = None) -> Any:
         """EVALSHA on the lean connection: the connection enforces the deadline (no
         ``asyncio.timeout`` per call); NOSCRIPT loads the script there and retries once, all
-        within the one deadline; failures become ``StoreError`` as in :meth:`_guard`."""
+        within the one deadline; failures become ``StoreError`` as in :meth:`_guard`. ``late``
+        gets the reply of a call given up on (see ``RespConnection.call``)."""
         until = asyncio.get_running_loop().time() + self._deadline
         try:
             try:
-                return await lean.call(packed, self._deadline)
+                return await lean.call(packed, self._deadline, late)
             except NoScriptError:
-                return await self._reload_and_retry(lean, script, packed, until)
+                return await self._reload_and_retry(lean, script, packed, until, late)
         except (TimeoutError, RedisError, OSError) as exc:
             raise self._store_error(exc) from exc
 
     async def _reload_and_retry(self, lean: RespConnection, script: _Script, packed: bytes,
-                                until: float) -> Any:
+                                until: float, late: LateReply | None = None) -> Any:
         """After NOSCRIPT: load the script on the lean connection and send ``packed`` again, both
         before ``until`` (loop time): the call's one deadline."""
         loop = asyncio.get_running_loop()
         self.stats.script_reloads += 1
         await lean.call(pack("SCRIPT", "LOAD", script.body), until - loop.time())
-        return await lean.call(packed, until - loop.time())
+        return await lean.call(packed, until - loop.time(), late)
 
     # ---- quota --------------------------------------------------------------------------
     async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
@@ -203,21 +218,64 @@ class RedisStore:
         packed = self.codec.pack_charge(charges)
         proto = lean.proto
         if proto is None or proto.closed:
-            return self.codec.charge_result(charges, await self._lean_eval(lean, self._charge, packed))
+            raw = await self._lean_eval(lean, self._charge, packed, self._undo_later(charges))
+            return self.codec.charge_result(charges, raw)
         deadline = self._deadline
         until = proto.loop.time() + deadline
         fut = proto.send(packed, deadline)
         try:
             try:
                 raw = await fut
-            except asyncio.CancelledError:
-                proto.watch(fut)
+            except (asyncio.CancelledError, TimeoutError):
+                proto.claim_late(fut, self._undo_later(charges))
                 raise
             except NoScriptError:  # flushed: load and retry once, within the same deadline
-                raw = await self._reload_and_retry(lean, self._charge, packed, until)
+                raw = await self._reload_and_retry(lean, self._charge, packed, until,
+                                                   self._undo_later(charges))
         except (TimeoutError, RedisError, OSError) as exc:
             raise self._store_error(exc) from exc
         return self.codec.charge_result(charges, raw)
+
+    def _undo_later(self, charges: Sequence[Charge]) -> LateReply:
+        """What to do with the reply of a charge given up on: refund what it applied."""
+        return lambda reply: self._undo_abandoned(charges, reply)
+
+    def _undo_abandoned(self, charges: Sequence[Charge], reply: Any) -> None:
+        """A charge given up on (deadline passed, request cancelled) was answered after all.
+        Nobody acted on its result: a request that timed out was decided by its failure mode, a
+        cancelled one never reached the upstream. So what it applied is refunded, as if it never
+        ran (a concurrency lease is released, a token reservation given back)."""
+        stats = self.stats
+        if isinstance(reply, ResponseError):  # NOSCRIPT or a script error: nothing was charged
+            return
+        if isinstance(reply, BaseException):  # the connection went: it may or may not have run
+            stats.abandoned_unknown += 1
+            return
+        try:
+            result = self.codec.charge_result(charges, reply)
+        except (IndexError, TypeError, ValueError):
+            log.error("unreadable reply to an abandoned charge: %.200r", reply)
+            stats.abandoned_unknown += 1
+            return
+        applied = [r for r in result.receipts if r.applied]
+        if not applied:
+            return
+        stats.abandoned_refunds += 1
+        refunds = [Adjustment(r, -r.charge.cost) for r in applied]
+        if not self.adjust_soon(refunds, self._abandoned_refund_done):
+            task = asyncio.get_running_loop().create_task(self._refund_abandoned(refunds))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _abandoned_refund_done(self, error: StoreError | None) -> None:
+        if error is not None:
+            self.stats.abandoned_refund_failures += 1
+
+    async def _refund_abandoned(self, refunds: Sequence[Adjustment]) -> None:
+        try:
+            await self._adjust_now(refunds)
+        except StoreError:
+            self.stats.abandoned_refund_failures += 1
 
     def _groups(self, keys: Sequence[str]) -> list[list[int]]:
         if not self._cluster:
@@ -248,7 +306,8 @@ class RedisStore:
             if len(indices) == 1:
                 return await self._guard(lambda: self._charge_group(charges))
             return await self._guard(lambda: self._charge_slots(charges, indices))
-        replies = await replies_of(protos, calls, self._deadline)
+        replies = await replies_of(protos, calls, self._deadline,
+                                   lambda i, reply: self._undo_abandoned(subs[i], reply))
         try:
             if len(groups) == 1:
                 raw = replies[0]
@@ -290,7 +349,8 @@ class RedisStore:
         failed = next((p for p in parts if isinstance(p, BaseException)), None)
         allowed = failed is None and all(p[0].allowed for p in done)
         if not allowed:
-            await self._compensate([r for p in done for r in p[0].receipts if r.applied])
+            # shielded: a request cancelled meanwhile must not leave the other slots charged
+            await asyncio.shield(self._compensate([r for p in done for r in p[0].receipts if r.applied]))
         if failed is not None:
             raise failed
         states: list[LimitState | None] = [None] * len(charges)

@@ -12,17 +12,19 @@ Errors use redis-py's exception classes (``ConnectionError``, ``ResponseError``,
 ``NoScriptError``) so ``RedisStore`` maps them to ``StoreError`` exactly as it does redis-py's.
 Deadlines are swept by one timer per connection (not an ``asyncio.timeout`` per call): a call
 past its deadline fails with ``TimeoutError``; it, like a cancelled call, keeps its reply slot in
-the FIFO (the reply, when it comes, is dropped). If that reply is still missing ``stale_after``
-seconds later the connection is taken to be dead and aborted, failing every call on it, and the
-next call reconnects.
+the FIFO (the reply, when it comes, is dropped, or handed to whoever claimed it with
+:meth:`RespProtocol.claim_late`: a script that changes state still ran in Redis, and its caller
+may have to undo it). If that reply is still missing ``stale_after`` seconds later the connection
+is taken to be dead and aborted, failing every call on it, and the next call reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 import hiredis
@@ -37,6 +39,14 @@ def pack(*parts: str | int | bytes) -> bytes:
     """One command in RESP (hiredis' packer)."""
     command: tuple[Any, ...] = parts  # hiredis' stub types a 1-tuple; it takes any length
     return bytes(pack_command(command))
+
+
+# Takes the reply of a call its caller gave up on: the reply itself, or the exception that stands
+# for it (an error reply as redis-py's exception; a lost connection as ``ConnectionError``, when
+# whether the command ran cannot be known).
+LateReply = Callable[[Any], None]
+
+log = logging.getLogger(__name__)
 
 
 def reply_error(error: hiredis.ReplyError) -> ResponseError:
@@ -75,6 +85,10 @@ class RespProtocol(asyncio.Protocol):
         self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._stale_check: asyncio.TimerHandle | None = None
+        # Calls given up on whose reply someone still wants (claim_late), and replies that came
+        # for given-up calls before their caller could claim them (kept for one loop iteration).
+        self._late: dict[asyncio.Future[Any], LateReply] = {}
+        self._unclaimed: dict[asyncio.Future[Any], Any] = {}
         self.loop = asyncio.get_running_loop()  # (asyncio.get_running_loop makes a getpid syscall on 3.11)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +146,42 @@ class RespProtocol(asyncio.Protocol):
         if self._stale_check is None and not self.closed:
             self._stale_check = self.loop.call_later(self._stale_after, self._abort_if_pending, fut)
 
+    def claim_late(self, fut: asyncio.Future[Any], handler: LateReply) -> None:
+        """The caller of ``fut`` gave up on it (cancelled, or past its deadline), but the command
+        may still run, or have run, in Redis: ``handler`` gets its reply (see :data:`LateReply`)
+        when it comes, or at once if it already came. Called by that caller as it gives up, so
+        the reply may have arrived in between (the caller's wake-up was queued behind it)."""
+        if fut in self._unclaimed:
+            self._hand_over(handler, self._unclaimed.pop(fut))
+        elif not fut.done() or fut.cancelled() or isinstance(fut.exception(), TimeoutError):
+            if fut in self.waiting:
+                self._late[fut] = handler
+                self.watch(fut)
+            else:  # the connection failed in between: whether the command ran is unknown
+                self._hand_over(handler, RedisConnectionError("connection to Redis lost"))
+        else:  # answered, and the caller was cancelled before it could take the reply
+            self._hand_over(handler, fut.exception() or fut.result())
+
+    @staticmethod
+    def _hand_over(handler: LateReply, reply: Any) -> None:
+        try:
+            handler(reply)
+        except Exception:  # a handler's failure must not break the connection's reply stream
+            log.exception("handling a late Redis reply failed")
+
+    def _late_reply(self, fut: asyncio.Future[Any], reply: Any) -> None:
+        """The reply of a call given up on: to its claimant, or kept until the caller can claim it."""
+        if isinstance(reply, hiredis.ReplyError):
+            reply = reply_error(reply)
+        handler = self._late.pop(fut, None)
+        if handler is not None:
+            self._hand_over(handler, reply)
+            return
+        # The caller's wake-up was queued when it gave up, so before this: it claims the reply
+        # first if it means to.
+        self._unclaimed[fut] = reply
+        self.loop.call_soon(self._unclaimed.pop, fut, None)
+
     def _abort_if_pending(self, fut: asyncio.Future[Any]) -> None:
         self._stale_check = None
         if not self.closed and fut in self.waiting:
@@ -178,7 +228,8 @@ class RespProtocol(asyncio.Protocol):
                 self.abort(RedisConnectionError("unexpected reply from Redis"))
                 return
             fut = waiting.popleft()
-            if fut.done():  # its caller gave up (deadline): drop the reply, keep the order
+            if fut.done():  # its caller gave up (deadline, cancelled): keep the order
+                self._late_reply(fut, reply)
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 fut.set_exception(reply_error(reply))
@@ -210,6 +261,10 @@ class RespProtocol(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # retrieved: a queued reconcile nobody awaits must not warn
+        late, self._late = self._late, {}
+        self._unclaimed.clear()
+        for handler in late.values():  # their replies will never come
+            self._hand_over(handler, error)
         if self.prelude is not None:
             self.prelude.lost()
 
@@ -253,10 +308,11 @@ class RespConnection:
         proto = self.proto
         return proto if proto is not None and not proto.closed else None
 
-    async def call(self, packed: bytes, timeout: float | None = None) -> Any:
+    async def call(self, packed: bytes, timeout: float | None = None, late: LateReply | None = None) -> Any:
         """Send one packed command and return its reply. Error replies raise redis-py's
         exceptions; no reply within ``timeout`` (default: the connection's deadline, connecting
-        included) raises ``TimeoutError``."""
+        included) raises ``TimeoutError``. ``late`` gets the reply of a command sent and then
+        given up on (deadline, cancellation): see :meth:`RespProtocol.claim_late`."""
         timeout = self.deadline if timeout is None else timeout
         proto = self.proto
         if proto is None or proto.closed:
@@ -267,8 +323,11 @@ class RespConnection:
         fut = proto.send(packed, timeout)
         try:
             return await fut
-        except asyncio.CancelledError:
-            proto.watch(fut)
+        except (asyncio.CancelledError, TimeoutError):
+            if late is None:
+                proto.watch(fut)
+            else:
+                proto.claim_late(fut, late)
             raise
 
     async def connect(self) -> RespProtocol:
