@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +48,14 @@ def read_policy_dir(directory: str | os.PathLike[str]) -> list[Source]:
     """All ``*.yaml``/``*.yml`` files below ``directory`` (hidden ones skipped), in path order.
 
     Raises :class:`ConfigError` naming every file that cannot be read as UTF-8 text (a broken
-    symlink, a permission problem, a stray byte) and when there is no policy file at all: an
+    symlink, a symlink loop, a permission problem, a stray byte) and when there is no policy file at all: an
     empty set would go live as "allow everything", which is never what an emptied or mis-synced
     directory means.
     """
     root = Path(directory)
     if not root.is_dir():
-        missing = Issue(Mark(str(root), 1, 1), "", "policy directory not found, expected a directory")
-        raise ConfigError([missing])
+        what = "symbolic link loop" if _is_loop(root) else "policy directory not found"
+        raise ConfigError([Issue(Mark(str(root), 1, 1), "", f"{what}, expected a directory")])
     found: list[Source] = []
     problems: list[Issue] = []
     for path in sorted(root.rglob("*")):
@@ -62,12 +64,16 @@ def read_policy_dir(directory: str | os.PathLike[str]) -> list[Source]:
         if any(part.startswith(".") for part in rel.parts) or path.suffix not in (".yaml", ".yml"):
             continue
         name = rel.as_posix()
-        if path.is_symlink() and not path.exists():
-            problems.append(Issue(Mark(name, 1, 1), "", "broken symbolic link (its target does not exist), "
-                                  "expected a policy file"))
-        elif path.is_dir():
+        # One stat (following links) tells a loop, a dangling link and a permission problem
+        # apart; Path.exists() folds them all into False.
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            problems.append(Issue(Mark(name, 1, 1), "", _unreadable(path, exc)))
             continue
-        elif not path.is_file():
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
             problems.append(Issue(Mark(name, 1, 1), "", "not a regular file, expected a policy file"))
         else:
             try:
@@ -79,6 +85,31 @@ def read_policy_dir(directory: str | os.PathLike[str]) -> list[Source]:
     if not found:
         raise ConfigError([Issue(Mark(str(root), 1, 1), "", NO_POLICY_FILES)])
     return found
+
+
+def _is_loop(path: Path) -> bool:
+    """Whether resolving ``path`` runs into a symlink cycle (ELOOP)."""
+    try:
+        path.stat()
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be stat'ed, in the words an operator would search for."""
+    if exc.errno == errno.ELOOP:
+        # a -> b -> a (or a longer cycle): distinct from a dangling link, whose fix is to restore
+        # the target rather than to break the cycle.
+        try:
+            via = f"it points to '{os.readlink(path)}', which never resolves to a file"
+        except OSError:
+            via = "it never resolves to a file"
+        return f"symbolic link loop ({via}), expected a policy file"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and path.is_symlink():
+        return "broken symbolic link (its target does not exist), expected a policy file"
+    # Permission denied, or a file removed between listing and reading (a sync in progress).
+    return f"cannot read ({exc.strerror or exc}), expected a policy file"
 
 
 def revision_of(sources: Sequence[Source]) -> str:

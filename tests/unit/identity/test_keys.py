@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import io
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from gateway.identity.keys import KeyRing, generate_key, hash_key, load_keys_file, parse_keys
-from gateway.identity.keys_cli import add_keys_commands
+from gateway.identity.keys_cli import _locked, _rewrite, add_keys_commands
 from gateway.stages.identity import MESSAGE, IdentityStage
 from gateway.yamlsource import ConfigError
 from tests.unit.identity.tokens import make_ctx
@@ -94,6 +96,193 @@ def test_bad_attr_syntax(tmp_path: Path) -> None:
     status, _ = cli("keys", "create", "--keys-file", str(tmp_path / "k.yaml"), "--account", "a", "--org", "o",
                     "--tier", "t", "--attr", "novalue")
     assert status == 2
+
+
+# ---- rewriting: symlinks, modes and comments -------------------------------------------------
+HAND_WRITTEN = """\
+# Managed by SRE; ticket OPS-1.
+# Keep the CI key until Q3.
+
+version: 1   # format version
+keys:
+  # the CI runner
+  - id: key_ci
+    hash: sha256:0000000000000000000000000000000000000000000000000000000000000000
+    account: acme
+    disabled: false   # flip to revoke
+    attributes:
+      org_country: US
+  # add partner keys below
+# end of file
+"""
+
+
+def revoked_at(text: str, key_id: str) -> str:
+    """The ``revoked_at`` line the CLI wrote for ``key_id`` (its value is the current time)."""
+    match = re.search(rf"- id: {key_id}\n(?:    .*\n)*?(    revoked_at: '[0-9TZ:-]+'\n)", text)
+    assert match, text
+    return match.group(1)
+
+
+def new_record(text: str, key_id: str, indent: str = "  ") -> str:
+    """The block of lines ``keys create`` inserted for ``key_id``, its dash at ``indent``."""
+    match = re.search(rf"(?m)^{indent}- id: {key_id}\n(?:{indent}  .*\n)+", text)
+    assert match, text
+    return match.group(0)
+
+
+def test_create_and_revoke_keep_every_other_line_and_comment(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(HAND_WRITTEN)
+    key, key_id = create(path)
+    text = path.read_text()
+    record = new_record(text, key_id)
+    assert text == HAND_WRITTEN.replace("  # add partner keys", record + "  # add partner keys")
+    assert load_keys_file(path).find(key) is not None
+
+    assert cli("keys", "revoke", "--keys-file", str(path), "key_ci")[0] == 0
+    after = path.read_text()
+    assert after == text.replace("disabled: false   # flip", "disabled: true   # flip").replace(
+        "      org_country: US\n", "      org_country: US\n" + revoked_at(after, "key_ci"))
+    ci = load_keys_file(path).by_hash["sha256:" + "0" * 64]
+    assert ci.disabled and ci.attributes["org_country"] == "US"
+
+
+def test_revoking_twice_keeps_the_first_revocation_time(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, key_id = create(path)
+    cli("keys", "revoke", "--keys-file", str(path), key_id)
+    first = path.read_text()
+    assert cli("keys", "revoke", "--keys-file", str(path), key_id)[0] == 0
+    assert path.read_text() == first
+
+
+def test_flow_style_records_are_edited_in_place(tmp_path: Path) -> None:
+    """One record per line, as scripts (and bench/identity_geo.py) write them; no final newline."""
+    h1, h2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    original = (f"# generated\nkeys:\n- {{id: k1, hash: '{h1}', account: a}}  # first\n"
+                f"- {{id: k2, hash: '{h2}', account: b, disabled: false}}")
+    path = tmp_path / "keys.yaml"
+    path.write_text(original)
+    assert cli("keys", "revoke", "--keys-file", str(path), "k1")[0] == 0
+    assert cli("keys", "revoke", "--keys-file", str(path), "k2")[0] == 0
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["# generated", "keys:"]
+    revoked = "disabled: true, revoked_at: '[^']+'"
+    assert re.fullmatch(rf"- {{id: k1, hash: '{h1}', account: a, {revoked}}}  # first", lines[2])
+    assert re.fullmatch(rf"- {{id: k2, hash: '{h2}', account: b, {revoked}}}", lines[3])
+    key, key_id = create(path)
+    assert path.read_text().splitlines()[:4] == lines and f"- id: {key_id}" in path.read_text()
+    assert load_keys_file(path).find(key) is not None
+
+
+@pytest.mark.parametrize(("empty", "becomes"), [
+    ("keys: []   # none yet\n", "keys:   # none yet\n"),
+    ("keys: []\n", "keys:\n"),
+    ("keys:\n", "keys:\n"),
+])
+def test_an_empty_list_becomes_a_block_list_in_place(tmp_path: Path, empty: str, becomes: str) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"# our keys\n\n{empty}version: 1  # keep me\n")
+    _, key_id = create(path)
+    text = path.read_text()
+    assert text == f"# our keys\n\n{becomes}{new_record(text, key_id, indent='')}version: 1  # keep me\n"
+
+
+def test_crlf_line_endings_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    h = "sha256:" + "1" * 64
+    path.write_bytes(f"# windows\r\nkeys:\r\n  - id: k1\r\n    hash: '{h}'\r\n    account: a\r\n".encode())
+    create(path)
+    assert cli("keys", "revoke", "--keys-file", str(path), "k1")[0] == 0
+    data = path.read_bytes()
+    assert data.startswith(b"# windows\r\nkeys:\r\n  - id: k1\r\n")
+    assert data.count(b"\n") == data.count(b"\r\n") > 10
+    assert load_keys_file(path).by_hash[h].disabled
+
+
+def test_a_layout_that_cannot_be_spliced_is_rewritten_keeping_the_header(tmp_path: Path) -> None:
+    h = "sha256:" + "1" * 64
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"# header kept\n# (both lines)\n\nkeys: [{{id: k1, hash: '{h}', account: a}}]  # lost\n")
+    key, key_id = create(path)
+    text = path.read_text()
+    assert text.startswith("# header kept\n# (both lines)\nversion: 1\nkeys:\n- id: k1\n")
+    assert "# lost" not in text
+    keys = load_keys_file(path)
+    assert keys.find(key) is not None and h in keys.by_hash
+
+
+def test_a_splice_that_changes_the_meaning_is_never_written(tmp_path: Path) -> None:
+    """The safety net under every line edit: re-parse, compare, else re-serialise the document."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(HAND_WRITTEN)
+    with _locked(path) as current:
+        assert current is not None
+        expected = {**current.loaded, "keys": []}
+        text = _rewrite(current, expected, lambda lines, root: lines.text)  # "forgot" the edit
+    assert text == HAND_WRITTEN.split("\n\n")[0] + "\nversion: 1\nkeys: []\n"
+
+
+def k8s_style_secret(tmp_path: Path, text: str, mode: int) -> tuple[Path, Path]:
+    """``keys.yaml -> ..data/keys.yaml``, ``..data -> ..2024_01_01``: how a mounted secret looks."""
+    versioned = tmp_path / "secret" / "..2024_01_01"
+    versioned.mkdir(parents=True)
+    target = versioned / "keys.yaml"
+    target.write_text(text)
+    target.chmod(mode)
+    (tmp_path / "secret" / "..data").symlink_to("..2024_01_01")
+    link = tmp_path / "secret" / "keys.yaml"
+    link.symlink_to("..data/keys.yaml")
+    return link, target
+
+
+def test_create_and_revoke_write_through_symlinks_keeping_links_and_mode(tmp_path: Path) -> None:
+    link, target = k8s_style_secret(tmp_path, HAND_WRITTEN, 0o640)
+    outer = tmp_path / "keys.yaml"
+    outer.symlink_to(link)  # and one more level, as a config-management symlink would add
+    key, key_id = create(outer)
+    assert cli("keys", "revoke", "--keys-file", str(outer), key_id)[0] == 0
+    assert outer.is_symlink() and link.is_symlink() and (tmp_path / "secret" / "..data").is_symlink()
+    assert os.readlink(link) == "..data/keys.yaml"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert target.read_text().startswith(HAND_WRITTEN.split("  # add partner")[0])
+    record = load_keys_file(outer).find(key)
+    assert record is not None and record.disabled
+    # the temp file was renamed over the target in its own directory; nothing else left behind
+    assert sorted(p.name for p in target.parent.iterdir()) == ["keys.yaml", "keys.yaml.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.yaml", "secret"]
+
+
+def test_a_dangling_symlink_gets_its_target_created(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    link = tmp_path / "keys.yaml"
+    link.symlink_to("secrets/keys.yaml")
+    key, _ = create(link)
+    target = tmp_path / "secrets" / "keys.yaml"
+    assert link.is_symlink() and target.is_file() and not target.is_symlink()
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert load_keys_file(link).find(key) is not None
+
+
+def test_a_symlink_loop_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "b.yaml").symlink_to("a.yaml")
+    status, _ = cli("keys", "create", "--keys-file", str(tmp_path / "a.yaml"), "--account", "a",
+                    "--org", "o", "--tier", "t")
+    assert status == 1
+    link = tmp_path / "a.yaml"
+    assert capsys.readouterr().err == (f"error: cannot update keys file {link}: "
+                                       f"[Errno {errno.ELOOP}] {os.strerror(errno.ELOOP)}: '{link}'\n")
+    assert (tmp_path / "a.yaml").is_symlink() and (tmp_path / "b.yaml").is_symlink()
+
+
+def test_an_existing_mode_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys: []\n")
+    path.chmod(0o640)
+    create(path)
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 BAD = """\

@@ -126,6 +126,32 @@ def test_a_dangling_symlink_is_an_error_naming_it(tmp_path: Path) -> None:
     )
 
 
+def test_a_symlink_loop_is_reported_as_a_loop_not_as_dangling(tmp_path: Path) -> None:
+    (tmp_path / "10-a.yaml").write_text("version: 1\n")
+    (tmp_path / "20-ping.yaml").symlink_to("30-pong.yaml")  # a two-link cycle...
+    (tmp_path / "30-pong.yaml").symlink_to("20-ping.yaml")
+    (tmp_path / "40-self.yaml").symlink_to("40-self.yaml")  # ...and a link to itself
+    (tmp_path / "50-gone.yaml").symlink_to("moved-away.yaml")  # a dangling one stays "broken"
+    with pytest.raises(ConfigError) as info:
+        load_policy_dir(tmp_path)
+    assert str(info.value).splitlines() == [
+        "20-ping.yaml:1:1: symbolic link loop (it points to '30-pong.yaml', which never resolves to a "
+        "file), expected a policy file",
+        "30-pong.yaml:1:1: symbolic link loop (it points to '20-ping.yaml', which never resolves to a "
+        "file), expected a policy file",
+        "40-self.yaml:1:1: symbolic link loop (it points to '40-self.yaml', which never resolves to a "
+        "file), expected a policy file",
+        "50-gone.yaml:1:1: broken symbolic link (its target does not exist), expected a policy file",
+    ]
+
+
+def test_a_looping_policy_directory_is_named_as_a_loop(tmp_path: Path) -> None:
+    (tmp_path / "policies").symlink_to("policies")
+    with pytest.raises(ConfigError) as info:
+        read_policy_dir(tmp_path / "policies")
+    assert str(info.value) == f"{tmp_path / 'policies'}:1:1: symbolic link loop, expected a directory"
+
+
 def test_non_utf8_policy_file_names_file_line_and_column(tmp_path: Path) -> None:
     (tmp_path / "10-a.yaml").write_bytes(
         b"version: 1\nrules:\n  - id: r\n    description: caf\xe9 rule\n    deny: true\n"
