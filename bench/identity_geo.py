@@ -30,7 +30,7 @@ from gateway.geo.maxmind import MaxMindGeoProvider
 from gateway.identity.config import JwtConfig, JwtIssuerConfig
 from gateway.identity.jwt import JwtVerifier
 from gateway.identity.keys import KeyRing, generate_key, hash_key
-from gateway.identity.keys_cli import _atomic_write
+from gateway.identity.keys_edit import atomic_write as _atomic_write
 from gateway.ipaddr import CidrSet
 from gateway.stages.client_ip import ClientIpStage
 from gateway.stages.geo import GeoStage

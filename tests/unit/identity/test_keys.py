@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from gateway.identity.keys import KeyRing, generate_key, hash_key, load_keys_file, parse_keys
-from gateway.identity.keys_cli import _locked, _rewrite, add_keys_commands
+from gateway.identity.keys_cli import add_keys_commands
+from gateway.identity.keys_edit import locked as _locked
+from gateway.identity.keys_edit import rewrite as _rewrite
 from gateway.stages.identity import MESSAGE, IdentityStage
 from gateway.yamlsource import ConfigError
 from tests.unit.identity.tokens import make_ctx
