@@ -13,11 +13,12 @@ from aiohttp import web
 from gateway import errors
 from gateway.accesslog import AccessLog
 from gateway.apis import adapters
+from gateway.apis.base import RouteSpec, request_family
 from gateway.context import ApiFamily
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, new_request_id
 from gateway.settings import Settings, UpstreamSettings
-from gateway.stages.forward import Forwarder
+from gateway.stages.forward import Forwarder, OpenStreams
 from gateway.upstream.base import Upstream, create_upstream
 from gateway.wiring import Features, build_features
 
@@ -36,6 +37,8 @@ class Runtime:
     pipeline: Pipeline | None = None
     ready: bool = False
     mock_runner: web.AppRunner | None = None
+    # Every forwarder's streams, which a stopping server ends with an error event (gateway.server).
+    streams: OpenStreams = field(default_factory=OpenStreams)
 
     def readiness(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -86,7 +89,7 @@ def _route_plans(runtime: Runtime) -> list[RoutePlan]:
         if upstream is None:
             upstream = runtime.upstreams[upstream_cfg.name] = create_upstream(upstream_cfg)
         forwarder = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
-                              upstream_cfg.max_response_bytes)
+                              upstream_cfg.max_response_bytes, runtime.streams)
         for route in adapter.routes:
             if not enabled or route.name in enabled:
                 plans.append(RoutePlan(route, adapter, forwarder))
@@ -105,12 +108,19 @@ async def _unknown_route(request: web.Request) -> web.Response:
                                  errors.not_found(f"Unknown route {request.method} {request.path}."), rid)
 
 
-def _method_not_allowed(family: ApiFamily, allowed: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _allowed_methods(route: RouteSpec) -> frozenset[str]:
+    # A GET route answers HEAD too, as GET without the body (see Pipeline._run).
+    return frozenset({"GET", "HEAD"}) if route.method == "GET" else frozenset({route.method})
+
+
+def _method_not_allowed(route: RouteSpec) -> Callable[[web.Request], Awaitable[web.Response]]:
+    allowed = ", ".join(sorted(_allowed_methods(route)))
+
     async def handler(request: web.Request) -> web.Response:
         rid = new_request_id()
         decision = errors.invalid_request(f"Method {request.method} is not allowed on {request.path}.")
         decision = replace(decision, status=405, headers={"Allow": allowed})  # RFC 9110 §15.5.6
-        return errors.error_response(family, decision, rid)
+        return errors.error_response(request_family(route, request.headers), decision, rid)
 
     return handler
 
@@ -174,15 +184,15 @@ def create_app(settings: Settings, stages: Sequence[Stage] | None = None) -> web
     router = _DeferredRouter()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    for plan_path, family, method in _all_paths():
-        app.router.add_route("*", plan_path, router.dispatcher(plan_path, family, method))
+    for route in _all_routes():
+        app.router.add_route("*", route.path, router.dispatcher(route))
     app.router.add_route("*", "/{tail:.*}", _unknown_route)
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-def _all_paths() -> list[tuple[str, ApiFamily, str]]:
-    return [(r.path, r.api, r.method) for a in adapters().values() for r in a.routes]
+def _all_routes() -> list[RouteSpec]:
+    return [r for a in adapters().values() for r in a.routes]
 
 
 class _DeferredRouter:
@@ -197,15 +207,16 @@ class _DeferredRouter:
         self._plans = dict(plans)
         self._pipeline = pipeline
 
-    def dispatcher(self, path: str, family: ApiFamily,
-                   method: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        refuse_method = _method_not_allowed(family, method)
+    def dispatcher(self, route: RouteSpec) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        path = route.path
+        allowed = _allowed_methods(route)
+        refuse_method = _method_not_allowed(route)
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
             plan = self._plans.get(path)
             if plan is None or self._pipeline is None:  # route disabled, or no upstream for its family
                 return await _unknown_route(request)
-            if request.method != method:
+            if request.method not in allowed:
                 return await refuse_method(request)
             return await self._pipeline.handle(request, plan)
 

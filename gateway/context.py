@@ -170,6 +170,9 @@ class Decision:
     headers: Mapping[str, str] = field(default_factory=dict)
     retryable: bool = False
     code: str | None = None  # machine-readable code for the OpenAI shape
+    # The OpenAI shape's ``type`` where the kind's is too coarse: OpenAI's 429 says which limit
+    # was hit, "tokens" or "requests" (the Anthropic shape has one type per kind).
+    openai_type: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # extra fields in the error body
 
 

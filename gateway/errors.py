@@ -22,6 +22,7 @@ _KINDS: dict[str, tuple[str, str | None, str]] = {
     "permission": ("permission_error", "permission_denied", "permission_error"),
     "not_found": ("invalid_request_error", "not_found", "not_found_error"),
     "request_too_large": ("invalid_request_error", "request_too_large", "request_too_large"),
+    # "requests" unless the denial names its limit's unit (Decision.openai_type: "tokens")
     "rate_limit": ("requests", "rate_limit_exceeded", "rate_limit_error"),
     "challenge": ("permission_error", "challenge_required", "permission_error"),
     "api_error": ("server_error", None, "api_error"),
@@ -41,7 +42,7 @@ def error_payload(api: ApiFamily, decision: Decision) -> dict[str, Any]:
         return {"type": "error", "error": inner}
     inner = {
         "message": decision.message,
-        "type": openai_type,
+        "type": decision.openai_type or openai_type,
         "param": None,
         "code": decision.code or openai_code,
     }

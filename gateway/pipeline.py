@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.accesslog import AccessLog
-from gateway.apis.base import ApiAdapter, RouteSpec
+from gateway.apis.base import ApiAdapter, RouteSpec, request_family
 from gateway.context import ClientInfo, Decision, RequestContext, RequestView
 from gateway.intake import intake
 from gateway.metrics import Metrics
@@ -135,9 +135,12 @@ class Pipeline:
 
     async def handle(self, request: web.Request, plan: RoutePlan) -> web.StreamResponse:
         route = plan.route
+        # Only a path both families define needs a look at the headers to know whose grammar
+        # (errors, rate-limit fields, ``request.api``) the request speaks.
+        api = request_family(route, request.headers) if route.shared else route.api
         ctx = RequestContext(
             request_id=new_request_id(),
-            request=RequestView(api=route.api, route=route.name, path=request.path,
+            request=RequestView(api=api, route=route.name, path=request.path,
                                 method=request.method, headers=request.headers, billed=route.billed,
                                 generates=route.generates),
             client=ClientInfo(peer_ip=peer_address(request)),
@@ -174,6 +177,11 @@ class Pipeline:
                 self._record(ctx)
 
     async def _run(self, request: web.Request, ctx: RequestContext, plan: RoutePlan) -> web.StreamResponse:
+        # HEAD (let through on GET routes only) is GET without the body (RFC 9110 §9.3.2): the
+        # upstream is asked with GET, so status, headers and Content-Length are the GET's, and
+        # aiohttp leaves the body out of the answer to HEAD. Cloned before the body is read
+        # (aiohttp refuses to clone after).
+        upstream_request = request.clone(method="GET") if request.method == "HEAD" else request
         for stage in self._before_body:
             decision = await stage(ctx)
             if decision is not None:
@@ -186,7 +194,7 @@ class Pipeline:
             if decision is not None:
                 return self._refuse(ctx, decision)
         try:
-            return await plan.forwarder(request, ctx, plan.route, raw)
+            return await plan.forwarder(upstream_request, ctx, plan.route, raw)
         except UpstreamFailure as failure:
             return self._refuse(ctx, failure.decision)
 

@@ -10,10 +10,13 @@ Stopping (SIGTERM or SIGINT) goes through three phases, so that a rolling deploy
 2. **grace** (``shutdown.grace``): the proxy listener closes (new connections are refused), idle
    connections are closed, and the requests in flight, streams included, have until the end of
    the grace to finish.
-3. **cut**: requests still running are ended by aborting their connections, which is the path of
-   a client disconnect: the client sees its stream cut, the upstream request is closed, usage is
-   settled as for an abandoned stream (access log status 499, ``client_disconnected``). Then the
-   components stop (stores flushed, logs written) and the process exits 0.
+3. **cut**: streams still running end with an error event in their API's grammar (the gateway is
+   shutting down, retry), which the official SDKs raise as an API error rather than a broken
+   stream; they have ``CUT_NOTICE`` to send it, then every connection still open is aborted (a
+   client that reads nothing gets no event and holds nothing up). Either way this is the path of
+   a client disconnect: the upstream request is closed, usage is settled as for an abandoned
+   stream (access log status 499, ``client_disconnected``). Then the components stop (stores
+   flushed, logs written) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from aiohttp.web_request import BaseRequest
 from gateway.admin import create_admin_app
 from gateway.app import RUNTIME, Runtime, create_app
 from gateway.settings import Settings
+from gateway.stages.forward import OpenStreams
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 # cut) before the components they use are stopped: aiohttp waits this long for each (and as long
 # again for one it then has to cancel).
 SETTLE_AFTER_CUT = 5.0
+# Streams still running when the grace ends get this long to send their shutdown error event and
+# end: ample for a client that reads (a few hundred bytes, then a store call to settle), short
+# enough that a client reading nothing, whose connection is then aborted, barely delays the stop.
+CUT_NOTICE = 0.5
 # Deliveries of a stop signal this close to the first are the same request, not an operator
 # asking to hurry: a terminal's Ctrl-C, or systemd's KillMode=control-group, signals the workers
 # directly as well as through the supervisor that forwards it.
@@ -97,27 +105,39 @@ def close_after_next_response(server: web.Server) -> None:
             conn._request_factory = closing_requests(conn._request_factory)
 
 
-async def _finish_or_cut(server: web.Server, grace: float) -> int:
-    """Close idle connections, give the others up to ``grace`` to finish their responses (each is
-    closed after its own), then abort those still open; returns how many were cut."""
-    await asyncio.sleep(0)  # connections accepted just before the listener closed get set up
-    server.pre_shutdown()  # idle connections stop waiting for a next request
+async def _finish_within(server: web.Server, timeout: float) -> None:
+    """aiohttp's own per-connection shutdown (each connection closed once its response ends),
+    bounded here: its timeout applies twice (to the response, then again to the handler it
+    cancels), so a stream would outlive ``timeout``."""
     try:
-        # aiohttp's own per-connection shutdown, bounded here: its timeout applies twice (to the
-        # response, then again to the handler it cancels), so a stream would outlive the grace.
-        async with asyncio.timeout(grace):
-            await server.shutdown(grace)
+        async with asyncio.timeout(timeout):
+            await server.shutdown(timeout)
     except TimeoutError:
         pass
-    cut = 0
-    for conn in server.connections:  # only those the grace did not see closed
+
+
+async def _finish_or_cut(server: web.Server, grace: float, streams: OpenStreams) -> tuple[int, int]:
+    """Close idle connections, give the others up to ``grace`` to finish their responses (each is
+    closed after its own), end the streams still running with their shutdown error event, then
+    abort the connections still open; returns how many requests were cut, and how many of them
+    were streams told why."""
+    await asyncio.sleep(0)  # connections accepted just before the listener closed get set up
+    server.pre_shutdown()  # idle connections stop waiting for a next request
+    await _finish_within(server, grace)
+    cut = sum(1 for conn in server.connections if conn.transport is not None)
+    told = streams.end_all() if cut else 0
+    if told:
+        # Each relay writes its event and ends its response, whose connection then closes
+        # (Connection: close since the drain). Not waited for past the notice: a relay blocked on
+        # a client that reads nothing is cut below like any other request.
+        await _finish_within(server, CUT_NOTICE)
+    for conn in server.connections:  # only those not closed by now
         transport = conn.transport
         if transport is not None:
             # As when a client goes away: aiohttp cancels the handler (handler_cancellation), the
             # forwarder closes the upstream request and the pipeline settles usage.
             transport.abort()
-            cut += 1
-    return cut
+    return cut, told
 
 
 async def _drain(runtime: Runtime, server: web.Server, stop: StopSignals, delay: float,
@@ -200,10 +220,11 @@ async def serve(settings: Settings, worker_index: int = 0, started: asyncio.Even
     grace = settings.shutdown.grace
     log.info("worker %d stopped accepting; waiting up to %gs for %d open connections",
              worker_index, grace, len(server.connections))
-    cut = await _finish_or_cut(server, grace)
+    cut, told = await _finish_or_cut(server, grace, runtime.streams)
     if cut:
-        log.warning("worker %d: the grace of %gs ran out: cut %d requests still running",
-                    worker_index, grace, cut)
+        log.warning("worker %d: the grace of %gs ran out: cut %d requests still running (%d streams "
+                    "ended with a shutdown error event, where their client was reading)",
+                    worker_index, grace, cut, told)
     stopping = True
     if reload_tasks:
         await asyncio.gather(*reload_tasks, return_exceptions=True)

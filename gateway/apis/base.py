@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,8 +26,23 @@ class RouteSpec:
     has_body: bool = True
     generates: bool = True  # produces output tokens (output reservations apply)
     billed: bool = True  # the model consumes the prompt's tokens (input reservations apply)
+    # Both families define this path (``GET /v1/models``): whose grammar a request speaks is
+    # read from its headers (:func:`request_family`), ``api`` being the default.
+    shared: bool = False
 
 
+# Anthropic's API requires this header and the anthropic SDKs send it on every request; no OpenAI
+# client does. (``x-api-key`` is no sign: the gateway accepts its keys there from any client.)
+ANTHROPIC_CLIENT_HEADER = "anthropic-version"
+
+
+def request_family(route: RouteSpec, headers: Mapping[str, str]) -> ApiFamily:
+    """The API family a request on ``route`` speaks, whose grammar its errors and rate-limit
+    fields use: the route's own, except on a path both families define, where a request carrying
+    ``anthropic-version`` is an Anthropic client's."""
+    if route.shared and ANTHROPIC_CLIENT_HEADER in headers:
+        return ApiFamily.ANTHROPIC
+    return route.api
 
 
 class StreamHandler(Protocol):

@@ -25,7 +25,9 @@ ROUTES = (
     RouteSpec("completions", "/v1/completions", "POST", _O),
     RouteSpec("responses", "/v1/responses", "POST", _O),
     RouteSpec("embeddings", "/v1/embeddings", "POST", _O, generates=False),
-    RouteSpec("models", "/v1/models", "GET", _O, has_body=False, generates=False, billed=False),
+    # Anthropic's API lists models on the same path: its clients are answered in its grammar.
+    RouteSpec("models", "/v1/models", "GET", _O, has_body=False, generates=False, billed=False,
+              shared=True),
 )
 
 _LOGPROB_INCLUDE = "message.output_text.logprobs"

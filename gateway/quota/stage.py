@@ -313,6 +313,9 @@ class QuotaStage(SettlesNow):
     def _deny(self, denied: list[tuple[LimitSlot, Charge, LimitState]], headers: dict[str, str]) -> Decision:
         slot, charge, state = max(denied, key=lambda d: d[2].retry_after)
         rule_id, lim = slot.rule_id, slot.limit
+        # OpenAI's 429 body names the unit of the limit hit. Spend is priced from tokens (fewer
+        # tokens help), concurrency counts requests in flight (only fewer requests help).
+        unit = "requests" if slot.kind in (LimitKind.REQUESTS, LimitKind.CONCURRENCY) else "tokens"
         if math.isinf(state.retry_after):
             return Decision(
                 429, "rate_limit",
@@ -320,7 +323,7 @@ class QuotaStage(SettlesNow):
                 f"Request needs {charge.cost:,} against limit '{lim.name}' ({lim.describe()}); "
                 "it can never fit, reduce max_tokens or the request size.",
                 rule_id=rule_id, headers={**headers, "x-should-retry": "false"},
-                retryable=False, code="rate_limit_exceeded")
+                retryable=False, code="rate_limit_exceeded", openai_type=unit)
         retry = max(1, math.ceil(state.retry_after))
         # Stores compute whole milliseconds (seconds = ms / 1000): the slack (far below a
         # millisecond) absorbs the float error that would turn 2007 ms into 2007.0000000000002
@@ -333,7 +336,7 @@ class QuotaStage(SettlesNow):
             rule_id=rule_id,
             headers={**headers, "Retry-After": str(retry),
                      "retry-after-ms": str(retry_ms)},
-            retryable=True, code="rate_limit_exceeded")
+            retryable=True, code="rate_limit_exceeded", openai_type=unit)
 
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
         """Reconcile reservations with ``ctx.usage`` and release leases: at once when the store

@@ -12,15 +12,21 @@ them alike:
   without a limit). One periodic check per forwarder (:class:`_WriteDeadlines`) looks at the
   streams' writes in progress, like the pool's read-timeout sweeper; a write blocked longer than
   the limit has its client connection aborted, which is then handled as any client disconnect.
-  A write costs a clock read and two attribute stores, no timer.
+  A write costs a clock read and three attribute stores (one keeps the bytes written, which a
+  closing Responses error event numbers itself after), no timer.
 - ``total_timeout``: a deadline on a response that is not relayed as a stream, with one timer per
   request and only when configured. It is lifted once a response turns out to be a stream.
+
+A stream that cannot go on ends with an error event in its API's grammar, which the official SDKs
+raise as an API error (a stream that just stops is a parse or connection error to them): when the
+upstream fails after the first byte, and when the gateway stops (:class:`OpenStreams`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,7 +37,7 @@ from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.apis.base import ApiAdapter, RouteSpec, StreamHandler
-from gateway.apis.sse import SseOverflow, SseSplitter
+from gateway.apis.sse import SseOverflow, SseSplitter, encode_event
 from gateway.context import Decision, RequestContext
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
@@ -45,12 +51,13 @@ _NO_BODY = frozenset({204, 304})  # a Content-Length on these describes another 
 class _Writes:
     """One stream's client writes as the deadline check sees them."""
 
-    __slots__ = ("transport", "since", "timed_out")
+    __slots__ = ("transport", "since", "timed_out", "sent")
 
     def __init__(self, transport: asyncio.Transport | None) -> None:
         self.transport = transport
         self.since = 0.0  # when the write in progress began (loop time); 0: none in progress
         self.timed_out = False
+        self.sent = b""  # the last bytes written: a closing Responses event numbers itself after them
 
 
 class _WriteDeadlines:
@@ -90,6 +97,80 @@ class _WriteDeadlines:
         finally:
             # Stops when no stream is open (no timer left behind), restarts with the next one.
             self._handle = loop.call_later(self._tick, self._check) if self._open else None
+
+
+class GatewayShutdown(Exception):
+    """The gateway is stopping and the grace ran out: the stream ends now (see :class:`OpenStreams`)."""
+
+
+SHUTTING_DOWN = Decision(status=503, error_type="unavailable",
+                         message="The gateway is shutting down; retry the request.", retryable=True)
+
+
+class OpenStreams:
+    """The streams being relayed, so that a stopping gateway can end those still running when its
+    grace runs out with an error event in their API's grammar (``SHUTTING_DOWN``: retryable, the
+    gateway's doing), instead of only cutting their connections.
+
+    Ending a stream fails its upstream body with :class:`GatewayShutdown`, as the pool's read
+    timeout fails a silent one: the relay wakes from its read, and ends the response through the
+    path of an upstream failure. A relay blocked on a client that reads nothing is not woken; the
+    server aborts its connection once its short notice is over. A stream starting after that
+    (its upstream answered during the notice) is ended at once. Costs a set insertion and removal
+    per stream."""
+
+    __slots__ = ("_open", "_ended")
+
+    def __init__(self) -> None:
+        self._open: set[aiohttp.StreamReader] = set()
+        self._ended = False
+
+    def add(self, body: aiohttp.StreamReader) -> None:
+        self._open.add(body)
+        if self._ended:
+            _end(body)
+
+    def discard(self, body: aiohttp.StreamReader) -> None:
+        self._open.discard(body)
+
+    def end_all(self) -> int:
+        """End every stream being relayed, and those to come; returns how many were running."""
+        self._ended = True
+        for body in self._open:
+            _end(body)
+        return len(self._open)
+
+
+def _end(body: aiohttp.StreamReader) -> None:
+    if body.exception() is None:  # else it already fails, and its relay ends with that error
+        body.set_exception(GatewayShutdown())
+
+
+# The last sequence number in relayed Responses events (upstream JSON may have spaces).
+_SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+
+
+def stream_error_event(route: RouteSpec, decision: Decision, sent: bytes = b"") -> bytes:
+    """``decision`` as the event that ends a stream already started (blank line included), in the
+    grammar of ``route``'s API; ``sent`` is the last bytes relayed before it."""
+    if route.name != "responses":
+        return errors.sse_error_event(route.api, decision)
+    # The Responses API's ``error`` event. Its fields as documented at the top level (the SDK's
+    # ResponseErrorEvent), numbered after the last event relayed, and the error object nested as
+    # the live API sends it too: an "error" key is what makes the openai SDK raise APIError rather
+    # than yield an event a client loop may ignore before it finds its stream ended.
+    error = errors.error_payload(route.api, decision)["error"]
+    last = sent.rfind(b'"sequence_number"')
+    found = _SEQUENCE_NUMBER.match(sent, last) if last >= 0 else None
+    event = {
+        "type": "error",
+        "code": error["code"],
+        "message": error["message"],
+        "param": error["param"],
+        "sequence_number": int(found.group(1)) + 1 if found else 0,
+        "error": error,
+    }
+    return encode_event(orjson.dumps(event), b"error") + b"\n\n"
 
 
 class UpstreamFailure(Exception):
@@ -132,8 +213,10 @@ class Forwarder:
         credential: str | None,
         metrics: Metrics,
         max_response_bytes: int,
+        streams: OpenStreams | None = None,
     ) -> None:
         self._upstream = upstream
+        self._streams = streams if streams is not None else OpenStreams()
         self._adapter = adapter
         self._credential = credential
         self._metrics = metrics
@@ -282,6 +365,7 @@ class Forwarder:
                 writes.since = clock()  # seen by _WriteDeadlines if the write waits on the client
                 await response.write(data)
                 writes.since = 0.0
+                writes.sent = data
                 if pace:
                     await asyncio.sleep(events / pace)
             chunk = await content.readany()
@@ -301,8 +385,10 @@ class Forwarder:
         active = self._metrics.active_streams
         deadlines = self._write_deadlines
         writes = deadlines.watch(request.transport) if deadlines is not None else _Writes(None)
+        streams = self._streams
         active.inc()
         try:
+            streams.add(up.content)
             await response.prepare(request)
             last = b""  # written with the end of the response, in one write
             try:
@@ -325,7 +411,15 @@ class Forwarder:
                 failure = _failure(exc)
                 self._metrics.upstream_errors.labels(failure.kind).inc()
                 ctx.audit["stream_error"] = failure.kind
-                last += errors.sse_error_event(route.api, failure.decision)
+                last += stream_error_event(route, failure.decision, writes.sent)
+            except GatewayShutdown:
+                # The grace of a stopping gateway ran out (OpenStreams.end_all): the same ending,
+                # retryable. Recorded as the cut it is, like a client gone away (status 499,
+                # client_disconnected), and settled as an abandoned stream, as before the gateway
+                # said why.
+                ctx.client_disconnected = True
+                ctx.audit["stream_error"] = "shutdown"
+                last += stream_error_event(route, SHUTTING_DOWN, writes.sent)
             writes.since = asyncio.get_running_loop().time()  # the end waits on the client too
             await response.write_eof(last)
             writes.since = 0.0
@@ -335,6 +429,7 @@ class Forwarder:
             ctx.client_disconnected = True
             raise
         finally:
+            streams.discard(up.content)
             if deadlines is not None:
                 deadlines.forget(writes)
             if writes.timed_out:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import anthropic
+import openai
 import pytest
 
+from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
 
 
@@ -94,3 +96,40 @@ async def test_upstream_failure_mid_stream_raises_in_the_sdk(gateway: RunningGat
             ) as stream:
                 async for _ in stream:
                     pass
+
+
+async def test_models_list(gateway: RunningGateway) -> None:
+    async with client(gateway) as c:
+        page = await c.models.list()
+        ids = [model.id async for model in page]
+    assert ids
+    record = (await gateway.access_records())[-1]
+    assert record["route"] == "models" and record["status"] == 200
+
+
+async def test_models_errors_use_the_shape_of_the_clients_sdk(gateway: RunningGateway) -> None:
+    # GET /v1/models is both APIs' path: an Anthropic client (anthropic-version) gets Anthropic's
+    # error grammar, an OpenAI client OpenAI's, from the same route.
+    async with anthropic.AsyncAnthropic(base_url=gateway.url, api_key="tg_wrong", max_retries=0) as c:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await c.models.list()
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "authentication_error"
+    assert info.value.response.headers["request-id"]
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="tg_wrong", max_retries=0) as o:
+        with pytest.raises(openai.AuthenticationError) as oinfo:
+            await o.models.list()
+    assert oinfo.value.code == "invalid_api_key"
+    assert isinstance(oinfo.value.body, dict) and oinfo.value.body["type"] == "authentication_error"
+    records = (await gateway.access_records())[-2:]
+    assert [r["status"] for r in records] == [401, 401]
+
+
+async def test_models_upstream_down_is_an_anthropic_api_error(start_gateway: GatewayFactory) -> None:
+    async with start_gateway("http://127.0.0.1:9") as gw, client(gw) as c:
+        with pytest.raises(anthropic.InternalServerError) as info:
+            await c.models.list()
+    assert info.value.status_code == 502
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == "api_error"

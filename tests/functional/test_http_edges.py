@@ -93,9 +93,42 @@ async def test_wrong_method_and_unknown_route(gateway: RunningGateway) -> None:
             assert r.status == 405 and "not allowed" in (await r.json())["error"]["message"]
             assert r.headers["Allow"] == "POST"
         async with s.post(gateway.url + "/v1/models", data=b"{}") as r:
-            assert r.status == 405 and r.headers["Allow"] == "GET"
+            assert r.status == 405 and r.headers["Allow"] == "GET, HEAD"
+            assert "error" in await r.json()
+        # the path both APIs define refuses an Anthropic client in its grammar
+        async with s.post(gateway.url + "/v1/models", data=b"{}",
+                          headers={"anthropic-version": "2023-06-01"}) as r:
+            assert r.status == 405 and (await r.json())["error"]["type"] == "invalid_request_error"
+            assert (await r.json())["type"] == "error"
+        async with s.head(gateway.url + CHAT) as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
         async with s.post(gateway.url + "/v2/whatever", data=b"{}") as r:
             assert r.status == 404
+
+
+async def test_head_on_models_is_get_without_a_body(
+        gateway: RunningGateway, mock_upstream: MockServer) -> None:
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + "/v1/models", headers=auth) as r:
+            assert r.status == 200
+            listed = await r.read()
+        async with s.head(gateway.url + "/v1/models", headers=auth) as r:
+            status, headers, body = r.status, r.headers, await r.read()
+        async with s.head(gateway.url + "/v1/models", headers={"Authorization": "Bearer tg_wrong"}) as r:
+            refused_status, refused_headers, refused_body = r.status, r.headers, await r.read()
+    assert status == 200 and body == b""
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(listed)  # the GET's length, as RFC 9110 allows
+    assert headers["x-request-id"]
+    # the upstream is asked with GET: one that answers only GET on the path still serves HEAD
+    assert [r.method for r in mock_upstream.state.requests] == ["GET", "GET"]
+    # an error answers HEAD as it would GET, still without the body
+    assert refused_status == 401 and refused_body == b""
+    assert refused_headers["x-should-retry"] == "false"
+    records = (await gateway.access_records())[-3:]
+    assert [(r["method"], r["route"], r["status"]) for r in records] == [
+        ("GET", "models", 200), ("HEAD", "models", 200), ("HEAD", "models", 401)]
 
 
 async def test_client_credentials_and_hop_by_hop_headers_never_reach_upstream(

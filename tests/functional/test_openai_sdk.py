@@ -168,6 +168,21 @@ async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: Runni
     assert isinstance(output_tokens, int) and output_tokens >= 1  # the part that was produced is accounted
 
 
+async def test_upstream_reset_mid_responses_stream_ends_with_its_error_event(gateway: RunningGateway) -> None:
+    async with client(gateway) as c:
+        stream = await c.responses.create(
+            model="m", input="x", stream=True, extra_headers={"x-mock-fault": "reset-mid-stream"})
+        seen = 0
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                seen += 1
+    assert seen > 0
+    # The Responses ``error`` event's nested error (not a broken stream: APIConnectionError).
+    assert type(info.value) is openai.APIError
+    assert info.value.body == {"message": "The upstream model service failed.", "type": "server_error",
+                               "param": None, "code": "upstream_unavailable"}
+
+
 async def test_large_responses_are_relayed_whole(gateway: RunningGateway) -> None:
     # About 2 MB of JSON: many TCP reads between the upstream and the gateway.
     inputs = [f"text number {i}" for i in range(400)]

@@ -128,6 +128,43 @@ async def test_fourth_request_in_a_minute_is_rate_limited(start_quota_gateway: G
     assert isinstance(extra, dict) and extra["quota"]["denied"] == ["acct-rpm/rpm"]
 
 
+async def test_models_listing_gets_each_sdks_429_and_rate_limit_fields(
+    start_quota_gateway: GatewayStarter,
+) -> None:
+    # /v1/models is both APIs' path: the client's family (anthropic-version) picks the 429 body
+    # and the provider aliases, on admitted responses and denials alike.
+    rule = RPM_RULE.replace("limit: 3, per: 1m, burst: 3", "limit: 2, per: 1m, burst: 2")
+    async with (
+        start_quota_gateway(rule) as gw,
+        anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0) as ac,
+        openai_client(gw) as oc,
+    ):
+        listed = await ac.models.with_raw_response.list()
+        openai_listed = await oc.models.with_raw_response.list()
+        with pytest.raises(anthropic.RateLimitError) as ainfo:
+            await ac.models.list()
+        with pytest.raises(openai.RateLimitError) as oinfo:
+            await oc.models.list()
+
+    assert listed.headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert not [name for name in listed.headers if name.lower().startswith("x-ratelimit-")]
+    assert openai_listed.headers["x-ratelimit-remaining-requests"] == "0"
+    assert not [name for name in openai_listed.headers if name.lower().startswith("anthropic-ratelimit-")]
+
+    aerr = ainfo.value
+    assert isinstance(aerr.body, dict) and aerr.body["type"] == "error"
+    assert aerr.body["error"]["type"] == "rate_limit_error"
+    assert aerr.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert "x-ratelimit-remaining-requests" not in aerr.response.headers
+    assert int(aerr.response.headers["Retry-After"]) >= 1
+
+    oerr = oinfo.value
+    assert oerr.code == "rate_limit_exceeded"
+    assert isinstance(oerr.body, dict) and oerr.body["type"] == "requests"
+    assert oerr.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert not [name for name in oerr.response.headers if name.lower().startswith("anthropic-ratelimit-")]
+
+
 OUTPUT_BUDGET_RULE = """\
 - id: acct-output
   quota:
@@ -160,6 +197,9 @@ async def test_output_budget_is_reconciled_after_a_stream(start_quota_gateway: G
         )
         assert raw.headers["x-ratelimit-remaining-tokens"] == "0"
     assert info.value.response.headers["x-ratelimit-remaining-tokens"] == "88"
+    # OpenAI's 429 names the limit's unit: a token budget says "tokens", a request rate "requests"
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "tokens"
+    assert info.value.code == "rate_limit_exceeded"
     assert info.value.response.headers.get("x-should-retry") != "false"
     assert "Retry-After" in info.value.response.headers
 

@@ -268,6 +268,33 @@ async def test_anthropic_sdk_gets_a_permission_error(start_region_gateway: Gatew
     assert record["rule_id"] == "region-restricted-ip" and record["api"] == "anthropic"
 
 
+async def test_models_listing_is_refused_in_each_sdks_grammar(start_region_gateway: GatewayStarter) -> None:
+    async with (
+        start_region_gateway() as gw,
+        anthropic.AsyncAnthropic(
+            base_url=gw.url,
+            api_key=CLIENT_KEY,
+            max_retries=0,
+            default_headers={"X-Forwarded-For": RESTRICTED},
+        ) as c,
+        openai_client(gw, RESTRICTED) as o,
+    ):
+        with pytest.raises(anthropic.PermissionDeniedError) as info:
+            await c.models.list()
+        anthropic_record = await last_audit(gw)
+        with pytest.raises(openai.PermissionDeniedError) as oinfo:
+            await o.models.list()
+        openai_record = await last_audit(gw)
+    err = info.value
+    assert isinstance(err.body, dict) and err.body["type"] == "error", err.body
+    assert err.body["error"] == {"type": "permission_error", "message": NEUTRAL}
+    assert oinfo.value.body == {"message": NEUTRAL, "type": "permission_error", "param": None,
+                                "code": "permission_denied"}
+    # request.api (audit, policy fields) is the client's family on the path both APIs define
+    assert anthropic_record["route"] == openai_record["route"] == "models"
+    assert anthropic_record["api"] == "anthropic" and openai_record["api"] == "openai"
+
+
 async def test_vpn_flag_is_visible_to_the_shipped_policy(start_region_gateway: GatewayStarter) -> None:
     # 20-friction.yaml tags anonymiser traffic (client.is_anonymous_vpn); the tag reaches the audit.
     async with start_region_gateway() as gw:

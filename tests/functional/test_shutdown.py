@@ -1,24 +1,30 @@
 """Stopping a running gateway as a rolling deploy does (``shutdown.drain_delay`` and ``grace``):
 readiness red while it keeps serving with ``Connection: close``, then the listener closes, streams
-in flight finish (or are cut at the end of the grace), and the process exits 0."""
+in flight finish (or are cut at the end of the grace, with an error event the SDKs raise), and the
+process exits 0."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import pytest
+from openai.types.responses import ResponseErrorEvent
 
-from gateway.server import SAME_SIGNAL_WINDOW, StopSignals
+from gateway.server import CUT_NOTICE, SAME_SIGNAL_WINDOW, StopSignals
+from gateway.stages.forward import SHUTTING_DOWN
 from tests.support.gateway import CLIENT_KEY, write_keys_file
 from tests.support.redis_servers import RedisServer, free_port
 
@@ -122,6 +128,28 @@ async def stream(url: str, chunks: int, delay_ms: int) -> AsyncIterator[aiohttp.
         yield r
 
 
+def sse_events(body: bytes) -> list[bytes]:
+    return [event for event in body.split(b"\n\n") if event]
+
+
+def sse_json(event: bytes) -> dict[str, Any]:
+    """The data of an event (one ``data:`` line, as the gateway writes them)."""
+    data = next(line for line in event.split(b"\n") if line.startswith(b"data: "))
+    value = json.loads(data[6:])
+    assert isinstance(value, dict)
+    return value
+
+
+async def error_ending(stream: AsyncIterable[Any]) -> Exception:
+    """What an SDK stream raises once it has been read to its end; it must raise."""
+    try:
+        async for _ in stream:
+            pass
+    except Exception as exc:
+        return exc
+    raise AssertionError("the stream ended without an error")
+
+
 async def events_of(url: str, chunks: int) -> int:
     """How many events a whole stream of ``chunks`` deltas has."""
     async with stream(url, chunks, 0) as r:
@@ -213,23 +241,118 @@ async def test_sigterm_drains_with_connection_close_then_finishes_streams_and_ex
     assert not any(r.get("client_disconnected") for r in records)
 
 
-async def test_a_stream_longer_than_the_grace_is_cut_and_settled_and_the_process_exits_0(
+async def test_a_stream_longer_than_the_grace_ends_with_a_shutdown_error_and_is_settled_as_cut(
         tmp_path: Path) -> None:
     drain, grace = 0.5, 1.0
     async with running(tmp_path, f"{{drain_delay: {drain}s, grace: {grace}s}}") as gw:
         async with stream(gw.url, 200, 100) as endless:  # 20 s
             gw.proc.send_signal(signal.SIGTERM)
             sent = time.monotonic()
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await endless.read()
+            # The response ends properly (its chunked body terminated), on a whole event: the
+            # error in the chat completions grammar, and no [DONE].
+            rest = await endless.read()
             cut_after = time.monotonic() - sent
-        assert drain + grace - 0.1 <= cut_after < drain + grace + 1.0
-        assert exit_code_within(gw, sent + drain + grace + SLACK - time.monotonic()) == 0
-    assert "cut 1 requests still running" in gw.stderr()
+        assert drain + grace - 0.1 <= cut_after < drain + grace + 1.0  # the event is sent at once
+        events = sse_events(rest)
+        assert all(e.startswith(b"data: {") for e in events)
+        assert [e for e in events if b'"error"' in e] == [events[-1]]
+        assert sse_json(events[-1]) == {"error": {
+            "message": "The gateway is shutting down; retry the request.", "type": "server_error",
+            "param": None, "code": "service_unavailable"}}
+        assert exit_code_within(gw, sent + drain + grace + CUT_NOTICE + SLACK - time.monotonic()) == 0
+    assert "cut 1 requests still running (1 streams ended with a shutdown error event" in gw.stderr()
     cut = gw.access_records()[-1]
     # Settled as an abandoned stream: what was relayed, and the prompt it consumed.
     assert cut["status"] == 499 and cut["client_disconnected"] is True
     assert cut["input_tokens"] > 0 and cut["output_tokens"] > 0
+
+
+async def test_the_sdks_raise_a_retryable_shutdown_error_on_streams_the_grace_cut(tmp_path: Path) -> None:
+    """Chat completions and Responses through the openai SDK, messages through the anthropic SDK,
+    and a Responses stream read raw, all cut at once: each SDK raises its API error class with the
+    gateway's message, not a connection or parse error."""
+    drain, grace = 0.5, 1.0
+    slow = {"x-mock-chunks": "200", "x-mock-chunk-delay-ms": "100"}  # 20 s each
+    message = SHUTTING_DOWN.message
+    async with running(tmp_path, f"{{drain_delay: {drain}s, grace: {grace}s}}") as gw, \
+            openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0) as oai, \
+            anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0) as claude, \
+            aiohttp.ClientSession() as raw:
+        chat = await oai.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True, extra_headers=slow)
+        responses = await oai.responses.create(model="m", input="hi", stream=True, extra_headers=slow)
+        messages = await claude.messages.create(
+            model="claude-test", max_tokens=1000, messages=[{"role": "user", "content": "hi"}],
+            stream=True, extra_headers=slow)
+        chats, responses_events = chat.__aiter__(), responses.__aiter__()
+        message_events = messages.__aiter__()
+        async with raw.post(gw.url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                            headers={**AUTH, **slow}) as raw_responses:
+            await raw_responses.content.readuntil(b"\n\n")
+            # Each stream is running: a first event has arrived.
+            await chats.__anext__()
+            await responses_events.__anext__()
+            await message_events.__anext__()
+            gw.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            chat_error, responses_error, messages_error, raw_body = await asyncio.gather(
+                error_ending(chats), error_ending(responses_events), error_ending(message_events),
+                raw_responses.read())
+        assert time.monotonic() - sent < drain + grace + CUT_NOTICE + SLACK
+        assert exit_code_within(gw, sent + drain + grace + CUT_NOTICE + SLACK - time.monotonic()) == 0
+
+    # openai: an event with an "error" key raises APIError itself (its subclass
+    # APIConnectionError is what a cut connection gives).
+    for error in (chat_error, responses_error):
+        assert type(error) is openai.APIError, repr(error)
+        assert error.message == message
+        assert isinstance(error.body, dict) and error.body["type"] == "server_error"
+    # anthropic: an ``error`` event raises the class of its status (200: APIStatusError), with the
+    # Anthropic error type of an overload, which its clients retry.
+    assert type(messages_error) is anthropic.APIStatusError, repr(messages_error)
+    assert message in messages_error.message
+    assert messages_error.body == {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+    # The Responses ``error`` event: the documented fields, numbered after the last event relayed.
+    *before, last = sse_events(raw_body)
+    assert last.startswith(b"event: error\n")
+    event = ResponseErrorEvent.model_validate(sse_json(last))
+    assert (event.message, event.code) == (message, "service_unavailable")
+    assert event.sequence_number == sse_json(before[-1])["sequence_number"] + 1
+
+    assert "cut 4 requests still running (4 streams ended with a shutdown error event" in gw.stderr()
+    records = gw.access_records()  # in the order they ended
+    assert sorted(r["route"] for r in records) == ["chat.completions", "messages", "responses", "responses"]
+    assert all(r["status"] == 499 and r["client_disconnected"] and r["output_tokens"] > 0 for r in records)
+
+
+async def test_a_stream_whose_client_reads_nothing_is_cut_without_waiting_on_it(tmp_path: Path) -> None:
+    """The shutdown error event is not worth a stop that hangs: a client that stopped reading
+    (its receive window full, the gateway's write waiting) is cut when the notice ends."""
+    drain, grace = 0.2, 0.5
+    async with running(tmp_path, f"{{drain_delay: {drain}s, grace: {grace}s}}") as gw:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills fast; no autotuning
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            body = json.dumps(chat_body(stream=True)).encode()
+            # Some 24 MB of events, more than the socket buffers between the gateway and this
+            # client hold: the gateway's writes block long before the grace ends.
+            await loop.sock_sendall(sock, (
+                f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                "Content-Type: application/json\r\nx-mock-chunks: 100000\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            await asyncio.sleep(0.5)  # the gateway's buffers fill
+            gw.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            assert exit_code_within(gw, drain + grace + CUT_NOTICE + SLACK) == 0
+            assert time.monotonic() - sent < drain + grace + CUT_NOTICE + SLACK
+        finally:
+            sock.close()
+    assert "cut 1 requests still running" in gw.stderr()
+    cut = gw.access_records()[-1]
+    assert cut["status"] == 499 and cut["client_disconnected"] is True
 
 
 async def test_a_second_sigterm_ends_the_drain_and_sighup_reloads_during_it(tmp_path: Path) -> None:

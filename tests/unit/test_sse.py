@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from openai.types.responses import ResponseErrorEvent
 
+from gateway.apis.anthropic import ROUTES as ANTHROPIC_ROUTES
 from gateway.apis.anthropic import MessagesStream
+from gateway.apis.base import RouteSpec
+from gateway.apis.openai import ROUTES as OPENAI_ROUTES
 from gateway.apis.openai import ChatStream
 from gateway.apis.sse import SseOverflow, SseSplitter, event_data, event_name
 from gateway.context import NO_SHAPING, Shaping, Usage
+from gateway.stages.forward import SHUTTING_DOWN, stream_error_event
 
 
 def chat_chunk(
@@ -159,3 +164,40 @@ def test_anthropic_usage_events_never_take_the_fast_path() -> None:
     assert not handler.on_chunk(start + b"\n\n")
     handler.finish()
     assert usage.output_tokens == 2
+
+
+def _route(routes: tuple[RouteSpec, ...], name: str) -> RouteSpec:
+    return next(r for r in routes if r.name == name)
+
+
+def test_a_responses_stream_ends_with_its_error_event_numbered_after_the_last_one_relayed() -> None:
+    responses = _route(OPENAI_ROUTES, "responses")
+    sent = (b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n'
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"sequence_number": 7,"delta":"hi"}\n\n')
+    raw = stream_error_event(responses, SHUTTING_DOWN, sent)
+    assert raw.endswith(b"\n\n")
+    [event] = SseSplitter().feed(raw)
+    assert event_name(event) == b"error"
+    payload = json.loads(event_data(event))
+    # The documented event (the openai SDK's own model of it) ...
+    parsed = ResponseErrorEvent.model_validate(payload)
+    assert (parsed.type, parsed.sequence_number, parsed.code) == ("error", 8, "service_unavailable")
+    assert parsed.message == SHUTTING_DOWN.message and parsed.param is None
+    # ... and the nested error object the live API sends, which the SDK raises APIError on.
+    assert payload["error"] == {"message": SHUTTING_DOWN.message, "type": "server_error", "param": None,
+                                "code": "service_unavailable"}
+    # Nothing relayed yet: the first number.
+    assert json.loads(event_data(stream_error_event(responses, SHUTTING_DOWN)))["sequence_number"] == 0
+
+
+def test_chat_and_messages_streams_end_with_their_apis_error_events() -> None:
+    chat = stream_error_event(_route(OPENAI_ROUTES, "chat.completions"), SHUTTING_DOWN, b"data: {}\n\n")
+    assert chat == b"data: " + json.dumps({"error": {
+        "message": SHUTTING_DOWN.message, "type": "server_error", "param": None,
+        "code": "service_unavailable"}}, separators=(",", ":")).encode() + b"\n\n"
+    messages = stream_error_event(_route(ANTHROPIC_ROUTES, "messages"), SHUTTING_DOWN)
+    [event] = SseSplitter().feed(messages)
+    assert event_name(event) == b"error"
+    assert json.loads(event_data(event)) == {"type": "error", "error": {
+        "type": "overloaded_error", "message": SHUTTING_DOWN.message}}

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from gateway.context import ApiFamily, RequestContext
+from gateway.errors import error_payload
 from gateway.quota.limits import LimitKind
 from gateway.quota.settings import Price, QuotaSettings
 from gateway.quota.stage import QuotaStage
@@ -195,6 +196,44 @@ async def test_request_that_can_never_fit_is_not_retryable(stage: QuotaStage) ->
     decision = await stage(make_ctx(action, input_tokens=100, max_tokens=4000))
     assert decision is not None and decision.status == 429 and not decision.retryable
     assert decision.headers["x-should-retry"] == "false" and "Retry-After" not in decision.headers
+
+
+@pytest.mark.parametrize(("kind", "amount", "unit"), [
+    (LimitKind.REQUESTS, 1, "requests"),
+    (LimitKind.CONCURRENCY, 1, "requests"),  # only fewer requests in flight help
+    (LimitKind.INPUT_TOKENS, 150, "tokens"),
+    (LimitKind.OUTPUT_TOKENS, 300, "tokens"),
+    (LimitKind.TOTAL_TOKENS, 450, "tokens"),
+    (LimitKind.SPEND, 3000, "tokens"),  # priced from tokens: fewer tokens help
+])
+async def test_openai_429_type_names_the_unit_of_the_denying_limit(
+        stage: QuotaStage, kind: LimitKind, amount: int, unit: str) -> None:
+    # Each request costs 1 request, 100 input and 200 output tokens, 2250 micro-USD: the first
+    # fits every limit above, the second none.
+    action = quota("r1", limit("lim", kind, amount, 60))
+    assert await stage(make_ctx(action, input_tokens=100, max_tokens=200)) is None
+    decision = await stage(make_ctx(action, input_tokens=100, max_tokens=200))
+    assert decision is not None and decision.retryable
+    assert error_payload(ApiFamily.OPENAI, decision)["error"] == {
+        "message": decision.message, "type": unit, "param": None, "code": "rate_limit_exceeded"}
+    assert error_payload(ApiFamily.ANTHROPIC, decision)["error"]["type"] == "rate_limit_error"
+
+
+async def test_a_request_that_can_never_fit_a_token_budget_says_tokens(stage: QuotaStage) -> None:
+    action = quota("r1", limit("tpm", LimitKind.TOTAL_TOKENS, 1000, 60))
+    decision = await stage(make_ctx(action, input_tokens=100, max_tokens=4000))
+    assert decision is not None and not decision.retryable
+    assert error_payload(ApiFamily.OPENAI, decision)["error"]["type"] == "tokens"
+
+
+async def test_the_429_type_is_the_limit_that_waits_longest(stage: QuotaStage, clock: FakeClock) -> None:
+    # Both limits deny; the body describes the one that frees last, and its unit.
+    action = quota("r1", limit("rpm", LimitKind.REQUESTS, 60, 60),
+                   limit("tph", LimitKind.TOTAL_TOKENS, 400, 3600))
+    assert await stage(make_ctx(action, input_tokens=100, max_tokens=200)) is None
+    decision = await stage(make_ctx(action, input_tokens=100, max_tokens=200))
+    assert decision is not None and "'tph'" in decision.message
+    assert error_payload(ApiFamily.OPENAI, decision)["error"]["type"] == "tokens"
 
 
 async def test_changed_numbers_apply_at_once_and_state_survives(stage: QuotaStage) -> None:
