@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from multidict import CIMultiDict
 
 from gateway import errors
@@ -192,6 +193,21 @@ def _failure(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(errors.bad_gateway("The upstream model service failed."), "reset")
 
 
+# What the upstream clients decode (aiohttp: gzip and deflate always; br and zstd with their
+# optional libraries). Anything else would be relayed as bytes the client cannot read.
+_DECODED = frozenset({"identity", "gzip", "deflate"}
+                     | ({"br"} if HAS_BROTLI else set()) | ({"zstd"} if HAS_ZSTD else set()))
+
+
+def _undecodable(encoding: str) -> UpstreamFailure | None:
+    """A 502 for a Content-Encoding the gateway cannot decode (it asked for identity)."""
+    if encoding.strip().lower() in _DECODED:
+        return None
+    return UpstreamFailure(errors.bad_gateway(
+        f"The upstream model service answered in Content-Encoding {encoding[:40]!r}, which the "
+        "gateway cannot decode."), "protocol")
+
+
 def _malformed() -> UpstreamFailure:
     return UpstreamFailure(errors.bad_gateway("The upstream model service sent a malformed response."),
                            "protocol")
@@ -217,7 +233,7 @@ class Forwarder:
     ) -> None:
         self._upstream = upstream
         self._streams = streams if streams is not None else OpenStreams()
-        self._adapter = adapter
+        self.adapter = adapter
         self._credential = credential
         self._metrics = metrics
         self._max_response = max_response_bytes
@@ -232,7 +248,7 @@ class Forwarder:
         view = ctx.request
         if view.body is None:
             return raw or None
-        changed = self._adapter.upstream_body(view, ctx.shaping)
+        changed = self.adapter.upstream_body(view, ctx.shaping)
         if changed is not None:
             return orjson.dumps(changed)
         if ctx.body_modified:
@@ -242,7 +258,9 @@ class Forwarder:
     async def __call__(
         self, request: web.Request, ctx: RequestContext, route: RouteSpec, raw: bytes
     ) -> web.StreamResponse:
-        headers = upstream_request_headers(request.headers, route.api, self._credential, ctx.request_id)
+        # the request's family, not the route's: on a path both APIs define they differ
+        headers = upstream_request_headers(request.headers, ctx.request.api, self._credential,
+                                           ctx.request_id)
         body = self._body(ctx, raw)
         ctx.upstream_started = started = time.perf_counter()
         try:
@@ -267,6 +285,9 @@ class Forwarder:
             ctx.upstream_status = up.status
             if up.status < 200:  # a 101 no one asked for (interim 1xx were skipped)
                 raise _malformed()
+            encoding = up.headers.get("Content-Encoding")
+            if encoding is not None and (refused := _undecodable(encoding)) is not None:
+                raise refused
             if ctx.first_byte_delay > 0:
                 if deadline is not None and (when := deadline.when()) is not None:
                     # The tarpit is the gateway's doing, not the upstream's: it does not count.
@@ -292,7 +313,9 @@ class Forwarder:
     async def _relay_body(
         self, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
     ) -> web.Response:
-        if up.content_length is not None:
+        # A declared length bounds the body as read, unless it was compressed: then it bounds
+        # only the compressed bytes, and the decoded ones are counted as they come.
+        if up.content_length is not None and "Content-Encoding" not in up.headers:
             if up.content_length > self._max_response and up.status not in _NO_BODY:
                 raise self._too_large()
             data = await up.read()  # bounded by the declared length (the parser enforces it)
@@ -321,8 +344,8 @@ class Forwarder:
             return data
         if not isinstance(parsed, dict):
             return data
-        self._adapter.usage_from_body(route, parsed, ctx.usage)
-        if ctx.shaping.active and self._adapter.shape_body(route, parsed, ctx.shaping):
+        self.adapter.usage_from_body(route, parsed, ctx.usage)
+        if ctx.shaping.active and self.adapter.shape_body(route, parsed, ctx.shaping):
             return orjson.dumps(parsed)
         return data
 
@@ -379,7 +402,7 @@ class Forwarder:
         first = up.content.read_nowait()
         response_class = _HeadersWithFirstEvents if first else web.StreamResponse
         response = response_class(status=200, headers=self._response_headers(ctx, up))
-        handler = self._adapter.stream_handler(route, ctx.request, ctx.usage, ctx.shaping)
+        handler = self.adapter.stream_handler(route, ctx.request, ctx.usage, ctx.shaping)
         splitter = SseSplitter()
         pace = ctx.pace_tokens_per_s
         active = self._metrics.active_streams

@@ -79,12 +79,12 @@ class AiohttpUpstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
-        # No auto-decompress: the gateway asks for identity encoding (it must read usage), and
-        # raw relay of anything else is cheaper than decode + re-encode.
+        # The gateway asks for identity encoding (it must read usage and shape bodies); an upstream
+        # that compresses anyway is decoded, and relayed without Content-Encoding.
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            auto_decompress=False,
+            auto_decompress=True,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
 

@@ -264,7 +264,9 @@ class PooledUpstream:
             raise aiohttp.ConnectionTimeoutError(f"connecting to {where} timed out") from exc
         except OSError as exc:  # refused, unreachable, DNS (gaierror) and TLS (SSLError) failures
             raise UpstreamConnectError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
-        conn.set_response_params(read_until_eof=True, auto_decompress=False, read_bufsize=_READ_BUFSIZE)
+        # Decoded when an upstream compresses although asked for identity (the forwarder must
+        # read usage and shape the body, and relays it without Content-Encoding); no cost otherwise.
+        conn.set_response_params(read_until_eof=True, auto_decompress=True, read_bufsize=_READ_BUFSIZE)
         return conn
 
     async def _replace(self, stale: _Connection) -> _Connection:
