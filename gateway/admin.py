@@ -79,6 +79,7 @@ async def _explain(request: web.Request) -> web.Response:
     """POST a test-case style request context (JSON): how the live policy set decides it."""
     from gateway.policy.explain import explain
     from gateway.policy.testing import context_from_mapping
+    from gateway.stages.client_ip import nat64_of
     from gateway.yamlsource import ConfigError
 
     runtime = request.app[RUNTIME]
@@ -92,7 +93,7 @@ async def _explain(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         return web.json_response({"error": "expected a JSON object"}, status=400)
     try:
-        ctx = context_from_mapping(data, "<admin request>")
+        ctx = context_from_mapping(data, "<admin request>", nat64_of(runtime.settings))
     except ConfigError as exc:
         return web.json_response({"error": "invalid request context", "issues": [str(i) for i in exc.issues]},
                                  status=400)

@@ -19,6 +19,7 @@ from gateway.policy.evaluate import Snapshot
 from gateway.policy.explain import explain, format_explain
 from gateway.policy.testing import format_report, load_request_file, run_tests
 from gateway.settings import Settings, load_settings
+from gateway.stages.client_ip import nat64_of
 from gateway.yamlsource import ConfigError
 
 EXIT_OK = 0
@@ -26,9 +27,11 @@ EXIT_TESTS_FAILED = 1
 EXIT_INVALID = 2
 
 
-# What a policy check cannot know without the gateway's config: keep in step with the actions
-# that consult CompileEnv.settings (today only quota spend limits).
-SETTINGS_CHECKS = "spend limits need a price table (quota.prices)"
+# What a policy check cannot know without the gateway's config: keep in step with what consults
+# CompileEnv.settings (quota spend limits; IP operands and test-case addresses, which decode the
+# local NAT64 prefixes).
+SETTINGS_CHECKS = ("spend limits need a price table (quota.prices), and addresses in local NAT64 prefixes "
+                   "are read as IPv4 only with client_ip.nat64_prefixes")
 WITHOUT_CONFIG = (f"note: checked without --config, so the checks that need the gateway's settings were "
                   f"skipped: {SETTINGS_CHECKS}")
 
@@ -150,7 +153,7 @@ def run_explain(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     if compiled.settings is None:
         print(WITHOUT_CONFIG, file=err)  # stderr: --json output stays parseable
     try:
-        ctx = load_request_file(args.request)
+        ctx = load_request_file(args.request, nat64_of(compiled.settings))
     except ConfigError as exc:
         print(exc, file=err)
         return EXIT_INVALID

@@ -22,6 +22,7 @@ from gateway.policy.registry import CompileEnv, MatchedAction, Registry
 from gateway.policy.schema import NamedList, PolicyFile, RuleDef, SettingsDef, parse_file
 from gateway.policy.testing import TestCase, parse_tests
 from gateway.policy.textfile import read_utf8
+from gateway.stages.client_ip import nat64_of
 from gateway.yamlsource import ConfigError, Issue, Issues, Mark, _issue_order
 
 # Index on the most selective field a rule constrains: one account or model narrows far more
@@ -168,7 +169,7 @@ def compile_sources(sources: Sequence[Source], registry: Registry | None = None,
     tests: list[TestCase] = []
     for file in files:
         if file.tests is not None:
-            tests.extend(parse_tests(file.tests, set(seen), names))
+            tests.extend(parse_tests(file.tests, set(seen), names, nat64_of(settings)))
     ordered = sorted(issues.items, key=_issue_order)
     if issues.errors:
         return None, ordered

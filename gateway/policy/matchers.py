@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.ipaddr import parse_ip
+from gateway.ipaddr import Nat64Prefixes, matched_networks, parse_ip, unmatchable_reason
 from gateway.policy.fields import FieldSpec, Kind, asn_problem, country_problem, resolve_field
 from gateway.policy.registry import CompileEnv, Registry
 from gateway.policy.schema import NamedList, parse_cidr
+from gateway.stages.client_ip import nat64_of
 from gateway.yamlsource import Node
 
 Test = Callable[[Any], bool]
@@ -36,14 +37,6 @@ _LIST_FOR_KIND: Mapping[Kind, tuple[str, ...]] = {
     Kind.IP: (),
 }
 BUILTIN_OPERATORS = ("equals", "in", "not_in", "cidr", "regex", "gt", "gte", "lt", "lte", "exists")
-# IPv6 prefixes whose last 32 bits are an IPv4 client (IPv4-mapped, NAT64 well-known prefix): the
-# client_ip stage turns such an address into that IPv4 address, so a CIDR inside one is compared
-# as the IPv4 network it carries, or '::ffff:192.0.2.0/120' would never match 192.0.2.7.
-_IPV4_TAIL_PREFIXES = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("64:ff9b::/96"))
-# Where the IPv4 client sits elsewhere (6to4 right after 2002::/16, Teredo inverted in the last 32
-# bits, beside a server address) a CIDR is not converted; wholly inside one it can never match a
-# normalised address, which deserves a warning.
-_IPV4_CARRIERS = {"6to4": ipaddress.IPv6Network("2002::/16"), "Teredo": ipaddress.IPv6Network("2001::/32")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +107,9 @@ class ConditionCompiler:
         self._lists = lists
         self._registry = registry
         self._env = env
+        # Local NAT64 prefixes from the gateway's client_ip settings: CIDRs, IP literals and IP
+        # strings are read as the client_ip stage reads the live address, so they agree.
+        self._nat64 = nat64_of(env.settings)
         self.used_lists: set[str] = set()
 
     @property
@@ -244,12 +240,14 @@ class ConditionCompiler:
                     return None
                 nets.append(net)
             text = f"cidr {show(node.value)}"
+        nat64 = self._nat64
         for net in nets:
-            carrier = _ipv4_carrier(net)
+            carrier = unmatchable_reason(net, nat64)
             if carrier is not None:
-                node.warning(f"'{net}' lies in {carrier} space, whose clients are matched as the IPv4 "
+                node.warning(f"'{net}' lies in {carrier}, whose clients are matched as the IPv4 "
                              "address they carry, so this never matches; expected an IPv4 CIDR")
-        return Matcher(_cidr_test([_as_matched(net) for net in nets]), text)
+        matched = [m for net in nets for m in matched_networks(net, nat64)]
+        return Matcher(_cidr_test(matched, nat64), text)
 
     def _named(self, node: Node, kinds: tuple[str, ...], field: FieldSpec) -> NamedList | None:
         name = str(node.value)
@@ -307,7 +305,7 @@ class ConditionCompiler:
             return _or_bad(node.as_type(float))
         if kind == Kind.IP and value is not None:
             # Normalised like the live client address, or ::ffff:192.0.2.5 would never match.
-            address = parse_ip(str(value))
+            address = parse_ip(str(value), self._nat64)
             if address is None:
                 node.error(f"'{value}' is not an IP address, expected an address such as 192.0.2.1")
                 return _BAD
@@ -357,26 +355,10 @@ def _hashable_in(v: Any, values: frozenset[Any]) -> bool:
         return False
 
 
-def _as_matched(net: Any) -> Any:
-    """``net`` as the addresses it holds look once normalised (see :data:`_IPV4_TAIL_PREFIXES`)."""
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        for prefix in _IPV4_TAIL_PREFIXES:
-            if net.subnet_of(prefix):
-                return ipaddress.IPv4Network((int(net.network_address) & 0xFFFF_FFFF, net.prefixlen - 96))
-    return net
-
-
-def _ipv4_carrier(net: Any) -> str | None:
-    """The name of the IPv4-carrying range (6to4, Teredo) ``net`` lies wholly inside, if any."""
-    if isinstance(net, ipaddress.IPv6Network):
-        for name, prefix in _IPV4_CARRIERS.items():
-            if net.subnet_of(prefix):
-                return name
-    return None
-
-
-def _cidr_test(nets: list[Any]) -> Test:
-    """Merged integer ranges per IP version, searched by bisection: O(log n) per lookup."""
+def _cidr_test(nets: list[Any], nat64: Nat64Prefixes | None = None) -> Test:
+    """Merged integer ranges per IP version, searched by bisection: O(log n) per lookup.
+    ``nets`` are as normalised addresses look (:func:`gateway.ipaddr.matched_networks`); string
+    values are normalised as the client_ip stage does, with the same local NAT64 prefixes."""
     tables: dict[int, tuple[list[int], list[int]]] = {}
     for version in (4, 6):
         ranges = sorted((int(n.network_address), int(n.broadcast_address))
@@ -393,7 +375,7 @@ def _cidr_test(nets: list[Any]) -> Test:
 
     def test(v: Any) -> bool:
         if isinstance(v, str):  # a claim or header value: normalised like the client address
-            v = parse_ip(v)
+            v = parse_ip(v, nat64)
         if not isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
             return False
         starts, ends = tables[v.version]

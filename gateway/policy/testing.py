@@ -16,7 +16,7 @@ import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.context import ApiFamily, ClientInfo, Principal, RequestContext, RequestView, RiskInfo
-from gateway.ipaddr import parse_ip
+from gateway.ipaddr import Nat64Prefixes, parse_ip
 from gateway.policy.fields import asn_problem, country_problem
 from gateway.policy.textfile import read_utf8
 from gateway.yamlsource import ConfigError, Issues, Mark, Node
@@ -121,20 +121,23 @@ def _time(node: Node | None) -> float | None:
     return None
 
 
-def _ip(node: Node | None, key: str, value: str | None) -> Any:
+def _ip(node: Node | None, key: str, value: str | None, nat64: Nat64Prefixes | None) -> Any:
     if value is None:
         return None
-    # Normalised exactly as the client_ip stage does for live traffic (IPv4-mapped, NAT64, 6to4,
-    # Teredo, zone ids), so a test case or explain decides as the gateway would.
-    address = parse_ip(value)
+    # Normalised exactly as the client_ip stage does for live traffic (IPv4-mapped, NAT64 with the
+    # configured local prefixes, 6to4, Teredo, zone ids), so a test case or explain decides as the
+    # gateway would.
+    address = parse_ip(value, nat64)
     if address is None and node is not None:
         (node.child(key) or node).error(f"'{value}' is not an IP address, expected e.g. 192.0.2.1")
     return address
 
 
-def context_factory(node: Node, default_time: float | None = None) -> Callable[[], RequestContext] | None:
+def context_factory(node: Node, default_time: float | None = None,
+                    nat64: Nat64Prefixes | None = None) -> Callable[[], RequestContext] | None:
     """Validate a request mapping (request/principal/client/risk/time/tags); None on errors.
-    Without ``time`` the request starts at ``default_time``, or now when that is None."""
+    Without ``time`` the request starts at ``default_time``, or now when that is None. ``nat64``:
+    the gateway's local NAT64 prefixes (``client_ip.nat64_prefixes``), for client addresses."""
     before = len(node.issues.errors)
     if not node.expect_mapping():
         return None
@@ -159,8 +162,8 @@ def context_factory(node: Node, default_time: float | None = None) -> Callable[[
     api = req.get("api", "openai")
     if api not in tuple(ApiFamily):
         (node.child("request") or node).error(f"unknown api '{api}', expected 'openai' or 'anthropic'")
-    cli["ip"] = _ip(client_node, "ip", cli.get("ip"))
-    cli["peer_ip"] = _ip(client_node, "peer_ip", cli.get("peer_ip")) or cli["ip"]
+    cli["ip"] = _ip(client_node, "ip", cli.get("ip"), nat64)
+    cli["peer_ip"] = _ip(client_node, "peer_ip", cli.get("peer_ip"), nat64) or cli["ip"]
     if len(node.issues.errors) > before:
         return None
     pri.setdefault("authenticated", bool(pri.get("account") or pri.get("key_id")))
@@ -181,37 +184,39 @@ def context_factory(node: Node, default_time: float | None = None) -> Callable[[
     return make
 
 
-def context_from_mapping(data: Mapping[str, Any], filename: str = "<request>") -> RequestContext:
+def context_from_mapping(data: Mapping[str, Any], filename: str = "<request>",
+                         nat64: Nat64Prefixes | None = None) -> RequestContext:
     """Build a RequestContext from a test-case style mapping; raise ConfigError if invalid."""
     issues = Issues()
     node = Node.parse(yaml.safe_dump(dict(data), sort_keys=False), filename, issues)
-    make = context_factory(node) if node is not None else None
+    make = context_factory(node, nat64=nat64) if node is not None else None
     issues.raise_if_errors()
     assert make is not None
     return make()
 
 
-def load_request_file(path: str) -> RequestContext:
+def load_request_file(path: str, nat64: Nat64Prefixes | None = None) -> RequestContext:
     """A request file for ``explain``: the request part of a test case; ConfigError if invalid or
     unreadable (including a file that is not UTF-8 text)."""
     text = read_utf8(Path(path), path)
     issues = Issues()
     node = Node.parse(text, path, issues)
-    make = context_factory(node) if node is not None else None
+    make = context_factory(node, nat64=nat64) if node is not None else None
     issues.raise_if_errors()
     if make is None:
         raise ConfigError(issues.errors)
     return make()
 
 
-def parse_tests(node: Node, rule_ids: set[str], action_names: frozenset[str]) -> list[TestCase]:
+def parse_tests(node: Node, rule_ids: set[str], action_names: frozenset[str],
+                nat64: Nat64Prefixes | None = None) -> list[TestCase]:
     """Validate a ``tests:`` list; expectations may only name rules that exist."""
     cases: list[TestCase] = []
     for item in node.elements():
         if not item.expect_mapping("a test case (name, request..., expect)"):
             continue
         name = item.get("name", str, required=True)
-        make = context_factory(item, TEST_DEFAULT_TIME)
+        make = context_factory(item, TEST_DEFAULT_TIME, nat64)
         expect = item.child("expect")
         if expect is None:
             item.error("missing required key 'expect'")

@@ -7,16 +7,30 @@ hops / ``max_header_bytes`` bytes are looked at: padding the left of a header ca
 the real client out of view nor cost us more than a bounded parse. Anything unparsable where
 the walk needs an address (garbage, ``unknown``, ``_hidden``) makes the peer the client: we do
 not guess further left than a hop we could not read.
+
+Every address, the peer's and each hop's, is normalised (:func:`gateway.ipaddr.normalize`), with
+the operator's local NAT64 prefixes (``nat64_prefixes``) decoded as well.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.context import Decision, IPAddress, RequestContext
-from gateway.ipaddr import MAX_ADDRESS_CHARS, CidrSet, normalize, parse_host, parse_network
+from gateway.ipaddr import (
+    MAX_ADDRESS_CHARS,
+    CidrSet,
+    Nat64Prefixes,
+    nat64_prefix_problem,
+    normalize,
+    parse_host,
+    parse_network,
+)
 from gateway.memo import Memo
 from gateway.yamlsource import Node
 
@@ -40,12 +54,28 @@ class ClientIpConfig:
     ``headers`` lists the forwarding headers our proxies set, most preferred first; only the
     first one present is read. Trusting a header the proxy passes through untouched would let
     clients choose their own address, so list only what the proxy writes.
+
+    ``nat64_prefixes`` lists the local NAT64 prefixes (RFC 8215 ``64:ff9b:1::/48``, or RFC 6052
+    Network-Specific Prefixes) whose addresses stand for IPv4 clients in this network; off by
+    default, since elsewhere those ranges may hold real IPv6 clients.
     """
 
     trusted_proxies: CidrSet = field(default_factory=CidrSet)
     headers: tuple[str, ...] = ("x-forwarded-for",)
     max_entries: int = 32
     max_header_bytes: int = 8192
+    nat64_prefixes: Nat64Prefixes = field(default_factory=Nat64Prefixes)
+
+
+def nat64_of(settings: Any) -> Nat64Prefixes | None:
+    """The configured local NAT64 prefixes of a :class:`gateway.settings.Settings` (None when
+    there are none or no settings, e.g. ``gateway policy check`` without ``--config``), for the
+    places that must normalise as this stage does (policy CIDR conditions, tests, explain)."""
+    sections = getattr(settings, "sections", None)
+    config = sections.get("client_ip") if isinstance(sections, dict) else None
+    if isinstance(config, ClientIpConfig) and config.nat64_prefixes:
+        return config.nat64_prefixes
+    return None
 
 
 def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
@@ -55,7 +85,7 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
         return default
     if not node.expect_mapping():
         return default
-    node.check_keys({"trusted_proxies", "headers", "max_entries", "max_header_bytes"})
+    node.check_keys({"trusted_proxies", "headers", "max_entries", "max_header_bytes", "nat64_prefixes"})
     nets = []
     proxies = node.child("trusted_proxies")
     if proxies is not None and proxies.expect_list("a list of addresses or CIDRs"):
@@ -82,7 +112,29 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
         headers = tuple(names)
     max_entries = _positive(node, "max_entries", default.max_entries, 1024)
     max_bytes = _positive(node, "max_header_bytes", default.max_header_bytes, 65536)
-    return ClientIpConfig(CidrSet.from_networks(nets), headers, max_entries, max_bytes)
+    return ClientIpConfig(CidrSet.from_networks(nets), headers, max_entries, max_bytes,
+                          _nat64_prefixes(node.child("nat64_prefixes")))
+
+
+def _nat64_prefixes(node: Node | None) -> Nat64Prefixes:
+    accepted: list[ipaddress.IPv6Network] = []
+    if node is None or node.value is None or not node.expect_list("a list of NAT64 prefixes"):
+        return Nat64Prefixes()
+    for item in node.elements():
+        text = item.as_type(str, what="a NAT64 prefix such as 64:ff9b:1::/48")
+        if text is None:
+            continue
+        try:
+            net = parse_network(text)
+        except ValueError as exc:
+            item.error(str(exc))
+            continue
+        problem = nat64_prefix_problem(net, accepted)
+        if problem is not None:
+            item.error(problem)
+        elif isinstance(net, ipaddress.IPv6Network):
+            accepted.append(net)
+    return Nat64Prefixes(tuple(accepted))
 
 
 def _positive(node: Node, key: str, default: int, limit: int) -> int:
@@ -101,6 +153,7 @@ class ClientIpStage:
     def __init__(
         self, trusted_proxies: CidrSet, headers: tuple[str, ...] = ("x-forwarded-for",),
         max_entries: int = 32, max_header_bytes: int = 8192,
+        nat64_prefixes: Nat64Prefixes | None = None,
     ) -> None:
         unknown = [h for h in headers if h.lower() not in SUPPORTED_HEADERS]
         if unknown:
@@ -112,10 +165,16 @@ class ClientIpStage:
         self._max_entries = max_entries
         self._max_bytes = max_header_bytes
         self._parsed: Memo[IPAddress | None] = Memo(PARSED_HOP_ENTRIES, MAX_ADDRESS_CHARS + 8)
+        # None rather than an empty set: the common case skips the prefix loop altogether. The
+        # hop parser is bound once here, not per request.
+        self._nat64 = nat64_prefixes or None
+        self._parse_hop: Callable[[str], IPAddress | None] = (
+            functools.partial(parse_host, nat64=self._nat64) if self._nat64 else parse_host)
 
     @classmethod
     def from_config(cls, config: ClientIpConfig) -> ClientIpStage:
-        return cls(config.trusted_proxies, config.headers, config.max_entries, config.max_header_bytes)
+        return cls(config.trusted_proxies, config.headers, config.max_entries, config.max_header_bytes,
+                   config.nat64_prefixes)
 
     async def __call__(self, ctx: RequestContext) -> Decision | None:
         client = ctx.client
@@ -123,7 +182,7 @@ class ClientIpStage:
         if peer is None:  # e.g. a unix socket: nothing to trust, nothing to look up
             client.ip = None
             return None
-        peer = normalize(peer)
+        peer = normalize(peer, self._nat64)
         client.ip = peer
         if not self._trusted or peer not in self._trusted:
             return None  # headers from an untrusted peer are the client's own claims: ignored
@@ -164,9 +223,9 @@ class ClientIpStage:
 
     def _walk(self, hops: list[str], peer: IPAddress) -> IPAddress:
         last_trusted = peer
-        parsed = self._parsed
+        parsed, parse_hop = self._parsed, self._parse_hop
         for hop in reversed(hops):
-            ip = parsed(hop, parse_host)  # longer than an address is never one: not remembered
+            ip = parsed(hop, parse_hop)  # longer than an address is never one: not remembered
             if ip is None:
                 return peer
             if ip not in self._trusted:

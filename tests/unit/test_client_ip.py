@@ -8,7 +8,16 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.context import ApiFamily, RequestContext, RequestView
-from gateway.ipaddr import CidrSet, normalize, parse_host, parse_ip, parse_network
+from gateway.ipaddr import (
+    CidrSet,
+    Nat64Prefixes,
+    matched_networks,
+    normalize,
+    parse_host,
+    parse_ip,
+    parse_network,
+    unmatchable_reason,
+)
 from gateway.stages.client_ip import ClientIpConfig, ClientIpStage, parse_client_ip_config
 from gateway.yamlsource import ConfigError, Issues, Node
 
@@ -42,6 +51,8 @@ async def resolve(peer: str | None, headers: list[tuple[str, str]] = (),  # type
     ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # RFC 4380 example: client inverted
     ("2001:0:d8a0:5338:0:0:275f:acc7", "216.160.83.56"),  # Teredo whose client is 216.160.83.56
     ("::1", "::1"), ("::", "::"), ("2001:db8::1", "2001:db8::1"),
+    # ::/104 (IPv4 0.0.0.0/8, never a routed client) stays IPv6; from ::1.0.0.0 on it is IPv4
+    ("::2", "::2"), ("::0.0.0.255", "::ff"), ("::0.255.255.255", "::ff:ffff"), ("::1.0.0.0", "1.0.0.0"),
     ("2001:1::1", "2001:1::1"),  # 2001:1::/32 is not Teredo
     ("64:ff9b::216.160.83.56", "216.160.83.56"),  # NAT64, well-known prefix (RFC 6052)
     ("64:ff9b::d8a0:5338", "216.160.83.56"),
@@ -284,3 +295,157 @@ def test_config_errors_are_positioned() -> None:
     assert "gw.yaml:3:13: client_ip.headers[0]: unsupported header 'x-real-ip'" in text
     assert "client_ip.max_entries: expected an integer from 1 to 1024" in text
     assert "unknown key 'trusted_proxy'; did you mean 'trusted_proxies'?" in text
+
+
+# ---- local NAT64 prefixes (RFC 6052 §2.2, RFC 8215) ----------------------------------------------
+def nat64(*prefixes: str) -> Nat64Prefixes:
+    return Nat64Prefixes(tuple(ipaddress.IPv6Network(p) for p in prefixes))
+
+
+# RFC 6052 §2.4, the example table: 192.0.2.33 under each Network-Specific Prefix length.
+RFC6052_EXAMPLES = [
+    ("2001:db8::/32", "2001:db8:c000:221::"),
+    ("2001:db8:100::/40", "2001:db8:1c0:2:21::"),
+    ("2001:db8:122::/48", "2001:db8:122:c000:2:2100::"),
+    ("2001:db8:122:300::/56", "2001:db8:122:3c0:0:221::"),
+    ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:2100:0"),
+    ("2001:db8:122:344::/96", "2001:db8:122:344::192.0.2.33"),
+]
+
+
+@pytest.mark.parametrize("prefix, embedded", RFC6052_EXAMPLES)
+def test_rfc6052_example_table_decodes_to_the_ipv4_address(prefix: str, embedded: str) -> None:
+    prefixes = nat64(prefix)
+    assert normalize(ip(embedded), prefixes) == ip("192.0.2.33")
+    assert parse_ip(embedded, prefixes) == ip("192.0.2.33")
+    assert parse_host(f"[{embedded}]:443", prefixes) == ip("192.0.2.33")
+    # Not decoded unless the operator lists the prefix: 2001:db8:: is no translator elsewhere.
+    assert normalize(ip(embedded)) == ip(embedded)
+
+
+@pytest.mark.parametrize("prefix, embedded", RFC6052_EXAMPLES)
+def test_rfc6052_layout_places_every_bit(prefix: str, embedded: str) -> None:
+    """Each IPv4 bit lands where §2.2 puts it: flipping any one bit of the IPv4 address in the
+    IPv6 form (skipping the u octet, bits 64-71) flips the same bit of the decoded address."""
+    net = ipaddress.IPv6Network(prefix)
+    base = int(ip(embedded))
+    positions = [b for b in range(net.prefixlen, 128) if not 64 <= b <= 71][:32]  # from the top
+    prefixes = nat64(prefix)
+    for i, bit in enumerate(positions):
+        flipped = ipaddress.IPv6Address(base ^ (1 << (127 - bit)))
+        assert normalize(flipped, prefixes) == ipaddress.IPv4Address(int(ip("192.0.2.33")) ^ (1 << (31 - i)))
+
+
+@pytest.mark.parametrize("prefix, embedded, expected", [
+    ("2001:db8:122:344::/64", "2001:db8:122:344:ffc0:2:2100:0", "192.0.2.33"),  # u octet set
+    ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:21ff:ffff", "192.0.2.33"),  # suffix set
+    ("2001:db8::/32", "2001:db8:c000:221:ff:ffff:ffff:ffff", "192.0.2.33"),
+    ("64:ff9b:1::/48", "64:ff9b:1:d8a0:53:3800::", "216.160.83.56"),  # RFC 8215 local-use prefix
+])
+def test_u_octet_and_suffix_are_ignored(prefix: str, embedded: str, expected: str) -> None:
+    # Whatever a client sets there, it is still the IPv4 client the translator stands for.
+    assert normalize(ip(embedded), nat64(prefix)) == ip(expected)
+
+
+def test_addresses_outside_the_configured_prefixes_are_untouched() -> None:
+    prefixes = nat64("64:ff9b:1::/48", "2001:db8:122:344::/96")
+    assert normalize(ip("64:ff9b:2::c000:221"), prefixes) == ip("64:ff9b:2::c000:221")
+    assert normalize(ip("2001:db8:122:345::c000:221"), prefixes) == ip("2001:db8:122:345::c000:221")
+    # the built-in forms still win and an IPv4 address passes through
+    assert normalize(ip("64:ff9b::c000:221"), prefixes) == ip("192.0.2.33")
+    assert normalize(ip("192.0.2.33"), prefixes) == ip("192.0.2.33")
+    assert not Nat64Prefixes() and bool(prefixes)
+
+
+def test_nat64_prefixes_refuse_lengths_without_a_layout() -> None:
+    with pytest.raises(ValueError, match="NAT64 prefix length must be one of"):
+        nat64("2001:db8::/33")
+
+
+@pytest.mark.parametrize("cidr, expected", [
+    ("::ffff:203.0.113.0/120", ["203.0.113.0/24"]),
+    ("64:ff9b::cb00:7100/120", ["203.0.113.0/24"]),
+    ("::203.0.113.0/120", ["203.0.113.0/24"]),  # IPv4-compatible, as MaxMind reads ::/96
+    ("::1/128", ["::1/128"]),  # ::/104 is never decoded, so it is matched as IPv6
+    ("::/96", ["0.0.0.0/0", "::/104"]),
+    ("2001:db8:122:344::c000:200/120", ["2001:db8:122:344::c000:200/120"]),  # not configured
+    ("10.0.0.0/8", ["10.0.0.0/8"]),
+])
+def test_matched_networks_are_what_normalised_addresses_look_like(cidr: str, expected: list[str]) -> None:
+    assert [str(n) for n in matched_networks(ipaddress.ip_network(cidr))] == expected
+
+
+def test_matched_networks_convert_inside_a_configured_96_only() -> None:
+    prefixes = nat64("2001:db8:122:344::/96", "64:ff9b:1::/48")
+    assert matched_networks(ipaddress.ip_network("2001:db8:122:344::c000:200/120"), prefixes) == (
+        ipaddress.ip_network("192.0.2.0/24"),)
+    inside48 = ipaddress.ip_network("64:ff9b:1:c000::/64")
+    assert matched_networks(inside48, prefixes) == (inside48,)
+    reason = unmatchable_reason(inside48, prefixes)
+    assert reason == "the NAT64 prefix 64:ff9b:1::/48 (client_ip.nat64_prefixes)"
+    assert unmatchable_reason(inside48) is None
+    assert unmatchable_reason(ipaddress.ip_network("2002:c000:200::/40")) == "6to4 space"
+
+
+async def test_stage_decodes_configured_prefixes_for_peer_and_hops() -> None:
+    prefixes = nat64("64:ff9b:1::/48")
+    stage = ClientIpStage(PROXIES, headers=("x-forwarded-for",), nat64_prefixes=prefixes)
+    ctx = await resolve("64:ff9b:1:d8a0:53:3800::", stage=stage)  # the peer itself
+    assert ctx.client.ip == ip("216.160.83.56")
+    ctx = await resolve("10.0.0.2", [("X-Forwarded-For", "[64:ff9b:1:c000:2:2100::]:5555")], stage=stage)
+    assert ctx.client.ip == ip("192.0.2.33")
+    # the default stage leaves the same addresses as they are
+    ctx = await resolve("10.0.0.2", [("X-Forwarded-For", "64:ff9b:1:c000:2:2100::")])
+    assert ctx.client.ip == ip("64:ff9b:1:c000:2:2100::")
+
+
+async def test_config_nat64_prefixes_parse_and_reach_the_stage() -> None:
+    cfg, issues = parse("client_ip:\n  nat64_prefixes: [64:ff9b:1::/48, '2001:db8:122:344::/96']\n")
+    issues.raise_if_errors()
+    assert [str(n) for n in cfg.nat64_prefixes.networks] == ["64:ff9b:1::/48", "2001:db8:122:344::/96"]
+    ctx = await resolve("2001:db8:122:344::c000:221", stage=ClientIpStage.from_config(cfg))
+    assert ctx.client.ip == ip("192.0.2.33")
+    default, issues = parse("client_ip:\n  trusted_proxies: []\n")
+    issues.raise_if_errors()
+    assert not default.nat64_prefixes
+    ctx = await resolve("2001:db8:122:344::c000:221", stage=ClientIpStage.from_config(default))
+    assert ctx.client.ip == ip("2001:db8:122:344::c000:221")
+
+
+def test_config_nat64_prefix_errors_are_positioned() -> None:
+    _, issues = parse(
+        "client_ip:\n"
+        "  nat64_prefixes:\n"
+        "    - 64:ff9b:1::/50\n"
+        "    - 192.0.2.0/24\n"
+        "    - 64:ff9b:1::1/48\n"
+        "    - 64:ff9b::/96\n"
+        "    - 2001::/32\n"
+        "    - '::/32'\n"
+        "    - 2001:db8:0:0:ff00::/96\n"
+        "    - 64:ff9b:1::/48\n"
+        "    - 64:ff9b:1:2::/64\n"
+        "    - 7\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        issues.raise_if_errors()
+    assert str(err.value).splitlines() == [
+        "gw.yaml:3:7: client_ip.nat64_prefixes[0]: '64:ff9b:1::/50' is a /50, expected a NAT64 prefix "
+        "length of /32, /40, /48, /56, /64, /96 (RFC 6052)",
+        "gw.yaml:4:7: client_ip.nat64_prefixes[1]: '192.0.2.0/24' is not an IPv6 prefix, expected a NAT64 "
+        "prefix such as 64:ff9b:1::/48",
+        "gw.yaml:5:7: client_ip.nat64_prefixes[2]: '64:ff9b:1::1/48' has host bits set; did you mean "
+        "'64:ff9b:1::/48'?",
+        "gw.yaml:6:7: client_ip.nat64_prefixes[3]: '64:ff9b::/96' overlaps the NAT64 well-known prefix "
+        "64:ff9b::/96, which is always decoded, expected a prefix outside it",
+        "gw.yaml:7:7: client_ip.nat64_prefixes[4]: '2001::/32' overlaps Teredo 2001::/32, which is always "
+        "decoded, expected a prefix outside it",
+        "gw.yaml:8:7: client_ip.nat64_prefixes[5]: '::/32' overlaps the IPv4-compatible range ::/96, which "
+        "is always decoded, expected a prefix outside it",
+        "gw.yaml:9:7: client_ip.nat64_prefixes[6]: '2001:db8:0:0:ff00::/96' sets bits 64-71, which RFC 6052 "
+        "reserves (they must be zero), expected a /96 made of a /64 and four zero octets",
+        "gw.yaml:11:7: client_ip.nat64_prefixes[8]: '64:ff9b:1:2::/64' overlaps the NAT64 prefix "
+        "64:ff9b:1::/48 listed before it, expected disjoint prefixes",
+        "gw.yaml:12:7: client_ip.nat64_prefixes[9]: expected a NAT64 prefix such as 64:ff9b:1::/48, got "
+        "int 7",
+    ]

@@ -14,6 +14,7 @@ import ipaddress
 from pathlib import Path
 
 import geoip2.database
+import geoip2.errors
 import pytest
 
 from gateway.geo.config import GeoIpConfig
@@ -60,6 +61,27 @@ async def test_teredo_shaped_address_uses_client_not_server_field() -> None:
     geo = await provider(country_db="GeoIP2-Country-Test.mmdb")
     try:
         assert geo.lookup(normalize(address)).country is None
+    finally:
+        await geo.close()
+
+
+@pytest.mark.parametrize("db", ["GeoIP2-Country-Test.mmdb", "GeoLite2-Country-Test.mmdb"])
+async def test_ipv4_compatible_addresses_read_as_maxmind_reads_them(db: str) -> None:
+    """MaxMind keeps IPv4 under ::/96, so its own reader answers ::a.b.c.d as a.b.c.d: normalising
+    it to a.b.c.d makes a policy CIDR agree with the country. ::/104 (::, ::1, ::0.x.x.x) has no
+    data in MaxMind's tree, so keeping those as IPv6 loses no answer."""
+    with geoip2.database.Reader(str(SHARED / db)) as raw:
+        assert raw.country(ip("::216.160.83.56")).country.iso_code == "US"
+        assert raw.country(ip("216.160.83.56")).country.iso_code == "US"
+        for address in ("::1", "::", "::0.0.0.5", "::0.255.255.255"):
+            with pytest.raises(geoip2.errors.AddressNotFoundError):
+                raw.country(ip(address))
+    assert normalize(ip("::216.160.83.56")) == ip("216.160.83.56")
+    assert normalize(ip("::0.0.0.5")) == ip("::5")
+    geo = await provider(country_db=db)
+    try:
+        assert geo.lookup(normalize(ip("::216.160.83.56"))).country == "US"
+        assert geo.lookup(normalize(ip("::1"))).country is None
     finally:
         await geo.close()
 

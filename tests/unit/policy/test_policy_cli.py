@@ -106,6 +106,27 @@ def test_test_and_explain_say_on_stderr_what_was_skipped(tmp_path: Path) -> None
     assert code == EXIT_OK and "1 passed, 0 failed" in out and err == ""
 
 
+def test_explain_and_test_read_local_nat64_addresses_with_the_gateways_prefixes(tmp_path: Path) -> None:
+    """A client behind a local NAT64 prefix is the IPv4 client it stands for, in explain and in the
+    policy tests as at the gateway, but only with the gateway config that lists the prefix."""
+    directory = policy_dir(tmp_path, """version: 1
+rules:
+  - {id: blocked-net, when: {field: client.ip, cidr: 203.0.113.0/24}, deny: true}
+tests:
+  - {name: local NAT64, client: {ip: "64:ff9b:1:cb00:71:700::"}, expect: {decision: deny}}
+""")
+    request = tmp_path / "req.yaml"
+    request.write_text('client: {ip: "64:ff9b:1:cb00:71:700::"}\n')
+    config = str(gateway_config(tmp_path, "client_ip: {nat64_prefixes: [64:ff9b:1::/48]}\n"))
+    code, out, _ = run("policy", "explain", str(directory), "--config", config, "--request", str(request),
+                       "--json")
+    assert code == EXIT_OK and json.loads(out)["decision"] == "deny"
+    code, out, _ = run("policy", "explain", str(directory), "--request", str(request), "--json")
+    assert code == EXIT_OK and json.loads(out)["decision"] == "allow"
+    assert run("policy", "test", str(directory), "--config", config)[0] == EXIT_OK
+    assert run("policy", "test", str(directory))[0] == EXIT_TESTS_FAILED
+
+
 def test_non_utf8_policy_and_request_files_name_file_line_and_column(tmp_path: Path) -> None:
     directory = policy_dir(tmp_path, "version: 1\n")
     request = tmp_path / "req.yaml"

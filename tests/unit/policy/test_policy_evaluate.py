@@ -14,7 +14,8 @@ from gateway.policy.evaluate import Snapshot, evaluate
 from gateway.policy.explain import explain
 from gateway.policy.fields import ISO_COUNTRIES, resolve_field
 from gateway.policy.registry import CompileEnv, Registry
-from gateway.policy.testing import context_from_mapping
+from gateway.policy.testing import context_from_mapping, run_tests
+from gateway.settings import parse_settings
 from gateway.stages.match import MatchStage
 from gateway.yamlsource import ConfigError, Node
 
@@ -258,6 +259,81 @@ def test_a_cidr_inside_6to4_or_teredo_space_is_warned_about() -> None:
         "p.yaml:3:44: warning: rules[0].when.cidr: '2002:c000:200::/40' lies in 6to4 space, whose clients "
         "are matched as the IPv4 address they carry, so this never matches; expected an IPv4 CIDR"
     ]
+
+
+LOCAL_NAT64_SETTINGS = "mock_upstream: {enabled: true}\nclient_ip:\n  nat64_prefixes: [64:ff9b:1::/48]\n"
+# 203.0.113.7 under the RFC 8215 local-use prefix, laid out for a /48 (RFC 6052 §2.2).
+NAT64_LOCAL_CLIENT = "64:ff9b:1:cb00:71:700::"
+REGION_RULE = """version: 1
+rules:
+  - {id: blocked-net, when: {field: client.ip, cidr: 203.0.113.0/24}, deny: true}
+  - {id: by-claim, when: {field: principal.claims.client_ip, cidr: 203.0.113.0/24}, deny: true}
+  - {id: literal, when: {field: client.ip, equals: "64:ff9b:1:c000:2:2100::"}, deny: true}
+tests:
+  - name: a local NAT64 client is the IPv4 client it stands for
+    client: {ip: "64:ff9b:1:cb00:71:700::"}
+    expect: {decision: deny, rule: blocked-net}
+"""
+
+
+def test_cidr_matches_a_local_nat64_address_only_when_the_prefix_is_configured() -> None:
+    """The gateway decodes 64:ff9b:1::/48 only when client_ip.nat64_prefixes lists it; the policy
+    (CIDRs, IP literals, IP strings, test cases) must read addresses the same way either way."""
+    settings = parse_settings(LOCAL_NAT64_SETTINGS, "gw.yaml")
+    nat64 = settings.sections["client_ip"].nat64_prefixes
+    configured, issues = compile_sources([Source("p.yaml", REGION_RULE)], settings=settings)
+    assert configured is not None, [str(i) for i in issues]
+    ctx = context_from_mapping({"client": {"ip": NAT64_LOCAL_CLIENT}}, nat64=nat64)
+    assert str(ctx.client.ip) == "203.0.113.7"
+    assert evaluate(configured, ctx).rule_id == "blocked-net"
+    claim = {"principal": {"claims": {"client_ip": NAT64_LOCAL_CLIENT}}, "client": {"ip": "198.51.100.1"}}
+    assert evaluate(configured, context_from_mapping(claim)).rule_id == "by-claim"
+    literal = context_from_mapping({"client": {"ip": "192.0.2.33"}})
+    assert evaluate(configured, literal).rule_id == "literal"
+    assert [r.passed for r in run_tests(configured).results] == [True]
+
+    unconfigured, _ = compile_sources([Source("p.yaml", REGION_RULE)])
+    assert unconfigured is not None
+    ctx = context_from_mapping({"client": {"ip": NAT64_LOCAL_CLIENT}})
+    assert str(ctx.client.ip) == NAT64_LOCAL_CLIENT
+    assert evaluate(unconfigured, ctx).matched == []
+    assert evaluate(unconfigured, context_from_mapping(claim)).matched == []
+    assert evaluate(unconfigured, literal).matched == []
+    assert [r.passed for r in run_tests(unconfigured).results] == [False]
+
+
+def test_a_cidr_inside_a_configured_nat64_prefix_is_warned_about_or_converted() -> None:
+    settings = parse_settings("mock_upstream: {enabled: true}\nclient_ip:\n"
+                              "  nat64_prefixes: [64:ff9b:1::/48, '2001:db8:1:2::/96']\n", "gw.yaml")
+    text = ('version: 1\nrules:\n  - {id: r, when: {field: client.ip, cidr: ["64:ff9b:1:cb00::/56", '
+            '"2001:db8:1:2::cb00:7100/120"]}, deny: true}\n')
+    snapshot, issues = compile_sources([Source("p.yaml", text)], settings=settings)
+    assert snapshot is not None
+    assert [str(i) for i in issues] == [
+        "p.yaml:3:44: warning: rules[0].when.cidr: '64:ff9b:1:cb00::/56' lies in the NAT64 prefix "
+        "64:ff9b:1::/48 (client_ip.nat64_prefixes), whose clients are matched as the IPv4 address they "
+        "carry, so this never matches; expected an IPv4 CIDR"
+    ]
+    # inside a configured /96 the CIDR is the IPv4 network it carries, as for 64:ff9b::/96
+    assert evaluate(snapshot, context_from_mapping({"client": {"ip": "203.0.113.9"}})).rule_id == "r"
+    _, plain = compile_sources([Source("p.yaml", text)])
+    assert plain == []  # without the setting these are ordinary IPv6 networks
+
+
+@pytest.mark.parametrize(("client_ip", "matched"), [
+    ("203.0.113.9", ["compat-cidr"]),
+    ("::203.0.113.9", ["compat-cidr"]),
+    ("::1", ["loopback"]),
+    ("0.0.0.1", []),
+])
+def test_ipv4_compatible_operands_agree_with_the_geoip_reading(client_ip: str, matched: list[str]) -> None:
+    """MaxMind answers ::a.b.c.d as a.b.c.d, so the policy does too; ::1 stays the IPv6 loopback."""
+    snapshot = compile_text("""version: 1
+rules:
+  - {id: compat-cidr, when: {field: client.ip, cidr: "::203.0.113.0/120"}, tag: a}
+  - {id: loopback, when: {field: client.ip, cidr: "::1/128"}, tag: b}
+""")
+    assert evaluate(snapshot, context_from_mapping({"client": {"ip": client_ip}})).matched == matched
 
 
 def test_asn_operands_and_test_case_asns_must_be_32_bit() -> None:
