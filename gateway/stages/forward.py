@@ -262,6 +262,11 @@ class Forwarder:
         headers = upstream_request_headers(request.headers, ctx.request.api, self._credential,
                                            ctx.request_id)
         body = self._body(ctx, raw)
+        if ctx.first_byte_delay > 0:
+            # The tarpit waits before the upstream is asked: no upstream connection is held and no
+            # generation runs meanwhile, and a client that gives up costs the model nothing. (The
+            # delay is the gateway's, so total_timeout does not count it.)
+            await asyncio.sleep(ctx.first_byte_delay)
         ctx.upstream_started = started = time.perf_counter()
         try:
             if self._total_timeout:
@@ -288,11 +293,6 @@ class Forwarder:
             encoding = up.headers.get("Content-Encoding")
             if encoding is not None and (refused := _undecodable(encoding)) is not None:
                 raise refused
-            if ctx.first_byte_delay > 0:
-                if deadline is not None and (when := deadline.when()) is not None:
-                    # The tarpit is the gateway's doing, not the upstream's: it does not count.
-                    deadline.reschedule(when + ctx.first_byte_delay)
-                await asyncio.sleep(ctx.first_byte_delay)
             if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
                 if deadline is not None:
                     deadline.reschedule(None)  # a stream is bounded by read_timeout, not in total
