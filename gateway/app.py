@@ -14,6 +14,7 @@ from gateway import errors
 from gateway.accesslog import AccessLog
 from gateway.apis import adapters
 from gateway.apis.base import RouteSpec, request_family
+from gateway.apis.openai import OpenAIAdapter
 from gateway.context import ApiFamily
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, new_request_id
@@ -80,19 +81,33 @@ async def _start_mock(settings: Settings) -> tuple[Settings, web.AppRunner | Non
 def _route_plans(runtime: Runtime) -> list[RoutePlan]:
     settings = runtime.settings
     enabled = set(settings.routes)
-    plans: list[RoutePlan] = []
+    forwarders: dict[ApiFamily, Forwarder] = {}
     for family, adapter in adapters().items():
         upstream_cfg = settings.upstream_for(family.value)
         if upstream_cfg is None:
             continue
+        if isinstance(adapter, OpenAIAdapter) and upstream_cfg.inline_reasoning is not None:
+            adapter = OpenAIAdapter(upstream_cfg.inline_reasoning)  # this upstream's <think> tags
         upstream = runtime.upstreams.get(upstream_cfg.name)
         if upstream is None:
             upstream = runtime.upstreams[upstream_cfg.name] = create_upstream(upstream_cfg)
-        forwarder = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
-                              upstream_cfg.max_response_bytes, runtime.streams)
-        for route in adapter.routes:
-            if not enabled or route.name in enabled:
-                plans.append(RoutePlan(route, adapter, forwarder))
+        forwarders[family] = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
+                                       upstream_cfg.max_response_bytes, runtime.streams)
+    plans: list[RoutePlan] = []
+    for route in _all_routes():
+        if enabled and route.name not in enabled:
+            continue
+        if route.shared:
+            # Both APIs' path: each client goes to the upstream serving its own API, with that
+            # API's credential header (an Anthropic client listing models must not reach an
+            # OpenAI upstream); served while either family has an upstream.
+            by_family = {family: forwarders[family] for family in ApiFamily if family in forwarders}
+            if by_family:
+                own = by_family.get(route.api) or next(iter(by_family.values()))
+                plans.append(RoutePlan(route, own.adapter, own, by_family))
+        elif route.api in forwarders:
+            forwarder = forwarders[route.api]
+            plans.append(RoutePlan(route, forwarder.adapter, forwarder))
     return plans
 
 

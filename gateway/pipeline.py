@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.accesslog import AccessLog
 from gateway.apis.base import ApiAdapter, RouteSpec, request_family
-from gateway.context import ClientInfo, Decision, RequestContext, RequestView
+from gateway.context import ApiFamily, ClientInfo, Decision, RequestContext, RequestView
 from gateway.intake import intake
 from gateway.metrics import Metrics
 from gateway.settling import Settling
@@ -109,6 +109,9 @@ class RoutePlan:
     route: RouteSpec
     adapter: ApiAdapter
     forwarder: Forwarder
+    # A path both families define (RouteSpec.shared): the forwarder of each family with an
+    # upstream, picked by the family the request speaks; a family missing here is not served.
+    by_family: Mapping[ApiFamily, Forwarder] | None = None
 
 
 class Pipeline:
@@ -193,8 +196,15 @@ class Pipeline:
             decision = await stage(ctx)
             if decision is not None:
                 return self._refuse(ctx, decision)
+        forwarder = plan.forwarder
+        if plan.by_family is not None:
+            found = plan.by_family.get(ctx.request.api)
+            if found is None:
+                return self._refuse(ctx, errors.not_found(
+                    f"No upstream serves the {ctx.request.api.value} API's {ctx.request.path} here."))
+            forwarder = found
         try:
-            return await plan.forwarder(upstream_request, ctx, plan.route, raw)
+            return await forwarder(upstream_request, ctx, plan.route, raw)
         except UpstreamFailure as failure:
             return self._refuse(ctx, failure.decision)
 

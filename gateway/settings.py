@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.apis import all_routes
+from gateway.apis.inline_reasoning import MAX_TAG_CHARS, InlineReasoning
 from gateway.upstream.mock.options import MAX_CHUNKS, MAX_DELAY_S
 from gateway.yamlsource import ConfigError, Issues, Mark, Node, read_duration
 
@@ -43,6 +44,9 @@ class UpstreamSettings:
     pool_size: int = 256
     max_response_bytes: int = 64 * 1024 * 1024
     client: str = "pool"  # pool: gateway/upstream/pool.py; session: aiohttp.ClientSession
+    # The model writes its reasoning inline in the answer's text (``<think>...</think>``): shaping
+    # that strips reasoning removes it there too (OpenAI chat completions and completions).
+    inline_reasoning: InlineReasoning | None = None
 
     def serves(self, api: str) -> bool:
         return self.api in ("auto", api)
@@ -215,7 +219,7 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
         return None
     node.check_keys({"name", "base_url", "api", "api_key_env", "connect_timeout", "read_timeout",
                      "total_timeout", "client_write_timeout", "idle_timeout", "pool_size",
-                     "max_response_bytes", "client"}, required={"base_url"})
+                     "max_response_bytes", "client", "inline_reasoning"}, required={"base_url"})
     base_url = node.get("base_url", str, "") or ""
     if base_url and not base_url.startswith(("http://", "https://")):
         url_node = node.child("base_url")
@@ -243,7 +247,41 @@ def _parse_upstream(node: Node, index: int) -> UpstreamSettings | None:
         pool_size=pool,
         max_response_bytes=_size(node, "max_response_bytes", 64 * 1024 * 1024),
         client=client,
+        inline_reasoning=_inline_reasoning(node, api),
     )
+
+
+def _inline_tag(node: Node, key: str, default: str) -> str:
+    tag = node.get(key, str, default)
+    if tag is None or tag == default:
+        return default
+    if not tag or len(tag) > MAX_TAG_CHARS or tag != tag.strip():
+        child = node.child(key)
+        assert child is not None
+        child.error(f"expected a tag of 1 to {MAX_TAG_CHARS} characters without leading or trailing "
+                    f"whitespace, got {tag!r}")
+        return default
+    return tag
+
+
+def _inline_reasoning(upstream: Node, api: str) -> InlineReasoning | None:
+    """``inline_reasoning``: ``true`` (the ``<think>``/``</think>`` defaults), or a mapping of
+    ``open``, ``close`` and ``opened_by_template``; absent, null or ``false``: off."""
+    node = upstream.child("inline_reasoning")
+    if node is None or node.value is None or node.value is False:
+        return None
+    if api == "anthropic":
+        node.error("inline reasoning is stripped from OpenAI-style answers only; this upstream has "
+                   "'api: anthropic'")
+        return None
+    if node.value is True:
+        return InlineReasoning()
+    if not node.expect_mapping("true, or a mapping of open, close and opened_by_template"):
+        return None
+    node.check_keys({"open", "close", "opened_by_template"})
+    return InlineReasoning(open=_inline_tag(node, "open", "<think>"),
+                           close=_inline_tag(node, "close", "</think>"),
+                           opened_by_template=bool(node.get("opened_by_template", bool, False)))
 
 
 def _section_parsers() -> tuple[dict[str, SectionParser], dict[str, tuple[frozenset[str], Any]]]:

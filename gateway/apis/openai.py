@@ -16,6 +16,7 @@ from gateway.apis.base import (
     int_field,
     str_field,
 )
+from gateway.apis.inline_reasoning import InlineReasoning, InlineReasoningFilter
 from gateway.apis.sse import encode_event, event_data, event_name
 from gateway.context import ApiFamily, RequestView, Usage
 
@@ -28,6 +29,9 @@ ROUTES = (
     # Anthropic's API lists models on the same path: its clients are answered in its grammar.
     RouteSpec("models", "/v1/models", "GET", _O, has_body=False, generates=False, billed=False,
               shared=True),
+    # a model's id may hold slashes on some servers (vLLM: "meta-llama/Llama-3.1-8B")
+    RouteSpec("models.retrieve", "/v1/models/{model_id:.+}", "GET", _O, has_body=False,
+              generates=False, billed=False, shared=True),
 )
 
 _LOGPROB_INCLUDE = "message.output_text.logprobs"
@@ -56,10 +60,24 @@ def _read_chat_usage(raw: dict[str, Any], usage: Usage) -> None:
 
 
 class OpenAIAdapter:
-    """Request fields, usage and shaping for the OpenAI family."""
+    """Request fields, usage and shaping for the OpenAI family.
+
+    ``inline_reasoning``: the upstream writes reasoning inline in the answer's text
+    (``upstreams[].inline_reasoning``); shaping that strips reasoning then removes that block from
+    chat completions and completions too (gateway/apis/inline_reasoning.py)."""
 
     family: ApiFamily = ApiFamily.OPENAI
     routes: tuple[RouteSpec, ...] = ROUTES
+
+    def __init__(self, inline_reasoning: InlineReasoning | None = None) -> None:
+        self.inline_reasoning = inline_reasoning
+
+    def _inline(self, route: RouteSpec, shaping: Shaping) -> InlineReasoning | None:
+        """The inline tags to strip from this response, if any (None on the fast path)."""
+        inline = self.inline_reasoning
+        if inline is None or not shaping.strip_reasoning or route.name not in _INLINE_ROUTES:
+            return None
+        return inline
 
     def read_request(self, route: RouteSpec, body: dict[str, Any], view: RequestView) -> None:
         view.model = str_field(body, "model")
@@ -137,8 +155,10 @@ class OpenAIAdapter:
     def shape_body(self, route: RouteSpec, body: dict[str, Any], shaping: Shaping) -> bool:
         changed = False
         choices = body.get("choices")
+        inline = self._inline(route, shaping)
         for choice in choices if isinstance(choices, list) else ():
-            if isinstance(choice, dict) and _shape_choice(choice, shaping)[0]:
+            if isinstance(choice, dict) and _shape_choice(
+                    choice, shaping, None if inline is None else inline.filter(), whole=True)[0]:
                 changed = True
         if "output" in body:  # a Responses API object
             changed = _shape_response(body, shaping) or changed
@@ -150,19 +170,25 @@ class OpenAIAdapter:
             return ResponsesStream(usage, shaping)
         options = (view.body or {}).get("stream_options")
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return ChatStream(usage, shaping, hide_usage=not client_wants_usage)
+        return ChatStream(usage, shaping, hide_usage=not client_wants_usage,
+                          inline=self._inline(route, shaping))
 
 
 class ChatStream:
     """``data: {chat.completion.chunk}`` events then ``data: [DONE]``."""
 
-    __slots__ = ("_usage", "_shaping", "_hide_usage", "_deltas")
+    __slots__ = ("_usage", "_shaping", "_hide_usage", "_deltas", "_inline", "_filters")
 
-    def __init__(self, usage: Usage, shaping: Shaping, hide_usage: bool) -> None:
+    def __init__(self, usage: Usage, shaping: Shaping, hide_usage: bool,
+                 inline: InlineReasoning | None = None) -> None:
         self._usage = usage
         self._shaping = shaping
         self._hide_usage = hide_usage
         self._deltas = 0
+        # Inline reasoning to strip from the text (only while shaping strips reasoning): one
+        # filter per choice index, made when the choice first appears.
+        self._inline = inline
+        self._filters: dict[Any, InlineReasoningFilter] = {}
 
     def on_event(self, raw: bytes) -> bytes | None:
         if b'"usage"' in raw:
@@ -203,11 +229,13 @@ class ChatStream:
         if not isinstance(choices, list) or not choices:
             return raw  # the usage chunk or an error: nothing to strip
         changed = keep = False
+        inline = self._inline
         for choice in choices:
             if not isinstance(choice, dict):
                 keep = True
                 continue
-            edited, emptied = _shape_choice(choice, self._shaping)
+            edited, emptied = _shape_choice(choice, self._shaping,
+                                            None if inline is None else self._filter(choice))
             changed = changed or edited
             keep = keep or not emptied
         if not changed:
@@ -216,15 +244,30 @@ class ChatStream:
             return None  # reasoning-only deltas: nothing left to send
         return encode_event(_dumps(chunk), event_name(raw))
 
+    def _filter(self, choice: dict[str, Any]) -> InlineReasoningFilter:
+        """The inline reasoning filter of ``choice`` (only called when there are inline tags)."""
+        inline = self._inline
+        assert inline is not None
+        index = choice.get("index", 0)
+        if not isinstance(index, int):
+            index = repr(index)  # not a valid index, but it must not share another choice's filter
+        found = self._filters.get(index)
+        if found is None:
+            found = self._filters[index] = inline.filter()
+        return found
+
     def finish(self) -> None:
         if not self._usage.complete:
             # Cut short: charge what was seen (one token per content chunk at least).
             self._usage.output_tokens = max(self._usage.output_tokens, self._deltas)
 
 
-def _shape_choice(choice: dict[str, Any], shaping: Shaping) -> tuple[bool, bool]:
+def _shape_choice(choice: dict[str, Any], shaping: Shaping, inline: InlineReasoningFilter | None = None,
+                  whole: bool = False) -> tuple[bool, bool]:
     """Strip one chat/completions choice (a message or a stream delta) in place: (changed, emptied),
-    where emptied means it only carried reasoning and nothing is left worth sending."""
+    where emptied means it only carried reasoning and nothing is left worth sending. ``inline``
+    strips reasoning written in the text itself; ``whole``: the choice's whole text is here (a
+    complete body), rather than one piece of a stream."""
     changed = False
     if shaping.strip_logprobs and choice.get("logprobs") is not None:
         choice["logprobs"] = None
@@ -247,9 +290,47 @@ def _shape_choice(choice: dict[str, Any], shaping: Shaping) -> tuple[bool, bool]
         and all(v is None for v in delta.values())
         and choice.get("finish_reason") is None
     )
+    if inline is not None and _strip_inline(choice, delta, inline, whole):
+        removed = True
+        if choice.get("logprobs") is not None:
+            choice["logprobs"] = None  # they name every token, those of the reasoning too
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        emptied = (
+            not text
+            and (not isinstance(delta, dict) or all(v is None or k == "content" for k, v in delta.items()))
+            and choice.get("finish_reason") is None
+        )
     if emptied and choice.get("logprobs") is not None:
         choice["logprobs"] = None  # sent anyway when another choice of the chunk has content
     return changed or removed, emptied
+
+
+def _strip_inline(choice: dict[str, Any], delta: Any, inline: InlineReasoningFilter, whole: bool) -> bool:
+    """Feed one choice's piece of text (``delta.content``, ``message.content`` or the completions
+    ``text``) through its filter and put back what may be sent; True if that differs. The text
+    ends with the body, or with the choice's ``finish_reason`` in a stream: what the filter held
+    back is settled then."""
+    if isinstance(delta, dict):
+        holder, key = delta, "content"
+    elif isinstance(message := choice.get("message"), dict):
+        holder, key = message, "content"
+    elif "text" in choice:
+        holder, key = choice, "text"
+    else:
+        return False  # no text at all (a malformed choice): nothing to strip or settle
+    text = holder.get(key)
+    if isinstance(text, str):
+        out = inline.feed(text)
+    elif text is None:
+        out = ""
+    else:
+        return False  # not text (a server's content parts): nothing this filter knows to strip
+    if whole or choice.get("finish_reason") is not None:
+        out += inline.finish()
+    if out == (text or ""):
+        return False
+    holder[key] = out
+    return True
 
 
 def _clear_logprobs(part: Any) -> bool:
@@ -292,6 +373,8 @@ def _shape_response(response: dict[str, Any], shaping: Shaping) -> bool:
     return changed
 
 
+# Routes whose answers carry text that may begin with inline reasoning.
+_INLINE_ROUTES = frozenset({"chat.completions", "completions"})
 _USAGE_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 # Parts that hold reasoning (a reasoning item's ``content`` and ``summary``).
 _REASONING_PARTS = frozenset({"reasoning_text", "summary_text"})

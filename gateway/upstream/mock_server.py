@@ -123,7 +123,8 @@ async def _begin(request: web.Request, family: Family) -> Exchange | web.Respons
         control = resolve_control(options, request.headers)
     except ControlError as exc:
         return error_response(family, 400, str(exc), request_id)
-    call = Call(request_id, seq, int(time.time()), control.chunks, body if isinstance(body, dict) else {})
+    call = Call(request_id, seq, int(time.time()), control.chunks, body if isinstance(body, dict) else {},
+                control.inline_reasoning)
     return Exchange(request, state, options, call, control, family)
 
 
@@ -171,6 +172,16 @@ def _models(call: Call, request: web.Request) -> dict[str, Any]:
     return openai_api.models_body(call.created)
 
 
+def _model(call: Call, request: web.Request) -> dict[str, Any]:
+    """``GET /v1/models/{id}``: one entry of the listing, in the asking SDK's shape."""
+    listing = _models(call, request)
+    model_id = request.match_info["model_id"]
+    found: dict[str, Any] | None = next((m for m in listing["data"] if m["id"] == model_id), None)
+    if found is None:
+        raise web.HTTPNotFound()
+    return found
+
+
 def _not_found(call: Call, request: web.Request) -> dict[str, Any]:
     raise web.HTTPNotFound()
 
@@ -210,6 +221,7 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
         _simple_handler("openai", lambda c, _: openai_api.embeddings_body(c, options.embedding_dims)),
     )
     r.add_get("/v1/models", _simple_handler("openai", _models))
+    r.add_get("/v1/models/{model_id:.+}", _simple_handler("openai", _model))
     r.add_get("/_mock/requests", _mock_requests)
     r.add_get("/_mock/stats", _mock_stats)
     r.add_post("/_mock/reset", _mock_reset)

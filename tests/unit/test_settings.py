@@ -56,7 +56,8 @@ workers: 0
         "gw.yaml:3:39: upstreams[0].read_timout: unknown key 'read_timout'; did you mean 'read_timeout'?",
         "gw.yaml:4:17: max_body_bytes: expected a size in bytes such as 4194304 or 4MiB, got 'lots'",
         "gw.yaml:5:10: routes[0]: unknown route 'chat.completion'; expected one of: chat.completions, "
-        "completions, embeddings, messages, messages.count_tokens, models, responses",
+        "completions, embeddings, messages, messages.count_tokens, models, "
+        "models.retrieve, responses",
         "gw.yaml:6:1: workers: expected a positive number of worker processes",
     ]
 
@@ -189,3 +190,43 @@ def test_shutdown_errors_are_reported_at_their_position() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings("mock_upstream: {enabled: true}\nshutdown: 30s\n", "gw.yaml")
     assert str(info.value) == "gw.yaml:2:11: shutdown: expected a mapping, got string '30s'"
+
+
+def test_upstream_inline_reasoning_defaults_and_parse() -> None:
+    from gateway.apis.inline_reasoning import InlineReasoning
+
+    plain = parse_settings('upstreams: [{base_url: "http://x"}]\n', "gw.yaml").upstreams[0]
+    assert plain.inline_reasoning is None
+    text = ('upstreams:\n  - {name: r1, base_url: "http://x", inline_reasoning: true}\n'
+            '  - {name: qwq, base_url: "http://y", api: openai,\n'
+            '     inline_reasoning: {opened_by_template: true}}\n'
+            '  - name: kimi\n    base_url: "http://z"\n    inline_reasoning:\n'
+            '      open: "◁think▷"\n      close: "◁/think▷"\n'
+            '  - {name: plain, base_url: "http://w", api: anthropic, inline_reasoning: false}\n')
+    ups = parse_settings(text, "gw.yaml").upstreams
+    assert [u.inline_reasoning for u in ups] == [
+        InlineReasoning(), InlineReasoning(opened_by_template=True),
+        InlineReasoning(open="◁think▷", close="◁/think▷"), None]
+
+
+def test_upstream_inline_reasoning_errors_are_reported_at_their_position() -> None:
+    text = ('upstreams:\n'
+            '  - base_url: "http://x"\n'
+            '    inline_reasoning: {open: "", close: " </think>", opened_by_template: yes please, opn: x}\n'
+            '  - {base_url: "http://y", api: anthropic, inline_reasoning: true}\n'
+            '  - {base_url: "http://z", inline_reasoning: think}\n')
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "gw.yaml")
+    assert str(info.value).splitlines() == [
+        "gw.yaml:3:30: upstreams[0].inline_reasoning.open: expected a tag of 1 to 32 characters without "
+        "leading or trailing whitespace, got ''",
+        "gw.yaml:3:41: upstreams[0].inline_reasoning.close: expected a tag of 1 to 32 characters without "
+        "leading or trailing whitespace, got ' </think>'",
+        "gw.yaml:3:74: upstreams[0].inline_reasoning.opened_by_template: expected true or false, "
+        "got string 'yes please'",
+        "gw.yaml:3:86: upstreams[0].inline_reasoning.opn: unknown key 'opn'; did you mean 'open'?",
+        "gw.yaml:4:62: upstreams[1].inline_reasoning: inline reasoning is stripped from OpenAI-style "
+        "answers only; this upstream has 'api: anthropic'",
+        "gw.yaml:5:46: upstreams[2].inline_reasoning: expected true, or a mapping of open, close and "
+        "opened_by_template, got string 'think'",
+    ]

@@ -17,6 +17,8 @@ class Call:
     created: int  # unix seconds
     chunks: int
     body: dict[str, Any]
+    # OpenAI answers reason inline in their text: "open" | "template" (mock.options.InlineMode).
+    inline_reasoning: str | None = None
 
     @property
     def model(self) -> str:

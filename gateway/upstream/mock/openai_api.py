@@ -10,6 +10,7 @@ from typing import Any
 
 from .call import BadRequest, Call
 from .text import (
+    ChoicePlan,
     Plan,
     chat_logprob,
     count_input_tokens,
@@ -30,6 +31,17 @@ def _wants_reasoning(body: dict[str, Any]) -> bool:
         return effort != "none"
     reasoning = body.get("reasoning")
     return isinstance(reasoning, dict) and reasoning.get("effort") != "none"
+
+
+def inline_pieces(choice: ChoicePlan, mode: str | None, truncated: bool) -> tuple[str, ...]:
+    """The deltas of a choice that reasons inline in its text (``mode``: mock.options.InlineMode),
+    or its content tokens when it does not. Each tag is cut in two deltas, as a tokenizer that does
+    not know it as one token would; a block the token limit cut short never closes."""
+    if mode is None or not choice.reasoning:
+        return choice.content
+    opening = ("<thi", "nk>\n") if mode == "open" else ()
+    closing = () if truncated and not choice.content else ("\n</th", "ink>\n\n")
+    return (*opening, *choice.reasoning, *closing, *choice.content)
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -70,7 +82,7 @@ def chat_plan(call: Call) -> Plan:
         chunks=call.chunks,
         limit=call.opt_int("max_completion_tokens", "max_tokens"),
         n=call.opt_int("n", high=16) or 1,
-        reasoning=call.chunks if _wants_reasoning(call.body) else 0,
+        reasoning=call.chunks if call.inline_reasoning or _wants_reasoning(call.body) else 0,
     )
 
 
@@ -79,17 +91,18 @@ def chat_body(call: Call, plan: Plan) -> dict[str, Any]:
     finish = "length" if plan.truncated else "stop"
     choices = []
     for index, choice in enumerate(plan.choices):
+        tokens = inline_pieces(choice, call.inline_reasoning, plan.truncated)
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": choice.text,
+            "content": "".join(tokens),
             "refusal": None,
             "annotations": [],
         }
-        if choice.reasoning:
+        if choice.reasoning and not call.inline_reasoning:
             message["reasoning_content"] = choice.reasoning_text
         lp = None
         if top is not None:
-            lp = {"content": [chat_logprob(t, i, top) for i, t in enumerate(choice.content)], "refusal": None}
+            lp = {"content": [chat_logprob(t, i, top) for i, t in enumerate(tokens)], "refusal": None}
         choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
     return {
         "id": f"chatcmpl-mock{call.seq}",
@@ -124,15 +137,17 @@ def chat_stream(call: Call, plan: Plan) -> list[Frame]:
     frames: list[Frame] = [
         (chunk(i, {"role": "assistant", "content": ""}), False) for i in range(len(plan.choices))
     ]
+    inline = call.inline_reasoning
     # One delay per step, not per choice: n choices are generated in parallel upstream.
-    for step in range(max((len(c.reasoning) for c in plan.choices), default=0)):
+    for step in range(0 if inline else max((len(c.reasoning) for c in plan.choices), default=0)):
         for i, c in enumerate(plan.choices):
             if step < len(c.reasoning):
                 frames.append((chunk(i, {"reasoning_content": c.reasoning[step]}), i == 0))
-    for step in range(max((len(c.content) for c in plan.choices), default=0)):
-        for i, c in enumerate(plan.choices):
-            if step < len(c.content):
-                token = c.content[step]
+    contents = [inline_pieces(c, inline, plan.truncated) for c in plan.choices]
+    for step in range(max((len(t) for t in contents), default=0)):
+        for i, tokens in enumerate(contents):
+            if step < len(tokens):
+                token = tokens[step]
                 lp = None if top is None else {"content": [chat_logprob(token, step, top)], "refusal": None}
                 frames.append((chunk(i, {"content": token}, lp), i == 0))
     finish = "length" if plan.truncated else "stop"
@@ -152,6 +167,7 @@ def completion_plan(call: Call) -> Plan:
         chunks=call.chunks,
         limit=call.opt_int("max_tokens") or 16,  # the endpoint's documented default
         n=call.opt_int("n", high=16) or 1,
+        reasoning=call.chunks if call.inline_reasoning else 0,
     )
 
 
@@ -180,11 +196,12 @@ def completion_body(call: Call, plan: Plan) -> dict[str, Any]:
         "choices": [
             {
                 "index": i,
-                "text": c.text,
-                "logprobs": None if top is None else _legacy_logprobs(c.content, top),
+                "text": "".join(tokens),
+                "logprobs": None if top is None else _legacy_logprobs(tokens, top),
                 "finish_reason": finish,
             }
-            for i, c in enumerate(plan.choices)
+            for i, tokens in enumerate(inline_pieces(c, call.inline_reasoning, plan.truncated)
+                                       for c in plan.choices)
         ],
         "usage": usage(plan),
     }
@@ -199,10 +216,11 @@ def completion_stream(call: Call, plan: Plan) -> list[Frame]:
         "model": call.model,
     }
     frames: list[Frame] = []
-    for step in range(max((len(c.content) for c in plan.choices), default=0)):
-        for i, c in enumerate(plan.choices):
-            if step < len(c.content):
-                token = c.content[step]
+    contents = [inline_pieces(c, call.inline_reasoning, plan.truncated) for c in plan.choices]
+    for step in range(max((len(t) for t in contents), default=0)):
+        for i, tokens in enumerate(contents):
+            if step < len(tokens):
+                token = tokens[step]
                 lp = None if top is None else _legacy_logprobs((token,), top, start=step)
                 frames.append(
                     (

@@ -17,6 +17,11 @@ Fault = Literal[
     "bad-json",
 ]
 FAULTS: Final[tuple[str, ...]] = get_args(Fault)
+# Reasoning written inline in the OpenAI answer's text, as a model served without a reasoning
+# parser does: "open" starts the text with <think>, "template" leaves the opening tag to the chat
+# template (the text starts inside the block and holds only </think>).
+InlineMode = Literal["open", "template"]
+INLINE_MODES: Final[tuple[str, ...]] = get_args(InlineMode)
 # Faults that happen half-way through the body rather than before the status line.
 MID_BODY_FAULTS: Final[frozenset[str]] = frozenset(
     {"reset-mid-stream", "stall-mid-stream", "error-mid-stream", "bad-json"}
@@ -26,6 +31,7 @@ HEADER_CHUNKS: Final = "x-mock-chunks"
 HEADER_CHUNK_DELAY_MS: Final = "x-mock-chunk-delay-ms"
 HEADER_FIRST_BYTE_DELAY_MS: Final = "x-mock-first-byte-delay-ms"
 HEADER_FAULT: Final = "x-mock-fault"
+HEADER_INLINE_REASONING: Final = "x-mock-inline-reasoning"
 
 # Bounds keep a typo in a test header from turning into an hour-long or gigabyte-sized response.
 MAX_CHUNKS: Final = 100_000
@@ -46,6 +52,9 @@ class MockOptions:
     slow_headers_seconds: header delay of the ``slow-headers`` fault when no first-byte header is given
     embedding_dims:    default embedding length (requests may pass ``dimensions``)
     anthropic_ping:    send a ``ping`` event after ``message_start``, like the real API
+    inline_reasoning:  chat completions and completions always reason, inline in the text
+                       (``open`` or ``template``, see ``InlineMode``); None: in ``reasoning_content``
+                       when asked to reason, as before
     """
 
     chunks: int = 8
@@ -57,6 +66,7 @@ class MockOptions:
     slow_headers_seconds: float = 10.0
     embedding_dims: int = 64
     anthropic_ping: bool = True
+    inline_reasoning: InlineMode | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.chunks <= MAX_CHUNKS:
@@ -69,6 +79,9 @@ class MockOptions:
             raise ValueError("history must be >= 0")
         if not 1 <= self.embedding_dims <= 8192:
             raise ValueError("embedding_dims must be in [1, 8192]")
+        if self.inline_reasoning is not None and self.inline_reasoning not in INLINE_MODES:
+            raise ValueError(f"inline_reasoning must be one of {', '.join(INLINE_MODES)}, "
+                             f"got {self.inline_reasoning!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,7 @@ class Control:
     chunk_delay: float
     first_byte_delay: float
     fault: Fault | None
+    inline_reasoning: InlineMode | None = None
 
 
 class ControlError(ValueError):
@@ -111,9 +125,18 @@ def resolve_control(options: MockOptions, headers: Mapping[str, str]) -> Control
         if raw_fault not in FAULTS:
             raise ControlError(f"{HEADER_FAULT} must be one of {', '.join(FAULTS)}, got {raw_fault!r}")
         fault = cast(Fault, raw_fault)
+    inline = options.inline_reasoning
+    raw_inline = headers.get(HEADER_INLINE_REASONING)
+    if raw_inline is not None:
+        raw_inline = raw_inline.strip().lower()
+        if raw_inline not in INLINE_MODES:
+            raise ControlError(f"{HEADER_INLINE_REASONING} must be one of {', '.join(INLINE_MODES)}, "
+                               f"got {raw_inline!r}")
+        inline = cast(InlineMode, raw_inline)
     return Control(
         chunks=options.chunks if chunks is None else chunks,
         chunk_delay=options.chunk_delay if delay_ms is None else delay_ms / 1000,
         first_byte_delay=options.first_byte_delay if first_ms is None else first_ms / 1000,
         fault=fault,
+        inline_reasoning=inline,
     )
