@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway, serve_app
-from tests.unit.quota.test_quota_headers_conformance import ietf
+from tests.support.ratelimit_conformance import ietf
 
 GatewayStarter = Callable[..., AbstractAsyncContextManager[RunningGateway]]
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]

@@ -25,35 +25,21 @@ from tests.functional.test_upstream_faults import (
     EVENT,
     SSE_HEAD,
     STREAM_BODY,
-    Exchange,
-    RawFactory,
-    RawUpstream,
-    Respond,
     answer,
     assert_answers,
     assert_error,
     call,
-    chunk,
     settings,
-    wait_for_eof,
 )
 from tests.support.gateway import CLIENT_KEY, RunningGateway
+from tests.support.raw_upstream import Exchange, RawFactory, chunk, raw_upstreams, wait_for_eof
 
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[RawFactory]:
-    """test_upstream_faults' raw upstreams: ``await raw_upstream(respond)`` starts one."""
-    started: list[RawUpstream] = []
-
-    async def start(respond: Respond) -> RawUpstream:
-        upstream = RawUpstream(respond)
-        await upstream.start()
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        await upstream.close()
+    """``await raw_upstream(respond)`` starts a raw upstream, stopped after the test."""
+    async with raw_upstreams() as start:
+        yield start
 
 
 # -- a client that stops reading a stream --------------------------------------------------------

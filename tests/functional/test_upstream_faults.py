@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,26 +19,13 @@ from multidict import CIMultiDictProxy
 
 from tests.conftest import GatewayFactory
 from tests.support.gateway import CLIENT_KEY, RunningGateway
+from tests.support.raw_upstream import Exchange, RawFactory, chunk, raw_upstreams, wait_for_eof
 
 CHAT = "/v1/chat/completions"
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 AUTH = {"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"}
 CLIENTS = ["pool", "session"]
-
-
-@dataclass
-class Exchange:
-    """One request the raw upstream read: its number overall and its connection's number."""
-
-    n: int
-    conn: int
-    head: bytes
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-
-Respond = Callable[[Exchange], Awaitable[bool]]  # returns whether to serve the connection on
 
 
 def answer(n: int) -> bytes:
@@ -51,99 +38,15 @@ def answer(n: int) -> bytes:
 
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 EVENT = (b'data: {"id":"s","object":"chat.completion.chunk",'
          b'"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
 
 
-class RawUpstream:
-    """A model upstream written against the socket: ``respond`` writes the exact bytes a test
-    needs. It counts connections, the requests each carried, and the connections the gateway
-    closed (EOF seen while waiting for a next request)."""
-
-    def __init__(self, respond: Respond) -> None:
-        self.respond = respond
-        self.requests: list[Exchange] = []
-        self.connections = 0
-        self.closed_by_gateway = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        conn = self.connections
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    self.closed_by_gateway += 1
-                    return
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                if length:
-                    await reader.readexactly(length)
-                exchange = Exchange(len(self.requests) + 1, conn, head, reader, writer)
-                self.requests.append(exchange)
-                if not await self.respond(exchange):
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-
-async def wait_for_eof(ex: Exchange) -> bool:
-    """Hold the connection until the gateway closes it (what a model does mid-generation)."""
-    try:
-        while await ex.reader.read(1024):
-            pass
-    except ConnectionError:
-        pass
-    return False
-
-
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[[Respond], Awaitable[RawUpstream]]]:
-    started: list[RawUpstream] = []
-
-    async def start(respond: Respond) -> RawUpstream:
-        upstream = RawUpstream(respond)
-        await upstream.start()
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        await upstream.close()
-
-
-RawFactory = Callable[[Respond], Awaitable[RawUpstream]]
+async def raw_upstream() -> AsyncIterator[RawFactory]:
+    """``await raw_upstream(respond)`` starts a raw upstream, stopped after the test."""
+    async with raw_upstreams() as start:
+        yield start
 
 
 def settings(client: str, **extra: str) -> str:
@@ -196,7 +99,7 @@ async def test_client_gone_mid_stream_leaves_nothing_for_the_next_request(
         await session.close()
         await assert_answers(gw, 2)
     assert upstream.connections == 2
-    assert upstream.closed_by_gateway >= 1  # the abandoned stream's connection was closed
+    assert upstream.closed_by_client >= 1  # the abandoned stream's connection was closed
 
 
 @pytest.mark.parametrize("client", CLIENTS)

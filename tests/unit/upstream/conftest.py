@@ -1,4 +1,5 @@
-"""Fixtures of the mock upstream's tests: a mock server and both official SDK clients on it."""
+"""Fixtures of the upstream tests: a mock server and both official SDK clients on it, and raw
+upstreams that write the exact bytes a client test needs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.upstream.mock_server import MOCK_STATE, MockOptions, MockState, create_mock_app
+from tests.support.raw_upstream import RawFactory, raw_upstreams
 
 ServerFactory = Callable[..., Any]
 
@@ -40,3 +42,10 @@ async def ant(server: TestServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
         base_url=str(server.make_url("")), api_key="sk-ant-test", max_retries=0
     ) as client:
         yield client
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawFactory]:
+    """``await raw_upstream(respond)`` starts a raw upstream, stopped after the test."""
+    async with raw_upstreams() as start:
+        yield start

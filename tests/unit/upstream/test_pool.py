@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,75 +20,12 @@ from multidict import CIMultiDict
 from gateway.settings import UpstreamSettings
 from gateway.upstream.base import UpstreamConnectError
 from gateway.upstream.pool import PooledUpstream
-
-Responder = Callable[['RawServer', asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class RawServer:
-    """An HTTP/1.1 server written against the socket, so each test controls the exact bytes,
-    counts connections and sees what the client sent."""
-
-    def __init__(self, respond: Responder) -> None:
-        self.respond = respond
-        self.connections = 0
-        self.open_now = 0
-        self.most_open = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.open_now += 1
-        self.most_open = max(self.most_open, self.open_now)
-        try:
-            await self.respond(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.open_now -= 1
-            writer.close()
-
-    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        body = await reader.readexactly(length) if length else b""
-        self.requests.append(head + body)
-        return head + body
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-Serve = Callable[[Responder], Awaitable[RawServer]]
+from tests.support.raw_upstream import Exchange, RawFactory
 
 
 def _ok(body: bytes = b'{"ok": true}', extra: bytes = b"") -> bytes:
     return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
             % (len(body), extra, body))
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    servers: list[RawServer] = []
-
-    async def start(respond: Responder) -> RawServer:
-        server = RawServer(respond)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def _upstream(port: int, **kw: float | int | str) -> PooledUpstream:
@@ -107,15 +43,13 @@ async def _one(upstream: PooledUpstream) -> int:
         return response.status
 
 
-async def test_sequential_requests_reuse_one_connection(serve: Serve) -> None:
+async def test_sequential_requests_reuse_one_connection(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await server.read_request(reader)
-            writer.write(_ok())
-            await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(_ok())
+        return True
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port)
     try:
         for _ in range(5):
@@ -130,21 +64,21 @@ async def test_sequential_requests_reuse_one_connection(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_request_bytes_carry_prefix_host_and_length(serve: Serve) -> None:
+async def test_request_bytes_carry_prefix_host_and_length(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(_ok())
-        await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(_ok())
+        await ex.writer.drain()
+        return False
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, base_url=f"http://127.0.0.1:{server.port}/openai/")
     try:
         async with upstream.request("POST", "/v1/chat/completions?x=1", HEADERS, b'{"a":1}') as response:
             await response.read()
     finally:
         await upstream.close()
-    sent = server.requests[0]
+    sent = server.requests[0].head + server.requests[0].body
     assert sent.startswith(b"POST /openai/v1/chat/completions?x=1 HTTP/1.1\r\n")
     assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in sent
     assert b"Content-Length: 7\r\n" in sent
@@ -152,8 +86,12 @@ async def test_request_bytes_carry_prefix_host_and_length(serve: Serve) -> None:
     assert sent.endswith(b'\r\n\r\n{"a":1}')
 
 
-async def test_a_header_value_with_a_line_break_is_refused(serve: Serve) -> None:
-    server = await serve(lambda s, r, w: asyncio.sleep(0))
+async def test_a_header_value_with_a_line_break_is_refused(raw_upstream: RawFactory) -> None:
+
+    async def respond(ex: Exchange) -> bool:
+        return False
+
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port)
     try:
         with pytest.raises(ValueError, match="line break"):
@@ -164,16 +102,14 @@ async def test_a_header_value_with_a_line_break_is_refused(serve: Serve) -> None
         await upstream.close()
 
 
-async def test_pool_bound_holds_under_concurrency(serve: Serve) -> None:
+async def test_pool_bound_holds_under_concurrency(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await server.read_request(reader)
-            await asyncio.sleep(0.02)
-            writer.write(_ok())
-            await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        await asyncio.sleep(0.02)
+        ex.writer.write(_ok())
+        return True
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, pool_size=2)
 
     try:
@@ -185,17 +121,15 @@ async def test_pool_bound_holds_under_concurrency(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_cancelled_waiter_does_not_leak_a_slot(serve: Serve) -> None:
+async def test_cancelled_waiter_does_not_leak_a_slot(raw_upstream: RawFactory) -> None:
     release = asyncio.Event()
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await server.read_request(reader)
-            await release.wait()
-            writer.write(_ok())
-            await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        await release.wait()
+        ex.writer.write(_ok())
+        return True
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, pool_size=1)
 
     try:
@@ -213,16 +147,14 @@ async def test_cancelled_waiter_does_not_leak_a_slot(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_unread_body_closes_the_connection(serve: Serve) -> None:
+async def test_unread_body_closes_the_connection(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-            await writer.drain()  # the stream never ends by itself
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        return True  # the stream never ends by itself
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port)
     try:
         async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
@@ -239,19 +171,18 @@ async def test_unread_body_closes_the_connection(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_chunked_and_close_delimited_bodies(serve: Serve) -> None:
+async def test_chunked_and_close_delimited_bodies(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        if len(server.requests) == 1:
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
-            await writer.drain()
-            await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
-        await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        if ex.n == 1:
+            ex.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+            return True
+        ex.writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await ex.writer.drain()
+        return False
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port)
     try:
         async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
@@ -267,13 +198,13 @@ async def test_chunked_and_close_delimited_bodies(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_silent_upstream_times_out(serve: Serve) -> None:
+async def test_silent_upstream_times_out(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
+    async def respond(ex: Exchange) -> bool:
         await asyncio.sleep(10)
+        return False
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, read_timeout=0.2)
     try:
         started = time.monotonic()
@@ -285,15 +216,15 @@ async def test_silent_upstream_times_out(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_silence_mid_body_times_out_the_read(serve: Serve) -> None:
+async def test_silence_mid_body_times_out_the_read(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-        await writer.drain()
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await ex.writer.drain()
         await asyncio.sleep(10)
+        return False
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, read_timeout=0.2)
     try:
         async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:
@@ -304,14 +235,14 @@ async def test_silence_mid_body_times_out_the_read(serve: Serve) -> None:
         await upstream.close()
 
 
-async def test_idle_connection_closed_by_the_server_is_replaced(serve: Serve) -> None:
+async def test_idle_connection_closed_by_the_server_is_replaced(raw_upstream: RawFactory) -> None:
 
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(_ok())
-        await writer.drain()  # then close: the server's keep-alive timeout, at once
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(_ok())
+        await ex.writer.drain()
+        return False  # then close: the server's keep-alive timeout, at once
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port)
     try:
         for _ in range(3):
@@ -345,14 +276,15 @@ def test_base_url_must_be_http() -> None:
         _upstream(0, base_url="ftp://example.com")
 
 
-async def test_a_complete_response_held_past_the_read_timeout_is_still_readable(serve: Serve) -> None:
-    async def respond(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(_ok())
-        await writer.drain()
+async def test_a_complete_response_held_past_the_read_timeout_is_still_readable(
+        raw_upstream: RawFactory) -> None:
+    async def respond(ex: Exchange) -> bool:
+        ex.writer.write(_ok())
+        await ex.writer.drain()
         await asyncio.sleep(10)  # the connection stays open and silent
+        return False
 
-    server = await serve(respond)
+    server = await raw_upstream(respond)
     upstream = _upstream(server.port, read_timeout=0.1)
     try:
         async with upstream.request("POST", "/v1/x", HEADERS, b"{}") as response:

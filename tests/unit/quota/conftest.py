@@ -1,0 +1,22 @@
+"""Fixtures of the quota tests: a quota stage on an in-memory store and a hand-driven clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.quota.settings import Price, QuotaSettings
+from gateway.quota.stage import QuotaStage
+from gateway.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+
+SETTINGS = QuotaSettings(default_output_tokens=1000, prices=(("gpt-4o", Price(2.5, 10.0)),))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def stage(clock: FakeClock) -> QuotaStage:
+    return QuotaStage(MemoryStore(clock), SETTINGS, clock)
