@@ -256,9 +256,10 @@ def _add_quota(features: Features, settings: Settings) -> None:
         extra = getattr(store, "stats", None)
         if extra is not None:
             detail["redis"] = dataclasses.asdict(extra)
-        if routes is not None:  # a Cluster: script calls on lean connections while warm
-            detail["redis"]["cluster"] = {"routes": "cold" if routes.cold else "warm",
-                                          "redirects": routes.redirects, "connections": routes.connections}
+        if routes is not None:  # a Cluster: script calls on lean connections, a cold primary's via redis-py
+            detail["redis"]["cluster"] = {"cold_nodes": routes.cold_nodes, "redirects": routes.redirects,
+                                          "connections": routes.connections,
+                                          "client_calls": routes.client_calls}
         return detail
 
     routes = getattr(store, "routes", None)

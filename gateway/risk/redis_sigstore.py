@@ -25,7 +25,7 @@ import functools
 import hashlib
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -255,7 +255,7 @@ class RedisSignalStore:
 
     async def _group(self, ops: Sequence[Op], keys: list[str]) -> BatchResult:
         """One EVALSHA (all keys in one slot, or a single Redis): on a Cluster primary's lean
-        connection when its routes are warm, else through redis-py."""
+        connection unless its slot or primary is cold, else through redis-py."""
         args = _encode(ops)
         try:
             raw = await self._evalsha(keys, args)
@@ -284,7 +284,7 @@ class RedisSignalStore:
         routes = self._routes
         protos = None if routes is None else routes.ready(by_slot)
         if routes is not None and protos is not None:  # all primaries connected: the lean way
-            parts = await self._send_groups(routes, protos, ops, keys, groups)
+            parts = await self._send_groups(routes, protos, ops, keys, by_slot, groups)
         else:
             if not self._ready:  # concurrent first calls race redis-py's cluster set-up: one goes first
                 await self._client.initialize()
@@ -298,17 +298,18 @@ class RedisSignalStore:
         return BatchResult(min(part.now for part in parts), tuple(results))
 
     async def _send_groups(self, routes: ClusterRoutes, protos: list[RespProtocol], ops: Sequence[Op],
-                           keys: list[str], groups: list[list[int]]) -> list[BatchResult]:
+                           keys: list[str], slots: Iterable[int], groups: list[list[int]]
+                           ) -> list[BatchResult]:
         """Each slot's EVALSHA on its primary's connection, all written first, then awaited in
         turn; a group answered with NOSCRIPT or a redirection goes the awaited way (it did not run)."""
         subs = [([ops[i] for i in g], [keys[i] for i in g]) for g in groups]
         replies = await replies_of(protos, [self._packed(sub_ops, sub_keys) for sub_ops, sub_keys in subs],
                                    self._deadline)
         parts: list[BatchResult] = []
-        for (sub_ops, sub_keys), raw in zip(subs, replies, strict=True):
+        for slot, (sub_ops, sub_keys), raw in zip(slots, subs, replies, strict=True):
             if not isinstance(raw, Exception):
                 parts.append(_decode(sub_ops, raw))
-            elif routes.failed(raw):
+            elif routes.failed(raw, slot):
                 parts.append(await self._group(sub_ops, sub_keys))
             else:
                 raise raw

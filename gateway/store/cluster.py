@@ -8,12 +8,15 @@ of the risk signal store go instead over one lean pipelined connection per prima
 redis-py keeps everything else: the slot map itself, ``MOVED``/``ASK`` redirections, failovers
 and every non-script command.
 
-When the lean path sees a redirection or a connection failure, the slot map may be stale: the
-routes go *cold* and every script call takes redis-py's path (which follows the redirection and
-refreshes its map) until one of them succeeds, after which slots are resolved again from the
-fresh map. A redirection means Redis did not run the script, so that call is retried once
-through redis-py; a connection failure or a deadline is ambiguous (the script may have run) and
-is never retried.
+Coldness is per primary. A connection failure on a primary's lean connection (it is down, or
+failing over) or a ``CLUSTERDOWN`` answer from it makes that primary *cold*: calls for its slots
+take redis-py's path (which reconnects, follows ``MOVED`` to a promoted replica and refreshes its
+map) until one of them succeeds, after which those slots are resolved again from the fresh map.
+The other primaries stay on their lean connections throughout. A ``MOVED``/``ASK``/``TRYAGAIN``
+answer concerns one slot (a resharding, a failover seen slot by slot) and makes only that slot
+cold, the same way. Every redirection, ``CLUSTERDOWN`` included, means Redis did not run the
+script, so that call is sent again once through redis-py; a connection failure or a deadline is
+ambiguous (the script may have run) and is never resent.
 """
 
 from __future__ import annotations
@@ -106,27 +109,34 @@ class ClusterRoutes:
         self._on_new = on_new  # told of each primary's connection when made (before it connects)
         self._deadline = deadline
         self._on_connect = list(on_connect)
+        # Resolved slots of primaries that are not cold; None: resolve from redis-py's map (which
+        # has none until redis-py's first call builds it: until then every call goes through it).
         self._by_slot: list[RespConnection | None] = [None] * SLOTS
         self._by_node: dict[tuple[str, int], RespConnection] = {}
-        # Cold until redis-py has answered once (it builds its slot map on first use), and again
-        # after a redirection or a connection failure on the lean path.
-        self.cold = True
+        # Cold primaries (connection failure, CLUSTERDOWN) and cold slots (a redirection): not
+        # resolved until a call through redis-py for one of their slots has succeeded.
+        self._cold_nodes: set[tuple[str, int]] = set()
+        self._cold_slots: set[int] = set()
         self.redirects = 0  # lean calls answered with a redirection (then sent through redis-py)
+        self.client_calls = 0  # script calls sent through redis-py by routed_call (stats and tests)
 
     def connection(self, slot: int) -> RespConnection | None:
-        """The lean connection for ``slot``; None: use redis-py (cold, or the node is not plain
-        TCP with RESP2 and a static password)."""
+        """The lean connection for ``slot``; None: use redis-py (the slot or its primary is
+        cold, the map is not built yet, or the node is not plain TCP with RESP2 and a static
+        password)."""
         conn = self._by_slot[slot]
-        if conn is not None or self.cold:
-            return conn
-        return self._resolve(slot)
+        return conn if conn is not None else self._resolve(slot)
 
     def _resolve(self, slot: int) -> RespConnection | None:
+        if slot in self._cold_slots:
+            return None
         try:
             node = self._client.nodes_manager.get_node_from_slot(slot)
         except RedisClusterException:  # not covered (yet): redis-py will say why
             return None
         address = (node.host, int(node.port))
+        if address in self._cold_nodes:
+            return None
         conn = self._by_node.get(address)
         if conn is None:
             made = lean_for(node.connection_class, {**node.connection_kwargs, "db": 0}, self._deadline,
@@ -139,45 +149,80 @@ class ClusterRoutes:
         self._by_slot[slot] = conn
         return conn
 
-    def forget(self) -> None:
-        """The slot map may have changed: use redis-py until it has answered again."""
-        self.cold = True
-        self._by_slot = [None] * SLOTS
-
     def ready(self, slots: Iterable[int]) -> list[RespProtocol] | None:
-        """The live connection of each slot's primary, in order; None if one is not connected
-        yet (or the routes are cold): the caller takes the awaited path, which connects."""
-        if self.cold:
-            return None
+        """The live connection of each slot's primary, in order; None if one is cold or not
+        connected yet: the caller takes the awaited path, which connects (or uses redis-py)."""
+        by_slot = self._by_slot
         protos: list[RespProtocol] = []
         for slot in slots:
-            conn = self.connection(slot)
-            proto = None if conn is None else conn.ready
-            if proto is None:
+            conn = by_slot[slot]
+            if conn is None:
+                conn = self._resolve(slot)
+                if conn is None:
+                    return None
+            proto = conn.proto
+            if proto is None or proto.closed:
                 return None
             protos.append(proto)
         return protos
 
-    def failed(self, error: BaseException) -> bool:
-        """A lean call failed with ``error``: whether it did not run and may be sent again the
-        awaited way (NOSCRIPT: after a script load; a redirection: through redis-py). A
-        redirection or a connection failure makes the routes cold; a deadline changes nothing
-        (the script may have run)."""
+    def failed(self, error: BaseException, slot: int) -> bool:
+        """A lean call for ``slot`` failed with ``error``: whether it did not run and may be sent
+        again the awaited way (NOSCRIPT: after a script load; a redirection: through redis-py). A
+        redirection makes the slot cold, a connection failure or CLUSTERDOWN its primary; a
+        deadline changes nothing (the script may have run, and the primary may just be slow)."""
         if isinstance(error, NoScriptError):
             return True
         if isinstance(error, ResponseError):
             if not redirected(error):
                 return False
             self.redirects += 1
-            self.forget()  # not run: redis-py follows the redirection and refreshes its map
+            if str(error).startswith("CLUSTERDOWN"):  # the node refuses every slot
+                self._cool(slot)
+            else:  # not run: redis-py follows the redirection and patches its map for the slot
+                self._cold_slots.add(slot)
+                self._by_slot[slot] = None
             return True
         if isinstance(error, (RedisConnectionError, OSError)):
-            self.forget()  # a failover may have moved the slot
+            self._cool(slot)  # down or failing over: its slots may move to a replica
         return False
 
-    def warm(self) -> None:
-        """redis-py answered a call: its slot map is current enough to route by."""
-        self.cold = False
+    def _cool(self, slot: int) -> None:
+        """Make the primary ``slot`` is routed to cold (already cold, or re-routed since: nothing)."""
+        conn = self._by_slot[slot]
+        if conn is None:
+            return
+        address = next(a for a, c in self._by_node.items() if c is conn)
+        self._cold_nodes.add(address)
+        self._by_slot = [None if c is conn else c for c in self._by_slot]
+
+    def warm(self, slot: int) -> None:
+        """redis-py answered a call for ``slot``: that slot, and the primary serving it in
+        redis-py's map, are routed lean again. Cold primaries the map no longer lists as primaries
+        (demoted or gone after a failover) are dropped: they have no slot left to route."""
+        if not self._cold_nodes and not self._cold_slots:
+            return
+        self._cold_slots.discard(slot)
+        if not self._cold_nodes:
+            return
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(slot)
+        except RedisClusterException:
+            return
+        self._cold_nodes.discard((node.host, int(node.port)))
+        primaries = {(n.host, int(n.port)) for n in self._client.get_primaries()}
+        if primaries:
+            self._cold_nodes &= primaries
+
+    @property
+    def cold(self) -> bool:
+        """Whether some primary or slot is cold (its calls go through redis-py)."""
+        return bool(self._cold_nodes or self._cold_slots)
+
+    @property
+    def cold_nodes(self) -> list[str]:
+        """The cold primaries as ``host:port``, sorted (readiness detail and tests)."""
+        return [f"{host}:{port}" for host, port in sorted(self._cold_nodes)]
 
     @property
     def connections(self) -> int:
@@ -188,7 +233,9 @@ class ClusterRoutes:
         for conn in self._by_node.values():
             await conn.close()
         self._by_node.clear()
-        self.forget()
+        self._by_slot = [None] * SLOTS
+        self._cold_nodes.clear()
+        self._cold_slots.clear()
 
 
 async def replies_of(protos: Sequence[RespProtocol], calls: Sequence[bytes], deadline: float,
@@ -228,15 +275,16 @@ async def replies_of(protos: Sequence[RespProtocol], calls: Sequence[bytes], dea
 async def routed_call(routes: ClusterRoutes, slot: int, packed: bytes,
                       through_client: Callable[[], Awaitable[Any]]) -> Any:
     """One packed script call on the lean connection of ``slot``'s primary, or through redis-py
-    (``through_client``) while the routes are cold and after a redirection. NOSCRIPT and every
-    other error go to the caller (a connection failure also makes the routes cold)."""
+    (``through_client``) while the slot or its primary is cold and after a redirection. NOSCRIPT
+    and every other error go to the caller (a connection failure also makes the primary cold)."""
     conn = routes.connection(slot)
     if conn is not None:
         try:
             return await conn.call(packed)
         except Exception as exc:
-            if isinstance(exc, NoScriptError) or not routes.failed(exc):
+            if isinstance(exc, NoScriptError) or not routes.failed(exc, slot):
                 raise
+    routes.client_calls += 1
     reply = await through_client()
-    routes.warm()
+    routes.warm(slot)
     return reply

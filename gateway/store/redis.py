@@ -15,8 +15,9 @@
   calls in order), skipping redis-py's pool, stream reader and per-command wrappers, which cost
   several times the wire work; in a Cluster, one such connection per primary, found by slot from
   redis-py's slot map (``gateway/store/cluster.py``). Calls are encoded and replies decoded by
-  ``gateway/store/wire.py``. redis-py still serves every non-script command, and a Cluster's
-  redirections.
+  ``gateway/store/wire.py``. redis-py still serves every non-script command, a Cluster's
+  redirections, and the script calls of a Cluster primary that is cold (down or failing over: the
+  others stay on their lean connections).
 * Concurrency leases are renewed by ``renew.lua`` (extended only while still held, never
   resurrected), batched per slot like every other call.
 * A charge given up on while Redis may still run it (its deadline passed, or the request was
@@ -206,7 +207,7 @@ class RedisStore:
         lean = self._lean
         if lean is None:
             routes = self._routes
-            if routes is not None and not routes.cold:
+            if routes is not None:
                 return await self._charge_lean_cluster(routes, charges)
             groups = self._groups([c.key for c in charges])
             if len(groups) == 1:
@@ -297,8 +298,9 @@ class RedisStore:
     async def _charge_lean_cluster(self, routes: ClusterRoutes, charges: Sequence[Charge]) -> ChargeResult:
         """A Cluster's hot path: each slot's EVALSHA on its primary's lean connection, every one
         written before any reply is awaited (one round-trip time for all slots). A primary not
-        connected yet takes the awaited path (which connects); a slot answered with NOSCRIPT or a
-        redirection is sent again the awaited way (reload, or redis-py), as the script did not run."""
+        connected yet, or cold, takes the awaited path (which connects, or goes through redis-py
+        for that primary's slots only); a slot answered with NOSCRIPT or a redirection is sent
+        again the awaited way (reload, or redis-py), as the script did not run."""
         groups, subs, calls = self.codec.slot_calls(charges)
         protos = routes.ready(slot for slot, _ in groups)
         if protos is None:
@@ -312,17 +314,17 @@ class RedisStore:
             if len(groups) == 1:
                 raw = replies[0]
                 if isinstance(raw, Exception):
-                    if not routes.failed(raw):
+                    if not routes.failed(raw, groups[0][0]):
                         raise raw
                     return await self._charge_group(charges)
                 return self.codec.charge_result(charges, raw)
             if all(type(raw) is list and raw[0] == 1 for raw in replies):  # every slot admitted
                 return self.codec.merge_admitted(len(charges), groups, subs, replies)
             parts: list[tuple[ChargeResult, tuple[LimitState, ...]] | BaseException] = []
-            for sub, raw in zip(subs, replies, strict=True):
+            for (slot, _), sub, raw in zip(groups, subs, replies, strict=True):
                 if not isinstance(raw, Exception):
                     parts.append(self.codec.group_result(sub, raw))
-                elif routes.failed(raw):
+                elif routes.failed(raw, slot):
                     try:
                         parts.append(await self._charge_group_idle(sub))
                     except Exception as exc:  # noqa: BLE001 (a failed slot: refund the others)
@@ -402,9 +404,10 @@ class RedisStore:
 
     def _adjust_soon_cluster(self, adjustments: Sequence[Adjustment], done: Done) -> bool:
         """:meth:`adjust_soon` in a Cluster: each adjustment queued on its primary's connection
-        (one settle may reach several primaries: ``done`` is told once, after all of them)."""
+        (one settle may reach several primaries: ``done`` is told once, after all of them). An
+        adjustment whose primary is cold (or not resolved yet) makes it False."""
         routes = self._routes
-        if routes is None or routes.cold:
+        if routes is None:
             return False
         todo = [a for a in adjustments if a.receipt.applied and a.delta != 0]
         queues: dict[ReconcileQueue, list[Adjustment]] = {}

@@ -61,6 +61,6 @@ async def test_quotas_in_a_redis_cluster(gw: RunningGateway) -> None:
     detail = gw.runtime.readiness()["quota"]
     assert detail["backend"] == "redis" and detail["errors"] == 0
     cluster = detail["redis"]["cluster"]
-    assert cluster["routes"] == "warm" and cluster["connections"] >= 2 and cluster["redirects"] == 0
+    assert cluster["cold_nodes"] == [] and cluster["connections"] >= 2 and cluster["redirects"] == 0
     metrics = generate_latest(gw.runtime.metrics.registry).decode()
     assert "tollgate_store_cluster_redirects_total 0.0" in metrics
