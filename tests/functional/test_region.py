@@ -111,6 +111,11 @@ def openai_client(
     return openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, default_headers=headers)
 
 
+def anthropic_client(gw: RunningGateway, forwarded_for: str) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0,
+                                    default_headers={"X-Forwarded-For": forwarded_for})
+
+
 async def chat(c: openai.AsyncOpenAI) -> str:
     result = await c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
     assert result.choices[0].message.content
@@ -248,12 +253,7 @@ async def test_restricted_org_is_refused_from_an_allowed_ip(start_region_gateway
 async def test_anthropic_sdk_gets_a_permission_error(start_region_gateway: GatewayStarter) -> None:
     async with (
         start_region_gateway() as gw,
-        anthropic.AsyncAnthropic(
-            base_url=gw.url,
-            api_key=CLIENT_KEY,
-            max_retries=0,
-            default_headers={"X-Forwarded-For": RESTRICTED},
-        ) as c,
+        anthropic_client(gw, RESTRICTED) as c,
     ):
         with pytest.raises(anthropic.PermissionDeniedError) as info:
             await c.messages.create(
@@ -271,12 +271,7 @@ async def test_anthropic_sdk_gets_a_permission_error(start_region_gateway: Gatew
 async def test_models_listing_is_refused_in_each_sdks_grammar(start_region_gateway: GatewayStarter) -> None:
     async with (
         start_region_gateway() as gw,
-        anthropic.AsyncAnthropic(
-            base_url=gw.url,
-            api_key=CLIENT_KEY,
-            max_retries=0,
-            default_headers={"X-Forwarded-For": RESTRICTED},
-        ) as c,
+        anthropic_client(gw, RESTRICTED) as c,
         openai_client(gw, RESTRICTED) as o,
     ):
         with pytest.raises(anthropic.PermissionDeniedError) as info:
