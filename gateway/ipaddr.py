@@ -212,6 +212,51 @@ def unmatchable_reason(net: Network, nat64: Nat64Prefixes | None = None) -> str 
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class CarriedIpv4:
+    """An IPv6 network written in a form the gateway decodes to IPv4 (see :func:`carried_ipv4`)."""
+
+    form: str  # "NAT64", "IPv4-compatible", "6to4", "Teredo", or a configured NAT64 prefix
+    # What the addresses it holds look like once normalised; () when no network can say it (a
+    # Teredo range shorter than /96, most ranges inside a configured prefix shorter than /96).
+    networks: tuple[Network, ...]
+
+
+def carried_ipv4(net: Network, nat64: Nat64Prefixes | None = None) -> CarriedIpv4 | None:
+    """Where (part of) ``net`` is a form that :func:`normalize` turns into IPv4, other than
+    IPv4-mapped (which :class:`CidrSet` stores as IPv4 already): the form and, when they can be
+    told, the networks the normalised addresses fall in. None for a plain network, and for one
+    that merely contains such a range beside real IPv6 space (``2000::/3``).
+
+    For callers that compare a configured network with normalised addresses *without* converting
+    it (``client_ip.trusted_proxies``): such an entry (or that part of it) can never match.
+    Converting it instead would be a silent, security-relevant reading of what was written
+    (``64:ff9b::/96`` would trust every IPv4 peer), so callers refuse it and name the networks.
+    """
+    if not isinstance(net, ipaddress.IPv6Network) or net.subnet_of(_IPV4_TAIL_PREFIXES[0]):
+        return None  # IPv4 already, or IPv4-mapped: converted where it is compiled
+    base, length = int(net.network_address), net.prefixlen
+    local = nat64.containing(net) if nat64 is not None else None
+    local_form = f"NAT64 ({local}, client_ip.nat64_prefixes)"
+    matched = matched_networks(net, nat64)
+    if matched != (net,):  # inside a range whose last 32 bits are the IPv4 address
+        top96 = base >> 32
+        form = "NAT64" if top96 == _NAT64_PREFIX else "IPv4-compatible" if top96 == 0 else local_form
+        return CarriedIpv4(form, matched)
+    if unmatchable_reason(net, nat64) is None:
+        return None
+    if net.subnet_of(_IPV4_CARRIERS[0][1]):  # 6to4: the IPv4 address is bits 16-47
+        return CarriedIpv4("6to4", (ipaddress.IPv4Network(((base >> 80) & _V4_MASK, min(32, length - 16))),))
+    if net.subnet_of(_IPV4_CARRIERS[1][1]):  # Teredo: the client is the inverted last 32 bits
+        if length < 96:
+            return CarriedIpv4("Teredo", ())  # every client of some server: no network says it
+        host_bits = 128 - length
+        v4 = ipaddress.IPv4Network(((~base & _V4_MASK) >> host_bits << host_bits, length - 96))
+        return CarriedIpv4("Teredo", (v4,))
+    embedded = nat64.decode(base) if nat64 is not None and length == 128 else None
+    return CarriedIpv4(local_form, (ipaddress.IPv4Network(embedded),) if embedded is not None else ())
+
+
 def parse_ip(text: str, nat64: Nat64Prefixes | None = None) -> IPAddress | None:
     """Parse one bare address (no port, no brackets), drop a zone id, normalise; None if invalid."""
     if not text or len(text) > MAX_ADDRESS_CHARS:

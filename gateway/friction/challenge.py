@@ -5,6 +5,8 @@ the version, principal, expiry, difficulty and salt: the gateway keeps nothing p
 Solution (header ``x-tollgate-solution``): ``<token>.<counter>`` such that
 ``sha256(solution)`` starts with ``difficulty`` zero bits. Verification is constant-time on the
 MAC; a solution is accepted once (``Store.set_if_absent`` on its salt until it expires).
+Checking (:meth:`ChallengeIssuer.check`, no I/O) and spending (the replay guard) are separate so
+that a caller can spend a solution only once nothing else will refuse the request it came with.
 Expected client work: 2^difficulty hashes (difficulty 16 ≈ 65k hashes, ~0.1 s in CPython).
 """
 
@@ -39,6 +41,16 @@ class Verdict(StrEnum):
     TOO_EASY = "too_easy"  # solves a lower difficulty than now required
     UNSOLVED = "unsolved"
     REPLAYED = "replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """The stateless verdict on a solution. When it is ``OK`` the solution still has to be spent:
+    ``set_if_absent(replay_key, ttl)``, False meaning someone spent it first (``REPLAYED``)."""
+
+    verdict: Verdict
+    replay_key: str = ""
+    ttl: float = 0.0  # seconds until the challenge expires: the guard must outlive it
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,24 +100,32 @@ class ChallengeIssuer:
         mac = self._mac(principal, expires, difficulty, salt)
         return Challenge(f"{_VERSION}.{expires}.{difficulty}.{salt}.{mac}", difficulty, expires)
 
-    async def verify(self, solution: str, principal: str, required: int,
-                     replay_guard: Callable[[str, float], Awaitable[bool]]) -> Verdict:
-        """Check a solution; ``replay_guard(key, ttl)`` is ``Store.set_if_absent``."""
+    def check(self, solution: str, principal: str, required: int) -> Checked:
+        """Everything about a solution that needs no store: form, MAC, expiry, difficulty, work."""
         parsed = _SOLUTION.fullmatch(solution.strip())
         if parsed is None:
-            return Verdict.MALFORMED
+            return Checked(Verdict.MALFORMED)
         exp_text, diff_text, salt, mac, _counter = parsed.groups()
         expires, difficulty = int(exp_text), int(diff_text)
         if not hmac.compare_digest(self._mac(principal, expires, difficulty, salt), mac):
-            return Verdict.BAD_MAC
+            return Checked(Verdict.BAD_MAC)
         now = self._clock()
         if expires <= now:
-            return Verdict.EXPIRED
+            return Checked(Verdict.EXPIRED)
         if difficulty < required:
-            return Verdict.TOO_EASY
+            return Checked(Verdict.TOO_EASY)
         if leading_zero_bits(hashlib.sha256(solution.strip().encode()).digest()) < difficulty:
-            return Verdict.UNSOLVED
-        if not await replay_guard(f"pow:{salt}", max(1.0, expires - now)):
+            return Checked(Verdict.UNSOLVED)
+        return Checked(Verdict.OK, f"pow:{salt}", max(1.0, expires - now))
+
+    async def verify(self, solution: str, principal: str, required: int,
+                     replay_guard: Callable[[str, float], Awaitable[bool]]) -> Verdict:
+        """Check a solution and spend it at once; ``replay_guard(key, ttl)`` is
+        ``Store.set_if_absent``. (The friction stage checks first and spends last instead.)"""
+        checked = self.check(solution, principal, required)
+        if checked.verdict is not Verdict.OK:
+            return checked.verdict
+        if not await replay_guard(checked.replay_key, checked.ttl):
             return Verdict.REPLAYED
         return Verdict.OK
 

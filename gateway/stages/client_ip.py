@@ -9,7 +9,10 @@ the walk needs an address (garbage, ``unknown``, ``_hidden``) makes the peer the
 not guess further left than a hop we could not read.
 
 Every address, the peer's and each hop's, is normalised (:func:`gateway.ipaddr.normalize`), with
-the operator's local NAT64 prefixes (``nat64_prefixes``) decoded as well.
+the operator's local NAT64 prefixes (``nat64_prefixes``) decoded as well. ``trusted_proxies`` is
+compared with those normalised addresses as written (IPv4-mapped networks aside, stored as IPv4),
+so an entry in another IPv6 form of IPv4 (NAT64, IPv4-compatible, 6to4, Teredo, a configured
+NAT64 prefix) could never match: the config refuses it and names the IPv4 network to write.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from typing import Any
 from gateway.context import Decision, IPAddress, RequestContext
 from gateway.ipaddr import (
     MAX_ADDRESS_CHARS,
+    CarriedIpv4,
     CidrSet,
     Nat64Prefixes,
+    Network,
+    carried_ipv4,
     nat64_prefix_problem,
     normalize,
     parse_host,
@@ -86,6 +92,7 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
     if not node.expect_mapping():
         return default
     node.check_keys({"trusted_proxies", "headers", "max_entries", "max_header_bytes", "nat64_prefixes"})
+    nat64 = _nat64_prefixes(node.child("nat64_prefixes"))  # first: trusted_proxies is checked against it
     nets = []
     proxies = node.child("trusted_proxies")
     if proxies is not None and proxies.expect_list("a list of addresses or CIDRs"):
@@ -94,9 +101,15 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
             if text is None:
                 continue
             try:
-                nets.append(parse_network(text))
+                net = parse_network(text)
             except ValueError as exc:
                 item.error(str(exc))
+                continue
+            carried = carried_ipv4(net, nat64)
+            if carried is not None:
+                item.error(_never_matches(net, carried))
+            else:
+                nets.append(net)
     headers = default.headers
     hnode = node.child("headers")
     if hnode is not None and hnode.expect_list("a list of header names"):
@@ -112,8 +125,30 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
         headers = tuple(names)
     max_entries = _positive(node, "max_entries", default.max_entries, 1024)
     max_bytes = _positive(node, "max_header_bytes", default.max_header_bytes, 65536)
-    return ClientIpConfig(CidrSet.from_networks(nets), headers, max_entries, max_bytes,
-                          _nat64_prefixes(node.child("nat64_prefixes")))
+    return ClientIpConfig(CidrSet.from_networks(nets), headers, max_entries, max_bytes, nat64)
+
+
+def _never_matches(net: Network, carried: CarriedIpv4) -> str:
+    """Why a trusted proxy written in an IPv6 form of IPv4 is refused, and what to write.
+
+    The peer and every hop are normalised to IPv4 before they are compared, so the entry as
+    written can never match, and client IPs behind that proxy would silently be the proxy's own.
+    It is refused rather than converted: read as IPv4, ``64:ff9b::/96`` would trust every IPv4
+    peer, which the operator should write (or not) knowingly.
+    """
+    if not carried.networks:
+        return (f"'{net}' lies in {carried.form} space, whose peers the gateway sees as the IPv4 "
+                "address each carries, so it never matches; write the IPv4 addresses of those proxies")
+    single = carried.networks[0]
+    if len(carried.networks) == 1 and single.num_addresses == 1:
+        return (f"'{net}' is the {carried.form} form of {single.network_address}, which is how the "
+                f"gateway sees that peer, so it never matches; write {single}")
+    written = " and ".join(str(n) for n in carried.networks)
+    carried_v4 = " and ".join(str(n) for n in carried.networks if n.version == 4)
+    everyone = any(n.version == 4 and n.prefixlen == 0 for n in carried.networks)
+    return (f"'{net}' is the {carried.form} form of {carried_v4}, which is how the gateway sees "
+            f"those peers, so it never matches them; write {written}"
+            + (" (if every IPv4 peer is meant to be trusted)" if everyone else ""))
 
 
 def _nat64_prefixes(node: Node | None) -> Nat64Prefixes:

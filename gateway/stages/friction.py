@@ -6,18 +6,28 @@ sticky friction state (see :mod:`gateway.friction.state`; rule-id order), combin
 done goes to ``ctx.audit["friction"]["would"]``. Order: deny → reverify → proof of work →
 degrade → ``cap_tokens`` (charged after degrade caps ``max_tokens``) → tarpit.
 
+A proof-of-work solution is checked in its place (form, MAC, expiry, difficulty, work: no I/O)
+but *spent* (``Store.set_if_absent``, the replay guard) only after ``cap_tokens``, the last check
+that can refuse: a request the cap refuses keeps its solution good for the retry. If the spend
+finds it spent already (a replay, or two requests racing with one solution) the request is
+challenged again and the ``cap_tokens`` reservation it made is refunded in full at settle, like
+any request that never reached the model. Store calls per request are unchanged: one for the
+spend, one for the caps, none for a request that brings no solution.
+
 Audit (``ctx.audit["friction"]``, never prompt text): ``applied`` (rule, its effects, sticky or
 not), ``would`` (shadow rules), ``saved`` (sticky state this request created), ``effect`` (the
-answer that stopped the request: deny, reverify, pow), ``pow`` (issued, or the verdict on a
-solution) with ``difficulty``, ``cap_tokens`` (per budget: allowed, remaining; the reservation and
-what was settled), ``tarpit`` and the risk figures that led to it.
+answer that stopped the request: deny, reverify, pow, cap_tokens), ``pow`` (issued, the verdict
+on a solution, or ``unspent``: valid but kept because ``cap_tokens`` refused) with
+``difficulty``, ``cap_tokens`` (per budget: allowed, remaining; the reservation and what was
+settled), ``tarpit`` and the risk figures that led to it.
 
 ``cap_tokens`` is reserved and reconciled like a quota token budget: the reservation (input
 estimate + ``max_tokens`` × ``n``, or 1,024 output tokens when ``max_tokens`` is absent) is checked
 and charged in one atomic store call for every cap of the request, all or none, and settled at the
 end of the response to what was consumed (a stream cut short pays for the output streamed and the
 input; a request that never reached the model, or that the model refused, pays nothing). A request
-stopped before this stage (quota, deny, challenge) charges nothing. Concurrent requests therefore
+stopped before this stage (quota, deny, challenge) charges nothing (a replayed solution is only
+found after the charge, which settle refunds). Concurrent requests therefore
 never *reserve* past a cap; what they consume can exceed it only by what each request in flight
 uses beyond its own reservation (output past an absent ``max_tokens``' 1,024, or input above the
 estimate), so with ``max_tokens`` set the overshoot is bounded by the input estimate's error. A
@@ -33,7 +43,7 @@ from typing import Any
 
 from gateway.context import Decision, RequestContext
 from gateway.friction.action import MAX_DELAY, MAX_RATE, MIN_RATE
-from gateway.friction.challenge import SOLUTION_HEADER, ChallengeIssuer, Verdict, difficulty_for
+from gateway.friction.challenge import SOLUTION_HEADER, ChallengeIssuer, Checked, Verdict, difficulty_for
 from gateway.friction.degrade import apply_degrade
 from gateway.friction.model import CapTokens, Combined, FrictionAction
 from gateway.friction.state import FrictionState
@@ -177,16 +187,25 @@ class FrictionStage(SettlesNow):
                 headers={"WWW-Authenticate": f'Tollgate-Reverify url="{c.reverify.url}"'},
                 extra={"challenge": {"kind": "reverify", "url": c.reverify.url}},
             )
+        unspent: Checked | None = None  # a valid proof of work, spent once nothing refuses
+        required = 0
         if c.pow_difficulty is not None or c.pow_from_risk:
-            decision = await self._pow(ctx, c, audit)
-            if decision is not None:
-                return decision
+            required = self._difficulty(ctx, c, audit)
+            unspent = self._check_pow(ctx, required, audit)
+            if unspent is None:
+                return self._challenge(ctx, required, audit)
         if c.degrade is not None:
             audit["degrade"] = apply_degrade(ctx, c.degrade)
         if c.caps:
             decision = await self._caps(ctx, c.caps, audit)
             if decision is not None:
+                if unspent is not None:
+                    audit["pow"] = "unspent"  # still good: the client retries with it
                 return decision
+        if unspent is not None and not await self._spend(unspent, audit):
+            # The reservation _caps may have made stays held: settle refunds it in full, as for
+            # any request that never reached the model.
+            return self._challenge(ctx, required, audit)
         if c.tarpit is not None:
             # Clamped again here: sticky records were validated by the policy that saved them,
             # which may have had other bounds (or the store was written by hand).
@@ -204,27 +223,40 @@ class FrictionStage(SettlesNow):
         p = ctx.principal
         return p.account or p.key_id or (str(ctx.client.ip) if ctx.client.ip else "anonymous")
 
-    async def _pow(self, ctx: RequestContext, c: Combined, audit: dict[str, Any]) -> Decision | None:
+    def _difficulty(self, ctx: RequestContext, c: Combined, audit: dict[str, Any]) -> int:
         s = self._settings
         required = c.pow_difficulty or 0
         if c.pow_from_risk:
             risk = max(ctx.risk.score, ctx.risk.cluster_score)
             required = max(required, difficulty_for(risk, s.min_difficulty, s.max_difficulty))
         audit["difficulty"] = required
-        principal = self._principal(ctx)
+        return required
+
+    def _check_pow(self, ctx: RequestContext, required: int, audit: dict[str, Any]) -> Checked | None:
+        """The request's solution if it is valid (not yet spent); None to answer a challenge."""
         solution = ctx.request.headers.get(SOLUTION_HEADER)
-        if solution:
-            try:
-                verdict = await self._issuer.verify(solution, principal, required, self._store.set_if_absent)
-            except StoreError:
-                verdict = Verdict.REPLAYED  # cannot prove it is fresh: ask again (fail closed)
-                audit["pow_store_error"] = True
-            audit["pow"] = verdict.value
-            if verdict is Verdict.OK:
-                return None
-        else:
+        if not solution:
             audit["pow"] = "issued"
-        challenge = self._issuer.issue(principal, required)
+            return None
+        checked = self._issuer.check(solution, self._principal(ctx), required)
+        audit["pow"] = checked.verdict.value
+        return checked if checked.verdict is Verdict.OK else None
+
+    async def _spend(self, checked: Checked, audit: dict[str, Any]) -> bool:
+        """Mark a valid solution used, last, once nothing else in this stage refuses the request:
+        a refusal after the work was checked (a cap_tokens budget) leaves it good for the retry.
+        False if it was spent already (a replay, possibly racing this very request)."""
+        try:
+            fresh = await self._store.set_if_absent(checked.replay_key, checked.ttl)
+        except StoreError:
+            fresh = False  # cannot prove it is fresh: ask again (fail closed)
+            audit["pow_store_error"] = True
+        if not fresh:
+            audit["pow"] = Verdict.REPLAYED.value
+        return fresh
+
+    def _challenge(self, ctx: RequestContext, required: int, audit: dict[str, Any]) -> Decision:
+        challenge = self._issuer.issue(self._principal(ctx), required)
         audit["effect"] = "pow"
         return Decision(
             status=401, error_type="challenge", code="challenge_required",

@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.client import PowTransport, solve_challenge
 from gateway.upstream.mock_server import MockServer
 from tests.conftest import GatewayFactory
+from tests.functional.test_friction_tarpit import settled
 from tests.support.gateway import CLIENT_KEY
 
 POW = """\
@@ -26,6 +27,15 @@ rules:
     description: Every chat request solves a small proof of work.
     when: {field: request.route, equals: chat.completions}
     friction: {challenge: {kind: pow, difficulty: 8}}
+"""
+POW_AND_CAP = """\
+version: 1
+rules:
+  - id: pow-and-cap
+    when: {field: request.route, equals: chat.completions}
+    friction:
+      challenge: {kind: pow, difficulty: 8}
+      cap_tokens: {limit: 1500, per: 1h}
 """
 DEGRADE = """\
 version: 1
@@ -91,6 +101,48 @@ async def test_challenge_is_raised_then_solved_by_hand(
         records = await gw.access_records()
     assert len(mock_upstream.state.requests) == 1
     assert [r["status"] for r in records] == [401, 200, 401]
+
+
+async def challenged(c: openai.AsyncOpenAI) -> str:
+    """A solution to the challenge a request without one is answered with."""
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1000)
+    return solve_challenge(caught.value.response.json())
+
+
+async def test_a_solution_refused_by_the_token_cap_is_accepted_once_the_cap_allows(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """The solution is spent only once nothing in the friction stage refuses the request: a 429
+    from cap_tokens leaves it good for the retry, and it is still accepted only once."""
+    async with (
+        start_gateway(mock_upstream.url, policy_yaml(tmp_path, POW_AND_CAP)) as gw,
+        oa(gw.url, max_retries=0) as c,
+    ):
+        # A stream held open reserves 1,000 output tokens (+ its input) of the 1,500 until it ends.
+        slow = {"x-mock-chunks": "500", "x-mock-chunk-delay-ms": "20"}
+        held = await c.chat.completions.create(
+            model="m", messages=MESSAGES, max_tokens=1000, stream=True,
+            extra_headers={"x-tollgate-solution": await challenged(c), **slow})
+        solution = await challenged(c)
+        with_solution = {"x-tollgate-solution": solution}
+        with pytest.raises(openai.RateLimitError) as caught:
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1000,
+                                            extra_headers=with_solution)
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        await held.close()  # the client leaves: it pays what was streamed, the rest is refunded
+        await settled(gw)
+        result = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1000,
+                                                 extra_headers=with_solution)
+        assert result.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError) as replayed:  # and still good only once
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1000,
+                                            extra_headers=with_solution)
+        assert replayed.value.response.json()["error"]["code"] == "challenge_required"
+        await settled(gw)  # the replay's cap reservation, refunded
+        records = await gw.access_records()
+    assert len(mock_upstream.state.requests) == 2
+    assert [r["status"] for r in records] == [401, 401, 429, 499, 200, 401]
 
 
 async def test_pow_transport_solves_transparently(

@@ -11,6 +11,7 @@ from gateway.context import ApiFamily, RequestContext, RequestView
 from gateway.ipaddr import (
     CidrSet,
     Nat64Prefixes,
+    carried_ipv4,
     matched_networks,
     normalize,
     parse_host,
@@ -449,3 +450,99 @@ def test_config_nat64_prefix_errors_are_positioned() -> None:
         "gw.yaml:12:7: client_ip.nat64_prefixes[9]: expected a NAT64 prefix such as 64:ff9b:1::/48, got "
         "int 7",
     ]
+
+
+# ---- trusted_proxies written in an IPv6 form of IPv4 ----------------------------------------------
+def test_trusted_proxies_in_a_form_never_compared_are_refused_with_what_to_write() -> None:
+    """The peer and the hops are normalised before they meet trusted_proxies, so an entry written
+    as NAT64, IPv4-compatible, 6to4, Teredo or under a configured NAT64 prefix could never match;
+    it is refused (not converted: 64:ff9b::/96 would then trust every IPv4 peer)."""
+    _, issues = parse(
+        "client_ip:\n"
+        "  nat64_prefixes: [64:ff9b:1::/48, '2001:db8:122:344::/96']\n"
+        "  trusted_proxies:\n"
+        "    - 10.0.0.0/8\n"
+        "    - 64:ff9b::c000:201/128\n"
+        "    - 64:ff9b::c000:200/120\n"
+        "    - '::c000:201'\n"
+        "    - '::/96'\n"
+        "    - 2002:c000:201::/48\n"
+        "    - 2001:0:4136:e378:8000:63bf:3fff:fdd2/128\n"
+        "    - 2001:0:4136:e378::/64\n"
+        "    - 64:ff9b:1:c000:2:2100::/128\n"
+        "    - 64:ff9b:1:c000::/64\n"
+        "    - 2001:db8:122:344::c000:221/128\n"
+        "    - 64:ff9b::/96\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        issues.raise_if_errors()
+    at = "client_ip.trusted_proxies"
+    never = "so it never matches"
+    assert str(err.value).splitlines() == [
+        f"gw.yaml:5:7: {at}[1]: '64:ff9b::c000:201/128' is the NAT64 form of 192.0.2.1, which is how the "
+        f"gateway sees that peer, {never}; write 192.0.2.1/32",
+        f"gw.yaml:6:7: {at}[2]: '64:ff9b::c000:200/120' is the NAT64 form of 192.0.2.0/24, which is how the "
+        f"gateway sees those peers, {never} them; write 192.0.2.0/24",
+        f"gw.yaml:7:7: {at}[3]: '::c000:201/128' is the IPv4-compatible form of 192.0.2.1, which is how the "
+        f"gateway sees that peer, {never}; write 192.0.2.1/32",
+        f"gw.yaml:8:7: {at}[4]: '::/96' is the IPv4-compatible form of 0.0.0.0/0, which is how the gateway "
+        f"sees those peers, {never} them; write 0.0.0.0/0 and ::/104 (if every IPv4 peer is meant to be "
+        "trusted)",
+        f"gw.yaml:9:7: {at}[5]: '2002:c000:201::/48' is the 6to4 form of 192.0.2.1, which is how the gateway "
+        f"sees that peer, {never}; write 192.0.2.1/32",
+        f"gw.yaml:10:7: {at}[6]: '2001:0:4136:e378:8000:63bf:3fff:fdd2/128' is the Teredo form of "
+        f"192.0.2.45, which is how the gateway sees that peer, {never}; write 192.0.2.45/32",
+        f"gw.yaml:11:7: {at}[7]: '2001:0:4136:e378::/64' lies in Teredo space, whose peers the gateway sees "
+        f"as the IPv4 address each carries, {never}; write the IPv4 addresses of those proxies",
+        f"gw.yaml:12:7: {at}[8]: '64:ff9b:1:c000:2:2100::/128' is the NAT64 (64:ff9b:1::/48, "
+        "client_ip.nat64_prefixes) form of 192.0.2.33, which is how the gateway sees that peer, "
+        f"{never}; write 192.0.2.33/32",
+        f"gw.yaml:13:7: {at}[9]: '64:ff9b:1:c000::/64' lies in NAT64 (64:ff9b:1::/48, "
+        "client_ip.nat64_prefixes) space, whose peers the gateway sees as the IPv4 address each carries, "
+        f"{never}; write the IPv4 addresses of those proxies",
+        f"gw.yaml:14:7: {at}[10]: '2001:db8:122:344::c000:221/128' is the NAT64 (2001:db8:122:344::/96, "
+        "client_ip.nat64_prefixes) form of 192.0.2.33, which is how the gateway sees that peer, "
+        f"{never}; write 192.0.2.33/32",
+        f"gw.yaml:15:7: {at}[11]: '64:ff9b::/96' is the NAT64 form of 0.0.0.0/0, which is how the gateway "
+        f"sees those peers, {never} them; write 0.0.0.0/0 (if every IPv4 peer is meant to be trusted)",
+    ]
+
+
+def test_trusted_proxies_that_can_match_are_accepted() -> None:
+    # IPv4-mapped entries are stored as IPv4; ::/104 stays IPv6 (::1 is matched as itself); a
+    # range that merely contains a tunnel range holds real IPv6 peers too; a local-use NAT64 range
+    # the operator did not list is ordinary IPv6.
+    cfg, issues = parse("client_ip:\n  trusted_proxies: ['::ffff:192.0.2.0/120', '::1', 2000::/3, "
+                        "64:ff9b:1::/48]\n")
+    issues.raise_if_errors()
+    assert [str(n) for n in cfg.trusted_proxies.networks] == [
+        "192.0.2.0/24", "::1/128", "64:ff9b:1::/48", "2000::/3"]
+
+
+async def test_the_ipv4_entry_the_refusal_names_trusts_that_peer_in_every_form() -> None:
+    cfg, issues = parse("client_ip:\n  trusted_proxies: [192.0.2.1/32]\n")
+    issues.raise_if_errors()
+    stage = ClientIpStage.from_config(cfg)
+    for peer in ("192.0.2.1", "64:ff9b::c000:201", "::c000:201", "2002:c000:201::1", "::ffff:192.0.2.1"):
+        ctx = await resolve(peer, [("X-Forwarded-For", "203.0.113.9")], stage=stage)
+        assert ctx.client.ip == ip("203.0.113.9"), peer
+
+
+@pytest.mark.parametrize("cidr, form, expected", [
+    ("2001:0:4136:e378:8000:63bf:3fff:fd00/120", "Teredo", ["192.0.2.0/24"]),  # inverted bits
+    ("2002:c000:201:1::/64", "6to4", ["192.0.2.1/32"]),  # past the /48: still that one IPv4 peer
+    ("2002::/16", "6to4", ["0.0.0.0/0"]),
+    ("::/104", None, None), ("::ffff:0:0/96", None, None), ("2001:db8::/32", None, None),
+])
+def test_carried_ipv4_names_the_networks_normalised_peers_fall_in(
+        cidr: str, form: str | None, expected: list[str] | None) -> None:
+    carried = carried_ipv4(ipaddress.ip_network(cidr))
+    if form is None:
+        assert carried is None
+    else:
+        assert carried is not None and carried.form == form
+        assert [str(n) for n in carried.networks] == expected
+        # Every address of the range normalises into what is named.
+        net = ipaddress.ip_network(cidr)
+        for probe in (net.network_address, net.broadcast_address):
+            assert any(normalize(probe) in n for n in carried.networks)

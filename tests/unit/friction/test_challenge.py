@@ -29,6 +29,20 @@ async def test_issue_solve_verify_once(issuer: ChallengeIssuer, clock: FakeClock
     assert await issuer.verify(solution, "acct1", 8, guard) is Verdict.REPLAYED
 
 
+async def test_check_spends_nothing_and_names_the_guard_to_spend(
+        issuer: ChallengeIssuer, clock: FakeClock) -> None:
+    guard = MemoryStore(clock).set_if_absent
+    ch = issuer.issue("acct1", 6)
+    solution = solve(ch.token, 6)
+    first, again = issuer.check(solution, "acct1", 6), issuer.check(solution, "acct1", 6)
+    assert first == again and first.verdict is Verdict.OK
+    assert first.replay_key == f"pow:{ch.token.split('.')[3]}" and first.ttl == 60.0
+    assert await issuer.verify(solution, "acct1", 6, guard) is Verdict.OK  # not spent by check
+    assert await issuer.verify(solution, "acct1", 6, guard) is Verdict.REPLAYED
+    assert issuer.check(solution, "acct2", 6).verdict is Verdict.BAD_MAC
+    assert issuer.check(solution, "acct2", 6).replay_key == ""  # nothing to spend
+
+
 async def test_refusals(issuer: ChallengeIssuer, clock: FakeClock) -> None:
     guard = MemoryStore(clock).set_if_absent
     ch = issuer.issue("acct1", 6)

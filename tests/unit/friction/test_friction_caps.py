@@ -1,6 +1,7 @@
 """``cap_tokens``: reserved and reconciled like a quota token budget, on the memory store and on
 Redis. What a request pays (complete, cut short, never reached the model, refused, stopped
-before the cap), what the audit shows, and what concurrent requests can spend at the cap."""
+before the cap), what the audit shows, what concurrent requests can spend at the cap, and that a
+proof-of-work solution is spent only once the cap has let its request through."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any
 
 import pytest
 
+from gateway.client import solve_challenge
 from gateway.context import RequestContext
 from gateway.friction.model import CapTokens, DenySpec, FrictionAction, PowChallenge
 from gateway.risk.settings import ChallengeSettings
 from gateway.risk.sigstore import MemorySignalStore
 from gateway.stages.friction import FrictionStage
-from gateway.store.base import Store
+from gateway.store.base import Store, StoreError
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from tests.support.redis_servers import RedisServer
@@ -24,6 +26,7 @@ from tests.unit.friction.test_friction_stage import with_actions
 from tests.unit.risk.helpers import FakeClock, chat_ctx
 
 INPUT = 50
+POW = (("pow", FrictionAction(pow=PowChallenge(4)), False),)
 
 
 @dataclass
@@ -47,9 +50,10 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 
 
 def capped(limit: int, max_tokens: int | None = 1000, *, rule: str = "cap", n: int = 1,
-           extra: tuple[tuple[str, FrictionAction, bool], ...] = ()) -> RequestContext:
+           extra: tuple[tuple[str, FrictionAction, bool], ...] = (), solution: str = "") -> RequestContext:
     body: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens is not None else {}
-    ctx = chat_ctx("x", n=n, **body)
+    headers = {"x-tollgate-solution": solution} if solution else {}
+    ctx = chat_ctx("x", n=n, headers=headers, **body)
     ctx.request.input_tokens_estimate = INPUT
     return with_actions(ctx, *extra, (rule, FrictionAction(cap_tokens=CapTokens(limit, 3600.0)), False))
 
@@ -181,3 +185,70 @@ async def test_overshoot_is_bounded_by_what_a_request_uses_past_its_reservation(
     await harness.stage.settle(ctx)
     refused = capped(2000, 10)
     assert await harness.stage(refused) is not None
+
+
+async def solved(h: Harness) -> str:
+    """A solution to a fresh challenge (the request asking for it charges no cap)."""
+    decision = await h.stage(capped(1500, extra=POW))
+    assert decision is not None and decision.status == 401
+    return solve_challenge(dict(decision.extra))
+
+
+async def test_a_solution_the_cap_refuses_stays_good_for_the_retry(harness: Harness) -> None:
+    solution = await solved(harness)
+    holder = capped(1500)  # 1,050 of the 1,500 reserved by a request in flight
+    assert await harness.stage(holder) is None
+    refused = capped(1500, extra=POW, solution=solution)
+    decision = await harness.stage(refused)
+    assert decision is not None and decision.status == 429 and decision.retryable
+    audit = refused.audit["friction"]
+    assert audit["effect"] == "cap_tokens" and audit["pow"] == "unspent"
+    await harness.stage.settle(holder)  # never reached the model: its reservation is refunded
+    retry = capped(1500, extra=POW, solution=solution)
+    assert await harness.stage(retry) is None and retry.audit["friction"]["pow"] == "ok"
+    answered(retry, INPUT, 100)
+    await harness.stage.settle(retry)
+    replay = capped(1500, extra=POW, solution=solution)
+    decision = await harness.stage(replay)
+    assert decision is not None and decision.status == 401 and decision.code == "challenge_required"
+    audit = replay.audit["friction"]
+    assert audit["effect"] == "pow" and audit["pow"] == "replayed"
+    # The replay was found after its cap reservation (the spend comes last): refunded at settle.
+    assert audit["cap_tokens"]["result"] == "charged"
+    await harness.stage.settle(replay)
+    assert audit["cap_tokens"]["settled"] == 0
+    assert await remaining(harness, 1500) == 1500 - INPUT - 100
+
+
+async def test_one_solution_sent_twice_at_once_is_accepted_once(harness: Harness) -> None:
+    solution = await solved(harness)
+    racing = [capped(5000, extra=POW, solution=solution) for _ in range(2)]
+    decisions = await asyncio.gather(*(harness.stage(c) for c in racing))
+    assert sorted(d is None for d in decisions) == [False, True]
+    assert sorted(c.audit["friction"]["pow"] for c in racing) == ["ok", "replayed"]
+    for ctx, decision in zip(racing, decisions, strict=True):
+        if decision is None:
+            answered(ctx, INPUT, 100)
+        await harness.stage.settle(ctx)
+    assert await remaining(harness, 5000) == 5000 - INPUT - 100  # the loser's reservation refunded
+
+
+class GuardDownStore(MemoryStore):
+    """Charges work; the replay guard cannot be reached."""
+
+    async def set_if_absent(self, key: str, ttl: float) -> bool:
+        raise StoreError("replay guard unreachable")
+
+
+async def test_a_solution_that_cannot_be_spent_is_challenged_again_and_refunded() -> None:
+    clock = FakeClock()
+    store = GuardDownStore(clock)
+    settings = ChallengeSettings(secret=b"s" * 32, min_difficulty=4, max_difficulty=8)
+    h = Harness(FrictionStage(MemorySignalStore(clock), store, settings, clock), store)
+    ctx = capped(1500, extra=POW, solution=await solved(h))
+    decision = await h.stage(ctx)
+    assert decision is not None and decision.status == 401  # fail closed: freshness unproven
+    audit = ctx.audit["friction"]
+    assert audit["pow"] == "replayed" and audit["pow_store_error"] is True
+    await h.stage.settle(ctx)
+    assert await remaining(h, 1500) == 1500

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.quota.settings import Price, QuotaSettings
 from gateway.quota.stage import QuotaStage
 from gateway.store.memory import MemoryStore
 from tests.support.clock import FakeClock
-
-SETTINGS = QuotaSettings(default_output_tokens=1000, prices=(("gpt-4o", Price(2.5, 10.0)),))
+from tests.support.quota_stage import SETTINGS
 
 
 @pytest.fixture

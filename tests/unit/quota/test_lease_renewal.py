@@ -7,22 +7,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import pytest
-
 from gateway.quota.limits import LimitKind
-from gateway.quota.settings import Price, QuotaSettings
+from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
 from gateway.store.base import Receipt, StoreError
 from gateway.store.memory import MemoryStore
 from tests.support.clock import FakeClock
 from tests.support.quota_ctx import limit, make_ctx, quota
-
-SETTINGS = QuotaSettings(default_output_tokens=1000, prices=(("gpt-4o", Price(2.5, 10.0)),))
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 class RenewalSleep:

@@ -5,7 +5,6 @@ checks the builder's."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import pytest
 
@@ -14,11 +13,11 @@ from gateway.quota.headers import HeaderItem
 from gateway.quota.limits import CompiledLimit, LimitKind
 from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
-from gateway.store.base import Charge, ChargeResult, LimitState, StoreError
+from gateway.store.base import LimitState
 from gateway.store.breaker import FailureMode
-from gateway.store.memory import MemoryStore
 from tests.support.clock import FakeClock
 from tests.support.quota_ctx import limit, make_ctx, quota
+from tests.support.quota_stage import DownStore
 from tests.support.ratelimit_conformance import check_aliases, ietf
 
 
@@ -74,13 +73,6 @@ async def test_shadow_limits_are_not_advertised_even_when_they_would_deny(stage:
         assert ctx.response_headers["x-ratelimit-limit-requests"] == "100"
         assert ctx.audit["quota"]["would_deny"] == (["r2/rpm"] if i else []) + ["r2/tpm"]
         await stage.settle(ctx)
-
-
-class DownStore(MemoryStore):
-    """A shared store that does not answer."""
-
-    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
-        raise StoreError("down")
 
 
 async def test_a_store_that_did_not_answer_claims_nothing(clock: FakeClock) -> None:

@@ -11,7 +11,7 @@ import pytest
 from gateway.context import ApiFamily, RequestContext
 from gateway.errors import error_payload
 from gateway.quota.limits import LimitKind
-from gateway.quota.settings import Price, QuotaSettings
+from gateway.quota.settings import QuotaSettings
 from gateway.quota.stage import QuotaStage
 from gateway.store.base import Adjustment, Algorithm, Charge, ChargeResult, StoreError
 from gateway.store.breaker import BreakerSettings, BreakerState, FailureMode
@@ -19,19 +19,8 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from tests.support.clock import FakeClock
 from tests.support.quota_ctx import limit, make_ctx, quota
+from tests.support.quota_stage import SETTINGS, DownStore
 from tests.support.redis_servers import free_port
-
-SETTINGS = QuotaSettings(default_output_tokens=1000, prices=(("gpt-4o", Price(2.5, 10.0)),))
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def stage(clock: FakeClock) -> QuotaStage:
-    return QuotaStage(MemoryStore(clock), SETTINGS, clock)
 
 
 async def test_no_quota_actions_is_a_no_op(stage: QuotaStage) -> None:
@@ -330,16 +319,9 @@ async def test_headers_follow_the_route_family_and_qualify_shared_names(stage: Q
             assert not any(name.startswith("x-ratelimit-") for name in headers)
 
 
-class FailingStore(MemoryStore):
-    """A shared store that is down: every charge fails."""
-
-    async def charge(self, charges: Sequence[Charge]) -> ChargeResult:
-        raise StoreError("down")
-
-
 async def test_local_fallback_headers_show_the_replica_share(clock: FakeClock) -> None:
     settings = QuotaSettings(replicas=3, on_store_failure=FailureMode.LOCAL)
-    stage = QuotaStage(FailingStore(clock), settings, clock)
+    stage = QuotaStage(DownStore(clock), settings, clock)
     local = quota("r1", limit("rpm", LimitKind.REQUESTS, 9, 60, burst=9))
     skipped = quota("r2", limit("rpm", LimitKind.REQUESTS, 1, 60), on_store_failure=FailureMode.OPEN)
     ctx = make_ctx(local, skipped, api=ApiFamily.ANTHROPIC)
