@@ -19,7 +19,7 @@ from gateway.context import ApiFamily
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, new_request_id
 from gateway.settings import Settings, UpstreamSettings
-from gateway.stages.forward import Forwarder, OpenStreams
+from gateway.stages.forward import Forwarder, OpenStreams, WaitingRequests
 from gateway.upstream.base import Upstream, create_upstream
 from gateway.wiring import Features, build_features
 
@@ -38,8 +38,10 @@ class Runtime:
     pipeline: Pipeline | None = None
     ready: bool = False
     mock_runner: web.AppRunner | None = None
-    # Every forwarder's streams, which a stopping server ends with an error event (gateway.server).
+    # Every forwarder's streams, which a stopping server ends with an error event, and requests
+    # still waiting on their upstream, which it answers 503 (gateway.server).
     streams: OpenStreams = field(default_factory=OpenStreams)
+    waiting: WaitingRequests = field(default_factory=WaitingRequests)
 
     def readiness(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -92,7 +94,7 @@ def _route_plans(runtime: Runtime) -> list[RoutePlan]:
         if upstream is None:
             upstream = runtime.upstreams[upstream_cfg.name] = create_upstream(upstream_cfg)
         forwarders[family] = Forwarder(upstream, adapter, upstream_cfg.credential(), runtime.metrics,
-                                       upstream_cfg.max_response_bytes, runtime.streams)
+                                       upstream_cfg.max_response_bytes, runtime.streams, runtime.waiting)
     plans: list[RoutePlan] = []
     for route in _all_routes():
         if enabled and route.name not in enabled:

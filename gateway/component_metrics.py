@@ -1,12 +1,14 @@
 """Prometheus views of the components' own counters, read at scrape time (nothing on the hot path).
 
-Each component keeps plain counters (store fallbacks, policy reloads, GeoIP databases, risk store
-errors); this collector turns them into metric families when ``/metrics`` is scraped.
+Each component keeps plain counters (store fallbacks, policy reloads, GeoIP databases, JWT key
+sets, risk store errors); this collector turns them into metric families when ``/metrics`` is
+scraped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ class ComponentCollector(Collector):
     store: Callable[[], Any] | None = None  # gateway.store.breaker.StoreStats
     policy: Callable[[], Any] | None = None  # gateway.policy.reload.PolicyHolder
     geo: Callable[[], Any] | None = None  # -> tuple[GeoDatabaseInfo, ...]
+    jwks: Callable[[], Mapping[str, Any]] | None = None  # -> {issuer: gateway.identity.jwks.KeySource}
     extra: dict[str, Callable[[], float]] = field(default_factory=dict)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -30,6 +33,8 @@ class ComponentCollector(Collector):
             yield from _policy(self.policy())
         if self.geo is not None:
             yield from _geo(self.geo())
+        if self.jwks is not None:
+            yield from _jwks(self.jwks())
         for name, read in self.extra.items():
             yield CounterMetricFamily(f"tollgate_{name}", f"Component counter {name}.", value=read())
 
@@ -94,3 +99,22 @@ def _geo(databases: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         lookup_errors.add_metric([db.role], float(db.lookup_errors))
         failing.add_metric([db.role], 1.0 if db.lookups_failing else 0.0)
     yield from (build, errors, lookup_errors, failing)
+
+
+def _jwks(sources: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    age = GaugeMetricFamily("tollgate_jwks_age_seconds",
+                            "Seconds since each JWT issuer's key set was last fetched successfully "
+                            "(+Inf: never).", labels=["issuer"])
+    stale_in = GaugeMetricFamily("tollgate_jwks_stale_in_seconds",
+                                 "Seconds each JWT issuer's last good key set stays usable "
+                                 "(jwks_max_stale after its fetch); 0: stale, its tokens are refused.",
+                                 labels=["issuer"])
+    failures = CounterMetricFamily("tollgate_jwks_fetch_failures",
+                                   "Failed fetches of each JWT issuer's key set (the last good keys "
+                                   "kept).", labels=["issuer"])
+    for issuer, source in sources.items():
+        fresh = source.freshness()
+        age.add_metric([issuer], math.inf if fresh.age is None else fresh.age)
+        stale_in.add_metric([issuer], fresh.stale_in)
+        failures.add_metric([issuer], float(source.failures))
+    yield from (age, stale_in, failures)

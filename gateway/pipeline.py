@@ -206,7 +206,12 @@ class Pipeline:
         try:
             return await forwarder(upstream_request, ctx, plan.route, raw)
         except UpstreamFailure as failure:
-            return self._refuse(ctx, failure.decision)
+            response = self._refuse(ctx, failure.decision)
+            if failure.kind == "shutdown":
+                # The gateway is stopping: the connection closes after this answer, and says so
+                # even to a request that arrived before the drain, with keep-alive agreed then.
+                response.force_close()
+            return response
 
     def _refuse(self, ctx: RequestContext, decision: Decision) -> web.Response:
         ctx.decision = decision

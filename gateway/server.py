@@ -12,11 +12,15 @@ Stopping (SIGTERM or SIGINT) goes through three phases, so that a rolling deploy
    the grace to finish.
 3. **cut**: streams still running end with an error event in their API's grammar (the gateway is
    shutting down, retry), which the official SDKs raise as an API error rather than a broken
-   stream; they have ``CUT_NOTICE`` to send it, then every connection still open is aborted (a
-   client that reads nothing gets no event and holds nothing up). Either way this is the path of
-   a client disconnect: the upstream request is closed, usage is settled as for an abandoned
-   stream (access log status 499, ``client_disconnected``). Then the components stop (stores
-   flushed, logs written) and the process exits 0.
+   stream; requests still waiting on their upstream (no response head yet: a slow model, a long
+   prompt), whose client has nothing yet, are answered a retryable 503 in their API's shape with
+   ``Retry-After`` and ``Connection: close``. Both have ``CUT_NOTICE`` to be sent, then every
+   connection still open is aborted (a client that reads nothing gets nothing and holds nothing
+   up). Either way the upstream request is closed, so the model stops generating. A cut stream is
+   settled as an abandoned one (access log status 499, ``client_disconnected``); a request
+   answered 503 got nothing from the model, so its reservations are refunded in full (status 503,
+   audit ``shutdown``). Then the components stop (stores flushed, logs written) and the process
+   exits 0.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from aiohttp.web_request import BaseRequest
 from gateway.admin import create_admin_app
 from gateway.app import RUNTIME, Runtime, create_app
 from gateway.settings import Settings
-from gateway.stages.forward import OpenStreams
+from gateway.stages.forward import OpenStreams, WaitingRequests
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,9 @@ log = logging.getLogger(__name__)
 # again for one it then has to cancel).
 SETTLE_AFTER_CUT = 5.0
 # Streams still running when the grace ends get this long to send their shutdown error event and
-# end: ample for a client that reads (a few hundred bytes, then a store call to settle), short
-# enough that a client reading nothing, whose connection is then aborted, barely delays the stop.
+# end, and requests waiting on their upstream to close it, settle and answer 503: ample for a
+# client that reads (a few hundred bytes, a store call to settle), short enough that a client
+# reading nothing, whose connection is then aborted, barely delays the stop.
 CUT_NOTICE = 0.5
 # Deliveries of a stop signal this close to the first are the same request, not an operator
 # asking to hurry: a terminal's Ctrl-C, or systemd's KillMode=control-group, signals the workers
@@ -116,20 +121,24 @@ async def _finish_within(server: web.Server, timeout: float) -> None:
         pass
 
 
-async def _finish_or_cut(server: web.Server, grace: float, streams: OpenStreams) -> tuple[int, int]:
+async def _finish_or_cut(server: web.Server, grace: float, streams: OpenStreams,
+                         waiting: WaitingRequests) -> tuple[int, int, int]:
     """Close idle connections, give the others up to ``grace`` to finish their responses (each is
-    closed after its own), end the streams still running with their shutdown error event, then
-    abort the connections still open; returns how many requests were cut, and how many of them
-    were streams told why."""
+    closed after its own), end the streams still running with their shutdown error event, answer
+    the requests still waiting on their upstream with a 503, then abort the connections still
+    open; returns how many requests were cut, how many of them were streams told why, and how
+    many were answered 503."""
     await asyncio.sleep(0)  # connections accepted just before the listener closed get set up
     server.pre_shutdown()  # idle connections stop waiting for a next request
     await _finish_within(server, grace)
     cut = sum(1 for conn in server.connections if conn.transport is not None)
     told = streams.end_all() if cut else 0
-    if told:
-        # Each relay writes its event and ends its response, whose connection then closes
-        # (Connection: close since the drain). Not waited for past the notice: a relay blocked on
-        # a client that reads nothing is cut below like any other request.
+    # Their upstream requests are cancelled (closed) at once; each answers once it has settled.
+    answered = waiting.end_all() if cut else 0
+    if told or answered:
+        # Each relay writes its event and ends its response, and each waiting request its 503,
+        # whose connection then closes. Not waited for past the notice: a client that reads
+        # nothing is cut below like any other request.
         await _finish_within(server, CUT_NOTICE)
     for conn in server.connections:  # only those not closed by now
         transport = conn.transport
@@ -137,7 +146,7 @@ async def _finish_or_cut(server: web.Server, grace: float, streams: OpenStreams)
             # As when a client goes away: aiohttp cancels the handler (handler_cancellation), the
             # forwarder closes the upstream request and the pipeline settles usage.
             transport.abort()
-    return cut, told
+    return cut, told, answered
 
 
 async def _drain(runtime: Runtime, server: web.Server, stop: StopSignals, delay: float,
@@ -220,11 +229,11 @@ async def serve(settings: Settings, worker_index: int = 0, started: asyncio.Even
     grace = settings.shutdown.grace
     log.info("worker %d stopped accepting; waiting up to %gs for %d open connections",
              worker_index, grace, len(server.connections))
-    cut, told = await _finish_or_cut(server, grace, runtime.streams)
+    cut, told, answered = await _finish_or_cut(server, grace, runtime.streams, runtime.waiting)
     if cut:
         log.warning("worker %d: the grace of %gs ran out: cut %d requests still running (%d streams "
-                    "ended with a shutdown error event, where their client was reading)",
-                    worker_index, grace, cut, told)
+                    "ended with a shutdown error event, where their client was reading; %d requests "
+                    "waiting on their upstream answered 503)", worker_index, grace, cut, told, answered)
     stopping = True
     if reload_tasks:
         await asyncio.gather(*reload_tasks, return_exceptions=True)

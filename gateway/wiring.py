@@ -173,6 +173,8 @@ def _add_identity(features: Features, settings: Settings) -> None:
     features.stoppers.append(identity.close)
     features.reloaders.append(identity.reload)
     features.status["identity"] = identity.status
+    if identity.jwt is not None:
+        features.collector.jwks = identity.jwt.sources
 
 
 def _add_policy(features: Features, settings: Settings) -> None:

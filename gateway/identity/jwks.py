@@ -11,6 +11,9 @@
   verified tokens drops tokens that a withdrawn key signed; :meth:`KeySource.vouches` also
   turns false once the set is past ``max_stale``, so a cached token is refused exactly when a
   fresh verification would be.
+- :meth:`KeySource.freshness` tells how old the keys are and how long they stay usable, for
+  ``/admin/status`` and the ``tollgate_jwks_*`` gauges: an identity provider's outage shows
+  there well before tokens start failing.
 - Only asymmetric public keys are accepted (``oct`` keys are dropped), and each key is bound to
   the algorithms its type supports intersected with the issuer's pinned list: an RSA key can
   never be used with HS256 or with an EC algorithm. A key that cannot be used is skipped; it
@@ -104,6 +107,15 @@ def _verification_key(jwk: Any, allowed: frozenset[str]) -> VerificationKey | No
     return VerificationKey(kid, key, frozenset(algs))
 
 
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """How current one issuer's key set is, read at one instant of its source's clock."""
+
+    age: float | None  # seconds since the last successful fetch; None: never fetched
+    stale_in: float  # seconds the keys stay usable (``max_stale`` after that fetch); 0 when stale
+    stale: bool  # past ``max_stale`` (or never loaded): every token of the issuer is refused
+
+
 class KeySource:
     """Cached keys of one issuer; subclasses say how to fetch the document."""
 
@@ -158,6 +170,15 @@ class KeySource:
         not past ``max_stale`` (when :meth:`get` would refuse every key). Called on every hit of
         the verified-token cache, so it is a clock read and two comparisons."""
         return revision == self.revision and self._clock() <= self._usable_until
+
+    def freshness(self) -> Freshness:
+        """The key set's age and time left before it goes stale; not on the request path (read
+        by /admin/status and at scrape time)."""
+        now = self._clock()
+        last = self._last_success
+        return Freshness(age=None if last is None else max(0.0, now - last),
+                         stale_in=max(0.0, self._usable_until - now),
+                         stale=now > self._usable_until)  # as _lookup decides
 
     def _lookup(self, kid: str | None, now: float) -> VerificationKey | None:
         if now > self._usable_until:

@@ -105,6 +105,10 @@ class JwtVerifier:
     def source(self, issuer: str) -> KeySource:
         return self._issuers[issuer].source
 
+    def sources(self) -> dict[str, KeySource]:
+        """Each issuer's key source, by issuer (for /admin/status and metrics)."""
+        return {name: issuer.source for name, issuer in self._issuers.items()}
+
     def prefetch(self) -> None:
         """Start loading every issuer's keys in the background (see KeySource.prefetch)."""
         for issuer in self._issuers.values():

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 
 from gateway.identity.config import IdentityConfig
+from gateway.identity.jwks import KeySource
 from gateway.identity.jwt import JwtVerifier
 from gateway.identity.keys import KeyRing
 from gateway.stages.identity import IdentityStage
@@ -47,9 +48,20 @@ class IdentityService:
                            "reloads": self.keys.reloads,
                            "last_error": str(self.keys.last_error) if self.keys.last_error else None}
         if self.jwt is not None:
-            out["jwt_issuers"] = {
-                cfg.issuer: {"fetches": self.jwt.source(cfg.issuer).fetches,
-                             "failures": self.jwt.source(cfg.issuer).failures}
-                for cfg in self.config.jwt.issuers  # type: ignore[union-attr]
-            }
+            out["jwt_issuers"] = {issuer: _issuer_status(source)
+                                  for issuer, source in self.jwt.sources().items()}
         return out
+
+
+def _issuer_status(source: KeySource) -> dict[str, Any]:
+    fresh = source.freshness()
+    return {
+        "fetches": source.fetches,
+        "failures": source.failures,
+        # An identity provider outage shows here long before tokens fail: failures climb and the
+        # age grows past jwks_cache_ttl while stale_in_seconds runs down to 0, when every token of
+        # the issuer is refused.
+        "last_success_age_seconds": None if fresh.age is None else round(fresh.age, 1),
+        "stale_in_seconds": round(fresh.stale_in, 1),
+        "stale": fresh.stale,
+    }

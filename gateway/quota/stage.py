@@ -379,6 +379,11 @@ class QuotaStage(SettlesNow):
             failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
             if ctx.upstream_started is None or failed:
                 return 0, 0  # never reached the model (or it refused): nothing to pay for
+            if "shutdown" in ctx.audit:
+                # The stopping gateway abandoned the upstream request before the client had
+                # anything, and answered 503 "retry" (Forwarder, WaitingRequests): the retry pays,
+                # so charging this one too would bill the client twice for the gateway's deploy.
+                return 0, 0
         # Input the upstream did not report is assumed consumed as estimated; output is what
         # was produced, so a stream cut short pays for the part that was streamed.
         input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved

@@ -19,7 +19,9 @@ them alike:
 
 A stream that cannot go on ends with an error event in its API's grammar, which the official SDKs
 raise as an API error (a stream that just stops is a parse or connection error to them): when the
-upstream fails after the first byte, and when the gateway stops (:class:`OpenStreams`).
+upstream fails after the first byte, and when the gateway stops (:class:`OpenStreams`). A request
+still waiting on its upstream when the gateway stops, whose client has had nothing of its response
+yet, is answered a retryable 503 instead (:class:`WaitingRequests`).
 """
 
 from __future__ import annotations
@@ -104,8 +106,12 @@ class GatewayShutdown(Exception):
     """The gateway is stopping and the grace ran out: the stream ends now (see :class:`OpenStreams`)."""
 
 
+# Retry-After: another replica serves the retry (the SDKs reconnect, and the balancer stopped
+# sending here during the drain), so a second is enough; it only applies to the 503 answer, a
+# stream's error event carries no headers.
 SHUTTING_DOWN = Decision(status=503, error_type="unavailable",
-                         message="The gateway is shutting down; retry the request.", retryable=True)
+                         message="The gateway is shutting down; retry the request.", retryable=True,
+                         headers={"Retry-After": "1"})
 
 
 class OpenStreams:
@@ -145,6 +151,55 @@ class OpenStreams:
 def _end(body: aiohttp.StreamReader) -> None:
     if body.exception() is None:  # else it already fails, and its relay ends with that error
         body.set_exception(GatewayShutdown())
+
+
+class WaitingRequests:
+    """The requests whose client has had nothing of their response yet while the forwarder waits
+    on their upstream (for the response head, or for a whole body it buffers, or in the tarpit's
+    delay), so that a stopping gateway whose grace runs out answers them ``SHUTTING_DOWN``, a
+    retryable 503 in their API's shape, instead of resetting their connections: an SDK would
+    retry a reset too, but other clients, and the logs, would see a crash.
+
+    Ending them cancels each one's handler task, as a client disconnect does (aiohttp's
+    handler_cancellation): leaving the upstream's context closes the upstream connection, so the
+    model stops generating. The forwarder then recognises the cancellation as the gateway's own
+    (:meth:`cut`) and answers instead of giving up. A request reaching the forwarder afterwards
+    (during the notice) is answered at once, without asking its upstream. A request leaves the
+    set when its stream starts (:class:`OpenStreams` ends it then). Costs a set insertion and
+    removal per request."""
+
+    __slots__ = ("_waiting", "_cut", "_ended")
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()  # filled only at the cut
+        self._ended = False
+
+    def add(self, task: asyncio.Task[Any]) -> bool:
+        """Register ``task`` as waiting; False when the gateway already ended the waits (the
+        request is to be answered at once)."""
+        if self._ended:
+            return False
+        self._waiting.add(task)
+        return True
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._waiting.discard(task)
+
+    def cut(self, task: asyncio.Task[Any]) -> bool:
+        """For ``task``, being cancelled: whether :meth:`end_all` alone cancelled it. Its
+        cancellation request is then withdrawn and the request is to be answered; False when the
+        task was not cut, or when another cancellation stands besides (its client went away too),
+        which must go on."""
+        return task in self._cut and task.uncancel() == 0
+
+    def end_all(self) -> int:
+        """Cancel every wait, and refuse those to come; returns how many were waiting."""
+        self._ended = True
+        for task in self._waiting:
+            if task.cancel():
+                self._cut.add(task)
+        return len(self._cut)
 
 
 # The last sequence number in relayed Responses events (upstream JSON may have spaces).
@@ -208,6 +263,13 @@ def _undecodable(encoding: str) -> UpstreamFailure | None:
         "gateway cannot decode."), "protocol")
 
 
+def _shut_out(ctx: RequestContext) -> UpstreamFailure:
+    """``SHUTTING_DOWN`` for a request the stopping gateway abandons before its client had any of
+    its response; recorded for the audit trail and for settling (QuotaStage refunds it)."""
+    ctx.audit["shutdown"] = "upstream_cancelled" if ctx.upstream_started is not None else "not_forwarded"
+    return UpstreamFailure(SHUTTING_DOWN, "shutdown")
+
+
 def _malformed() -> UpstreamFailure:
     return UpstreamFailure(errors.bad_gateway("The upstream model service sent a malformed response."),
                            "protocol")
@@ -230,9 +292,11 @@ class Forwarder:
         metrics: Metrics,
         max_response_bytes: int,
         streams: OpenStreams | None = None,
+        waiting: WaitingRequests | None = None,
     ) -> None:
         self._upstream = upstream
         self._streams = streams if streams is not None else OpenStreams()
+        self._waiting = waiting if waiting is not None else WaitingRequests()
         self.adapter = adapter
         self._credential = credential
         self._metrics = metrics
@@ -262,17 +326,22 @@ class Forwarder:
         headers = upstream_request_headers(request.headers, ctx.request.api, self._credential,
                                            ctx.request_id)
         body = self._body(ctx, raw)
-        if ctx.first_byte_delay > 0:
-            # The tarpit waits before the upstream is asked: no upstream connection is held and no
-            # generation runs meanwhile, and a client that gives up costs the model nothing. (The
-            # delay is the gateway's, so total_timeout does not count it.)
-            await asyncio.sleep(ctx.first_byte_delay)
-        ctx.upstream_started = started = time.perf_counter()
+        waiting = self._waiting
+        task = asyncio.current_task()
+        assert task is not None  # a handler runs in aiohttp's task for the request
+        if not waiting.add(task):
+            raise _shut_out(ctx)
         try:
+            if ctx.first_byte_delay > 0:
+                # The tarpit waits before the upstream is asked: no upstream connection is held and
+                # no generation runs meanwhile, and a client that gives up costs the model nothing.
+                # (The delay is the gateway's, so total_timeout does not count it.)
+                await asyncio.sleep(ctx.first_byte_delay)
+            ctx.upstream_started = started = time.perf_counter()
             if self._total_timeout:
                 async with asyncio.timeout(self._total_timeout) as deadline:
-                    return await self._exchange(request, ctx, route, headers, body, started, deadline)
-            return await self._exchange(request, ctx, route, headers, body, started, None)
+                    return await self._exchange(request, ctx, route, headers, body, started, deadline, task)
+            return await self._exchange(request, ctx, route, headers, body, started, None, task)
         except UpstreamFailure as refused:  # too large, or not a response to relay
             self._metrics.upstream_errors.labels(refused.kind).inc()
             raise
@@ -280,10 +349,19 @@ class Forwarder:
             failure = _failure(exc)
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
+        except asyncio.CancelledError:
+            # The stopping gateway's grace ran out while this request waited (WaitingRequests):
+            # the upstream request is closed by now (its context was left), and the client, who
+            # has nothing yet, is told to retry rather than having its connection reset.
+            if not waiting.cut(task):
+                raise
+            raise _shut_out(ctx) from None
+        finally:
+            waiting.discard(task)
 
     async def _exchange(self, request: web.Request, ctx: RequestContext, route: RouteSpec,
                         headers: CIMultiDict[str], body: bytes | None, started: float,
-                        deadline: asyncio.Timeout | None) -> web.StreamResponse:
+                        deadline: asyncio.Timeout | None, task: asyncio.Task[Any]) -> web.StreamResponse:
         async with self._upstream.request(request.method, request.path_qs, headers, body) as up:
             ctx.upstream_ttfb = time.perf_counter()
             self._ttfb.observe(ctx.upstream_ttfb - started)
@@ -296,6 +374,9 @@ class Forwarder:
             if ctx.request.stream and up.status == 200 and up.content_type == "text/event-stream":
                 if deadline is not None:
                     deadline.reschedule(None)  # a stream is bounded by read_timeout, not in total
+                # Its client hears from it from now on: at the cut it ends with an error event
+                # (OpenStreams), no longer a 503.
+                self._waiting.discard(task)
                 return await self._relay_stream(request, ctx, route, up)
             return await self._relay_body(ctx, route, up)
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.upstream.mock_server import MockServer
 from tests.conftest import GatewayFactory
-from tests.support.gateway import CLIENT_KEY, RunningGateway
+from tests.support.gateway import CLIENT_KEY, RunningGateway, write_keys_file
 from tests.support.gateway import admin_listener as admin
+from tests.unit.identity.tokens import ISSUER, public_jwk
 
 POLICY = """version: 1
 rules:
@@ -129,3 +133,52 @@ async def test_reload_answers_422_when_the_policy_set_is_refused_and_counts_each
                    if family.name == "tollgate_policy_reloads"
                    for sample in family.samples if sample.name == "tollgate_policy_reloads_total"}
         assert reloads == {"unchanged": 1, "failed": 2, "ok": 1}
+
+
+async def test_status_and_metrics_show_how_fresh_each_jwt_issuers_keys_are(
+    mock_upstream: MockServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """One issuer whose key set loaded, one whose identity provider cannot be reached: the SRE
+    sees the second's keys missing (stale, never fetched) before any of its tokens is refused."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [public_jwk(key, "k1")]}))
+    down = "https://down.example.com/"
+    issuer = ("{{issuer: '{}', account_prefix: '{}', audience: tollgate, algorithms: [RS256], jwks_file: {},"
+              " jwks_max_stale: 1h}}")
+    extra = ("identity:\n"
+             f"  keys_file: {write_keys_file(tmp_path)}\n"
+             "  jwt:\n"
+             "    issuers:\n"
+             f"      - {issuer.format(ISSUER, 'idp:', 'jwks.json')}\n"
+             f"      - {issuer.format(down, 'down:', 'missing-jwks.json')}\n")
+    async with start_gateway(mock_upstream.url, extra) as gw, admin(gw) as url, aiohttp.ClientSession() as s:
+        async def issuers() -> dict[str, dict[str, object]]:
+            async with s.get(url + "/admin/status") as r:
+                found: dict[str, dict[str, object]] = (await r.json())["identity"]["jwt_issuers"]
+                return found
+
+        async with asyncio.timeout(5):  # both fetched at start-up, in the background
+            while ((status := await issuers())[ISSUER]["last_success_age_seconds"] is None
+                   or status[down]["failures"] == 0):
+                await asyncio.sleep(0.02)
+        loaded, missing = status[ISSUER], status[down]
+        assert (loaded["stale"], loaded["failures"]) == (False, 0)
+        age = loaded["last_success_age_seconds"]
+        assert isinstance(age, float) and 0 <= age < 5
+        assert isinstance(loaded["stale_in_seconds"], float) and 3595 < loaded["stale_in_seconds"] <= 3600
+        assert missing == {"fetches": 1, "failures": 1, "last_success_age_seconds": None,
+                           "stale_in_seconds": 0.0, "stale": True}
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    jwks = {(sample.name, sample.labels["issuer"]): sample.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("tollgate_jwks_")
+            for sample in family.samples}
+    names = ("tollgate_jwks_age_seconds", "tollgate_jwks_stale_in_seconds",
+             "tollgate_jwks_fetch_failures_total")
+    assert jwks.keys() == {(name, i) for name in names for i in (ISSUER, down)}
+    assert 0 <= jwks[("tollgate_jwks_age_seconds", ISSUER)] < 5
+    assert 3595 < jwks[("tollgate_jwks_stale_in_seconds", ISSUER)] <= 3600
+    assert jwks[("tollgate_jwks_fetch_failures_total", ISSUER)] == 0
+    assert jwks[("tollgate_jwks_age_seconds", down)] == math.inf
+    assert jwks[("tollgate_jwks_stale_in_seconds", down)] == 0.0
+    assert jwks[("tollgate_jwks_fetch_failures_total", down)] == 1

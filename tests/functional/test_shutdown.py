@@ -1,7 +1,8 @@
 """Stopping a running gateway as a rolling deploy does (``shutdown.drain_delay`` and ``grace``):
 readiness red while it keeps serving with ``Connection: close``, then the listener closes, streams
-in flight finish (or are cut at the end of the grace, with an error event the SDKs raise), and the
-process exits 0."""
+in flight finish (or are cut at the end of the grace, with an error event the SDKs raise),
+requests still waiting on their upstream at the cut are answered a retryable 503, and the process
+exits 0."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from openai.types.responses import ResponseErrorEvent
 
 from gateway.server import CUT_NOTICE, SAME_SIGNAL_WINDOW, StopSignals
 from gateway.stages.forward import SHUTTING_DOWN
-from tests.support.gateway import CLIENT_KEY, write_keys_file
+from gateway.upstream.mock.options import HEADER_FIRST_BYTE_DELAY_MS
+from gateway.upstream.mock_server import MockServer
+from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway, write_keys_file
 from tests.support.redis_servers import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +61,10 @@ class Gateway:
 
 
 @asynccontextmanager
-async def running(tmp: Path, shutdown: str, extra: str = "", workers: int = 1) -> AsyncIterator[Gateway]:
+async def running(tmp: Path, shutdown: str, extra: str = "", workers: int = 1,
+                  upstream: str | None = None) -> AsyncIterator[Gateway]:
+    """A gateway process; its upstream is the mock it starts itself, or the one at ``upstream``
+    (a mock in the test's process, whose state the test reads)."""
     (tmp / "pol").mkdir(exist_ok=True)
     (tmp / "pol" / "rules.yaml").write_text(ALLOW)
     port, admin_port = free_port(), free_port(following=workers - 1)  # an admin port per worker
@@ -66,7 +72,8 @@ async def running(tmp: Path, shutdown: str, extra: str = "", workers: int = 1) -
     path.write_text(
         f"listen: {{host: 127.0.0.1, port: {port}}}\n"
         f"admin: {{enabled: true, port: {admin_port}}}\n"
-        "mock_upstream: {enabled: true, port: 0, chunks: 4}\n"
+        + (f"upstreams: [{{name: mock, base_url: '{upstream}'}}]\n" if upstream else
+           "mock_upstream: {enabled: true, port: 0, chunks: 4}\n") +
         f"identity: {{keys_file: {write_keys_file(tmp)}}}\n"
         "policies: {dir: pol, watch: false}\n"
         "logging: {access_log: access.jsonl, audit_log: null}\n"
@@ -353,6 +360,134 @@ async def test_a_stream_whose_client_reads_nothing_is_cut_without_waiting_on_it(
     assert "cut 1 requests still running" in gw.stderr()
     cut = gw.access_records()[-1]
     assert cut["status"] == 499 and cut["client_disconnected"] is True
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+# The model takes its time to answer: no response head before the grace runs out.
+SLOW_MODEL = {HEADER_FIRST_BYTE_DELAY_MS: "60000"}
+
+
+async def test_requests_waiting_on_their_upstream_at_the_cut_get_a_retryable_503(
+        tmp_path: Path, mock_upstream: MockServer) -> None:
+    """Requests whose upstream has not answered when the grace runs out (a slow model, a long
+    prompt), streamed or not, through the openai and anthropic SDKs: each gets a 503 in its API's
+    shape that the SDK raises as a status error with the gateway's message (a retry, with
+    ``max_retries`` above 0), not a connection reset; and the model is told to stop."""
+    drain, grace = 0.2, 0.5
+    message = SHUTTING_DOWN.message
+    chat_args: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                 "extra_headers": SLOW_MODEL}
+    messages_args: dict[str, Any] = {"model": "claude-test", "max_tokens": 1000, "extra_headers": SLOW_MODEL,
+                                     "messages": [{"role": "user", "content": "hi"}]}
+    async with running(tmp_path, f"{{drain_delay: {drain}s, grace: {grace}s}}",
+                       upstream=mock_upstream.url) as gw, \
+            openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0) as oai, \
+            anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0) as claude:
+        calls = [asyncio.ensure_future(call) for call in (
+            oai.chat.completions.create(**chat_args),
+            oai.chat.completions.create(**chat_args, stream=True),
+            claude.messages.create(**messages_args),
+            claude.messages.create(**messages_args, stream=True))]
+        state = mock_upstream.state
+        await until(lambda: state.requests_total == len(calls))  # all four wait on the model
+        gw.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        answered_after = time.monotonic() - sent
+        assert exit_code_within(gw, sent + drain + grace + CUT_NOTICE + SLACK - time.monotonic()) == 0
+        # The gateway closed each upstream request: the model stopped waiting to answer.
+        await until(lambda: state.requests_cancelled == len(calls))
+    assert drain + grace - 0.1 <= answered_after < drain + grace + CUT_NOTICE + 1.0
+
+    chat_error, chat_stream_error, messages_error, messages_stream_error = outcomes
+    for error in (chat_error, chat_stream_error):
+        assert type(error) is openai.InternalServerError, repr(error)
+        assert error.status_code == 503 and error.message.endswith(message)
+        assert error.body == {"message": message, "type": "server_error", "param": None,
+                              "code": "service_unavailable"}
+    for error in (messages_error, messages_stream_error):
+        assert isinstance(error, anthropic.APIStatusError), repr(error)
+        assert error.status_code == 503 and message in error.message
+        assert error.body == {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+    for error in outcomes:
+        assert isinstance(error, openai.APIStatusError | anthropic.APIStatusError)
+        # What makes an SDK retry it, elsewhere and soon, when retries are on.
+        headers = error.response.headers
+        hints = (headers["connection"], headers["retry-after"], headers["x-should-retry"])
+        assert hints == ("close", "1", "true")
+
+    assert ("cut 4 requests still running (0 streams ended with a shutdown error event, where their "
+            "client was reading; 4 requests waiting on their upstream answered 503)") in gw.stderr()
+    records = gw.access_records()
+    assert sorted(r["route"] for r in records) == ["chat.completions"] * 2 + ["messages"] * 2
+    for record in records:
+        # Answered, not cut: and nothing of the model's to count.
+        assert record["status"] == 503 and "client_disconnected" not in record, record
+        assert "upstream_status" not in record and record["output_tokens"] == 0
+
+
+QUOTA = """version: 1
+rules:
+  - id: per-account
+    quota:
+      limits:
+        - {name: tpd, kind: total_tokens, limit: 100000, per: 1d, key: [principal.account]}
+        - {name: conc, kind: concurrency, limit: 4, key: [principal.account]}
+"""
+
+
+@pytest.fixture(params=["pool", "session"])
+async def quota_gateway(request: pytest.FixtureRequest, mock_upstream: MockServer,
+                        tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    """A gateway in this process, with a token quota and an audit log, on each upstream client
+    (both must close the upstream request they are cancelled in)."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "quota.yaml").write_text(QUOTA)
+    policies = f"policies: {{dir: {tmp_path / 'policies'}, watch: false}}\n"
+    config = gateway_yaml(mock_upstream.url, tmp_path, policies, f"client: {request.param}",
+                          audit_log=tmp_path / "audit.jsonl")
+    async with run_gateway(config, tmp_path) as gw:
+        yield gw
+
+
+async def test_a_request_answered_503_at_the_cut_is_refunded_and_audited_as_shutdown(
+        quota_gateway: RunningGateway, mock_upstream: MockServer) -> None:
+    """The 503 of a request whose upstream had not answered: its quota reservation is given back
+    whole (the client got nothing and is told to retry, and its retry pays), the audit record
+    says why, and a request reaching the forwarder after the cut is answered at once, its
+    upstream never asked."""
+    gw = quota_gateway
+    body = {"model": "m", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}
+    state = mock_upstream.state
+    async with aiohttp.ClientSession() as s:
+        async def post() -> tuple[int, dict[str, Any], str | None]:
+            async with s.post(gw.url + CHAT, json=body, headers={**AUTH, **SLOW_MODEL}) as r:
+                return r.status, await r.json(), r.headers.get("Retry-After")
+
+        waiting = asyncio.ensure_future(post())
+        await until(lambda: state.requests_total == 1)
+        assert gw.runtime.waiting.end_all() == 1  # what the server does when its grace runs out
+        assert await asyncio.wait_for(waiting, 5) == (503, {"error": {
+            "message": SHUTTING_DOWN.message, "type": "server_error", "param": None,
+            "code": "service_unavailable"}}, "1")
+        await until(lambda: state.requests_cancelled == 1)
+        # During the notice: no upstream request, the same answer.
+        status, _, _ = await post()
+        assert status == 503 and state.requests_total == 1
+    cancelled, refused = await gw.audit_records()
+    for record, how in ((cancelled, "upstream_cancelled"), (refused, "not_forwarded")):
+        assert (record["status"], record["error_type"]) == (503, "unavailable")
+        extra = record["extra"]
+        assert isinstance(extra, dict) and extra["shutdown"] == how
+        # Reserved when admitted (the prompt and max_tokens), all of it given back.
+        quota = extra["quota"]
+        assert quota["limits"] and quota["settled"] == {"input_tokens": 0, "output_tokens": 0}
+    assert cancelled["upstream_status"] is None and not cancelled["client_disconnected"]
 
 
 async def test_a_second_sigterm_ends_the_drain_and_sighup_reloads_during_it(tmp_path: Path) -> None:

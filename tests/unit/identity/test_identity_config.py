@@ -145,7 +145,11 @@ async def test_identity_service_lifecycle(tmp_path: Path, rsa_key: Any) -> None:
         assert await service.stage(ctx) is None and ctx.principal.account == "sso:acct-1"
         status = service.status()
         assert status["keys"]["count"] == 0 and status["anonymous"] == "deny"
-        assert status["jwt_issuers"][ISSUER]["fetches"] == 1
+        issuer = status["jwt_issuers"][ISSUER]
+        assert (issuer["fetches"], issuer["failures"], issuer["stale"]) == (1, 0, False)
+        # Fetched a moment ago; usable for jwks_max_stale (a day by default) from then.
+        age = issuer["last_success_age_seconds"]
+        assert 0 <= age < 10 and abs(issuer["stale_in_seconds"] + age - 86400) <= 0.2
     finally:
         await service.close()
 
