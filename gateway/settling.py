@@ -18,6 +18,25 @@ class Settling(Protocol):
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None: ...
 
 
+def consumed_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
+    """The (input, output) tokens a request consumed, which every reservation (quotas,
+    ``cap_tokens``) settles to. What the upstream reported when it reported usage. Otherwise
+    nothing when the model was never reached or refused (``upstream_started`` is None: not
+    forwarded, or the forwarder found it never left the gateway; an upstream error status) or when
+    the stopping gateway abandoned it and told the client to retry (the retry pays). Otherwise the
+    input is assumed consumed as estimated, and output is what was produced, so a stream cut short
+    pays for the part that was streamed."""
+    usage = ctx.usage
+    if not ctx.request.billed:  # count_tokens, models: no model ran, whatever the reply says
+        return 0, 0
+    if not (usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0):
+        failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
+        if ctx.upstream_started is None or failed or "shutdown" in ctx.audit:
+            return 0, 0
+    input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
+    return input_tokens, usage.output_tokens
+
+
 class SettlesNow:
     """``await stage.settle(ctx)``: the whole settle, for callers outside the pipeline."""
 

@@ -29,7 +29,7 @@ from gateway.quota.limits import CompiledLimit, LimitKind
 from gateway.quota.plan import Combo, KeyEntry, LimitSlot, Plan, limit_audit
 from gateway.quota.renewal import LeaseRenewer
 from gateway.quota.settings import Price, QuotaSettings
-from gateway.settling import SettlesNow
+from gateway.settling import SettlesNow, consumed_usage
 from gateway.store.base import (
     Adjustment,
     Charge,
@@ -350,7 +350,7 @@ class QuotaStage(SettlesNow):
             # Before the release: no later renewal round includes this lease (one already in
             # flight cannot revive it: Store.renew only extends leases still held).
             self.renewer.forget(id(ctx))
-        actual_in, actual_out = self._actual_usage(ctx, input_reserved)
+        actual_in, actual_out = consumed_usage(ctx, input_reserved)
         adjustments: list[Adjustment] = []
         for kind, receipt in applied:
             if kind is LimitKind.CONCURRENCY:
@@ -368,26 +368,6 @@ class QuotaStage(SettlesNow):
         if adjustments and not self.guard.adjust_soon(adjustments, backend):
             return self.guard.adjust(adjustments, backend)
         return None
-
-    @staticmethod
-    def _actual_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
-        usage = ctx.usage
-        if not ctx.request.billed:  # count_tokens, models: no model ran, whatever the reply says
-            return 0, 0
-        reported = usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0
-        if not reported:
-            failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
-            if ctx.upstream_started is None or failed:
-                return 0, 0  # never reached the model (or it refused): nothing to pay for
-            if "shutdown" in ctx.audit:
-                # The stopping gateway abandoned the upstream request before the client had
-                # anything, and answered 503 "retry" (Forwarder, WaitingRequests): the retry pays,
-                # so charging this one too would bill the client twice for the gateway's deploy.
-                return 0, 0
-        # Input the upstream did not report is assumed consumed as estimated; output is what
-        # was produced, so a stream cut short pays for the part that was streamed.
-        input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
-        return input_tokens, usage.output_tokens
 
 
 def _with_limit(limit: CompiledLimit, value: int) -> CompiledLimit:

@@ -270,6 +270,11 @@ def _shut_out(ctx: RequestContext) -> UpstreamFailure:
     return UpstreamFailure(SHUTTING_DOWN, "shutdown")
 
 
+# Failures before a request was written upstream (connecting, or waiting for a pooled connection):
+# unlike a reset or a timeout later on, the model cannot have read it.
+_NEVER_SENT = (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError, UpstreamConnectError)
+
+
 def _malformed() -> UpstreamFailure:
     return UpstreamFailure(errors.bad_gateway("The upstream model service sent a malformed response."),
                            "protocol")
@@ -347,6 +352,8 @@ class Forwarder:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             failure = _failure(exc)
+            if isinstance(exc, _NEVER_SENT):
+                ctx.upstream_started = None  # the model never saw it: settling charges nothing
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
         except asyncio.CancelledError:

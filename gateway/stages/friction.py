@@ -49,7 +49,7 @@ from gateway.friction.model import CapTokens, Combined, FrictionAction
 from gateway.friction.state import FrictionState
 from gateway.risk.settings import ChallengeSettings
 from gateway.risk.sigstore import SignalStore
-from gateway.settling import SettlesNow
+from gateway.settling import SettlesNow, consumed_usage
 from gateway.store.base import Adjustment, Algorithm, Charge, Receipt, Store, StoreError
 
 DEFAULT_OUTPUT_ESTIMATE = 1024
@@ -58,19 +58,6 @@ DEFAULT_OUTPUT_ESTIMATE = 1024
 def _deny_kind(status: int) -> str:
     return {401: "authentication", 403: "permission", 404: "not_found", 429: "rate_limit"}.get(
         status, "invalid_request" if status < 500 else "unavailable")
-
-
-def _consumed(ctx: RequestContext, input_reserved: int) -> int:
-    """Tokens a request consumed, as the quota stage counts them (gateway/quota/stage.py)."""
-    usage = ctx.usage
-    if not ctx.request.billed:  # count_tokens, models: no model ran
-        return 0
-    if not (usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0):
-        failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
-        if ctx.upstream_started is None or failed:
-            return 0  # never reached the model (or it refused): nothing to pay for
-    input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
-    return input_tokens + usage.output_tokens
 
 
 class FrictionStage(SettlesNow):
@@ -316,7 +303,7 @@ class FrictionStage(SettlesNow):
         if held is None:
             return None
         receipts, input_reserved, estimate = held
-        consumed = _consumed(ctx, input_reserved)
+        consumed = sum(consumed_usage(ctx, input_reserved))
         note = ctx.audit.get("friction", {}).get("cap_tokens")
         if isinstance(note, dict):
             note["settled"] = consumed

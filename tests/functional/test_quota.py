@@ -23,6 +23,7 @@ from gateway.quota.stage import QuotaStage
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway
 from tests.support.ratelimit_fields import parse_structured
+from tests.support.redis_servers import free_port
 
 GatewayStarter = Callable[[str], AbstractAsyncContextManager[RunningGateway]]
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -290,3 +291,22 @@ async def test_routes_without_generation_reserve_only_what_they_consume(
     assert len(counted_records) == 3
     assert all(r["extra"]["quota"]["settled"] == {"input_tokens": 0, "output_tokens": 0}  # type: ignore[index]
                for r in counted_records)
+
+
+async def test_a_request_the_upstream_never_received_pays_nothing(tmp_path: Path) -> None:
+    """A connection refused (or a connect timeout) means the model never read the prompt: the
+    reservation is refunded in full, where a reset after sending keeps the input estimate."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10-quota.yaml").write_text(
+        "version: 1\nrules:\n" + textwrap.indent(textwrap.dedent(TOKEN_BUDGET_RULE), "  "))
+    closed = free_port()  # nothing listens there
+    text = gateway_yaml(f"http://127.0.0.1:{closed}", tmp_path,
+                        f"policies: {{dir: {policies}, watch: false}}\n", audit_log=tmp_path / "audit.jsonl")
+    async with run_gateway(text, tmp_path) as gw, openai_client(gw) as c:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await c.chat.completions.create(model="gpt-test", messages=MESSAGES, max_tokens=50)
+        await settled(gw)
+        records = await gw.audit_records()
+    assert failed.value.status_code == 502
+    assert records[-1]["extra"]["quota"]["settled"] == {"input_tokens": 0, "output_tokens": 0}  # type: ignore[index]
