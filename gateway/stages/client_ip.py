@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,22 +94,13 @@ def parse_client_ip_config(node: Node | None) -> ClientIpConfig:
     node.check_keys({"trusted_proxies", "headers", "max_entries", "max_header_bytes", "nat64_prefixes"})
     nat64 = _nat64_prefixes(node.child("nat64_prefixes"))  # first: trusted_proxies is checked against it
     nets = []
-    proxies = node.child("trusted_proxies")
-    if proxies is not None and proxies.expect_list("a list of addresses or CIDRs"):
-        for item in proxies.elements():
-            text = item.as_type(str, what="an address or CIDR string")
-            if text is None:
-                continue
-            try:
-                net = parse_network(text)
-            except ValueError as exc:
-                item.error(str(exc))
-                continue
-            carried = carried_ipv4(net, nat64)
-            if carried is not None:
-                item.error(_never_matches(net, carried))
-            else:
-                nets.append(net)
+    for item, net in _networks(node.child("trusted_proxies"), "a list of addresses or CIDRs",
+                               "an address or CIDR string"):
+        carried = carried_ipv4(net, nat64)
+        if carried is not None:
+            item.error(_never_matches(net, carried))
+        else:
+            nets.append(net)
     headers = default.headers
     hnode = node.child("headers")
     if hnode is not None and hnode.expect_list("a list of header names"):
@@ -151,19 +142,25 @@ def _never_matches(net: Network, carried: CarriedIpv4) -> str:
             + (" (if every IPv4 peer is meant to be trusted)" if everyone else ""))
 
 
-def _nat64_prefixes(node: Node | None) -> Nat64Prefixes:
-    accepted: list[ipaddress.IPv6Network] = []
-    if node is None or node.value is None or not node.expect_list("a list of NAT64 prefixes"):
-        return Nat64Prefixes()
+def _networks(node: Node | None, expected_list: str, expected_item: str) -> Iterator[tuple[Node, Network]]:
+    """Each entry of a list of networks with its node; entries that do not parse are reported."""
+    if node is None or not node.expect_list(expected_list):
+        return
     for item in node.elements():
-        text = item.as_type(str, what="a NAT64 prefix such as 64:ff9b:1::/48")
+        text = item.as_type(str, what=expected_item)
         if text is None:
             continue
         try:
-            net = parse_network(text)
+            yield item, parse_network(text)
         except ValueError as exc:
             item.error(str(exc))
-            continue
+
+
+def _nat64_prefixes(node: Node | None) -> Nat64Prefixes:
+    accepted: list[ipaddress.IPv6Network] = []
+    if node is None or node.value is None:
+        return Nat64Prefixes()
+    for item, net in _networks(node, "a list of NAT64 prefixes", "a NAT64 prefix such as 64:ff9b:1::/48"):
         problem = nat64_prefix_problem(net, accepted)
         if problem is not None:
             item.error(problem)
