@@ -94,8 +94,11 @@ class AccessLog:
             record["upstream_status"] = ctx.upstream_status
         if ctx.client_disconnected:
             record["client_disconnected"] = True
-        if ctx.decision is not None and ctx.decision.rule_id:
-            record["rule_id"] = ctx.decision.rule_id
+        decision = ctx.decision
+        if decision is not None:  # the gateway answered itself: why, in its neutral error kinds
+            record["error"] = decision.error_type
+            if decision.rule_id:
+                record["rule_id"] = decision.rule_id
         if self._size >= self._max * 8:
             # The writer is stuck (a blocked pipe, a full disk): shed lines rather than grow memory.
             self.losses.count("queue_full")
