@@ -9,8 +9,26 @@ transport so a proof-of-work challenge is solved and the request retried transpa
     client = openai.AsyncOpenAI(base_url="https://gateway.example/v1", api_key=KEY,
                                 http_client=httpx2.AsyncClient(transport=PowTransport()))
 
-``PowSyncTransport`` does the same for ``openai.OpenAI`` / ``anthropic.Anthropic``. Without the
-wrapper, an SDK raises ``AuthenticationError`` (status 401) whose body carries
+``PowSyncTransport`` does the same for ``openai.OpenAI`` / ``anthropic.Anthropic``.
+
+A solution the gateway has not spent is remembered and reused. The gateway spends a solution only
+when it admits the request (a ``cap_tokens`` or quota 429 leaves it good until the challenge
+expires), but an SDK that retries that 429 resends its original request, without the header:
+the transport puts the remembered solution on it (and on any later request that brings none)
+instead of paying for a new challenge. What is safe to reuse: a solution is bound to the
+principal the gateway saw (the API key's account) and expires with its challenge, so it is
+remembered with the request's origin and credentials (``authorization``, ``x-api-key``,
+``api-key``; kept as a digest) and its expiry, and only put on a request with the same ones that
+leaves before the expiry (minus ``expiry_margin``, for the trip and the clocks' skew). It is
+forgotten once a request carrying it gets a 2xx (the gateway spent it), or a new challenge
+(spent, replayed, expired or now too easy); after any other answer, or a request that failed in
+transit, it is kept: if the gateway had spent it after all, the next request carrying it gets a
+challenge, which the transport solves as it would have anyway (one round trip, no extra work).
+One solution is remembered per transport, the latest, and it is on at most one request at a time
+(taken while the request is out): two requests never race with it. ``solved`` counts the
+challenges a transport has solved.
+
+Without the wrapper, an SDK raises ``AuthenticationError`` (status 401) whose body carries
 ``error.challenge``; solve it with :func:`solve_challenge` (or ``gateway solve TOKEN``) and
 resend with the header ``x-tollgate-solution: <solution>`` (``extra_headers=`` in the SDKs).
 Reverification challenges (403) need a human and are never retried.
@@ -21,13 +39,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
 
 SOLUTION_HEADER = "x-tollgate-solution"
 _PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]+))')
+# Request headers that carry the credentials the gateway names the principal by.
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 
 
 def _leading_zero_bits(digest: bytes) -> int:
@@ -71,61 +94,171 @@ def _pow_challenge(response: httpx2.Response) -> str | None:
     return value if value.startswith("Tollgate-PoW") else None
 
 
-def _retry_request(request: httpx2.Request, solution: str) -> httpx2.Request:
+def _with_solution(request: httpx2.Request, solution: str) -> httpx2.Request:
     headers = httpx2.Headers(request.headers)
     headers[SOLUTION_HEADER] = solution
     return httpx2.Request(request.method, request.url, headers=headers, content=request.content,
                           extensions=request.extensions)
 
 
+def _scope(request: httpx2.Request) -> tuple[str, str, int | None, str]:
+    """Whom a solution sent with ``request`` is bound to, as far as a client can tell: the gateway
+    (origin) and the credentials (a digest: the transport keeps no copy of a key)."""
+    credentials = hashlib.sha256()
+    for name in _CREDENTIAL_HEADERS:
+        for value in request.headers.get_list(name):
+            credentials.update(f"{name}:{value}\n".encode())
+    url = request.url
+    return url.scheme, url.host, url.port, credentials.hexdigest()
+
+
+def _expires(solution: str) -> float | None:
+    """The expiry (Unix seconds, the gateway's clock) written in a solution's token."""
+    parts = solution.split(".")
+    return float(parts[1]) if len(parts) == 6 and parts[1].isascii() and parts[1].isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    scope: tuple[str, str, int | None, str]
+    solution: str
+    expires: float
+
+
+class _Solutions:
+    """The one unspent solution a transport remembers, and its count of challenges solved. Locked:
+    a sync transport is shared by the threads of one ``httpx2.Client`` (the async one holds the
+    lock only between awaits, never across one)."""
+
+    def __init__(self, clock: Callable[[], float], margin: float) -> None:
+        self._clock = clock
+        self._margin = margin
+        self._lock = threading.Lock()
+        self._kept: _Kept | None = None
+        self.solved = 0
+
+    def take(self, scope: tuple[str, str, int | None, str]) -> str | None:
+        """The remembered solution if it suits a request to ``scope`` leaving now; it is off the
+        shelf until :meth:`keep` puts it back (one request at a time carries it)."""
+        with self._lock:
+            kept = self._kept
+            if kept is None or kept.scope != scope:
+                return None
+            self._kept = None
+            # An expired one is dropped: the gateway would only answer it with a new challenge.
+            return kept.solution if kept.expires - self._margin > self._clock() else None
+
+    def keep(self, scope: tuple[str, str, int | None, str], solution: str) -> None:
+        """Remember ``solution`` (not spent by the gateway, as far as the answer tells)."""
+        expires = _expires(solution)
+        if expires is None:
+            return  # not a token this transport can date: never reused blindly
+        with self._lock:
+            if self._kept is None or self._kept.expires <= expires:  # the one that lasts longer
+                self._kept = _Kept(scope, solution, expires)
+
+    def count(self) -> None:
+        with self._lock:
+            self.solved += 1
+
+
 class PowTransport(httpx2.AsyncBaseTransport):
-    """Solves proof-of-work challenges (off the event loop) and resends, up to ``max_attempts``."""
+    """Solves proof-of-work challenges (off the event loop) and resends, up to ``max_attempts``
+    solves per request; remembers a solution the gateway did not spend and puts it on the next
+    request to the same gateway with the same credentials (see the module docstring)."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport | None = None, max_attempts: int = 2,
-                 max_difficulty: int = 24) -> None:
+                 max_difficulty: int = 24, expiry_margin: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._inner = inner or httpx2.AsyncHTTPTransport()
         self._attempts = max_attempts
         self._max_difficulty = max_difficulty
+        self._solutions = _Solutions(clock, expiry_margin)
+
+    @property
+    def solved(self) -> int:
+        """Challenges this transport has solved (each one is work paid)."""
+        return self._solutions.solved
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         await request.aread()  # the body must be replayable
-        response = await self._inner.handle_async_request(request)
-        for _ in range(self._attempts):
-            challenge = _pow_challenge(response)
-            if challenge is None or parse_challenge(challenge)[1] > self._max_difficulty:
-                return response
-            await response.aread()
-            await response.aclose()
-            solution = await asyncio.to_thread(solve_challenge, challenge)
-            request = _retry_request(request, solution)
+        scope = _scope(request)
+        carried = None  # the solution this transport put on the request, while it may be unspent
+        if SOLUTION_HEADER not in request.headers:
+            carried = self._solutions.take(scope)
+            if carried is not None:
+                request = _with_solution(request, carried)
+        admitted = False
+        try:
             response = await self._inner.handle_async_request(request)
-        return response
+            for attempt in range(self._attempts + 1):
+                challenge = _pow_challenge(response)
+                if challenge is None:
+                    break
+                carried = None  # answered with a challenge: spent, replayed, expired or too easy
+                if attempt == self._attempts or parse_challenge(challenge)[1] > self._max_difficulty:
+                    break
+                await response.aread()
+                await response.aclose()
+                carried = await asyncio.to_thread(solve_challenge, challenge)
+                self._solutions.count()
+                request = _with_solution(request, carried)
+                response = await self._inner.handle_async_request(request)
+            admitted = response.is_success
+            return response
+        finally:
+            if carried is not None and not admitted:
+                self._solutions.keep(scope, carried)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 class PowSyncTransport(httpx2.BaseTransport):
-    """The blocking twin of :class:`PowTransport`."""
+    """The blocking twin of :class:`PowTransport` (safe to share between threads)."""
 
     def __init__(self, inner: httpx2.BaseTransport | None = None, max_attempts: int = 2,
-                 max_difficulty: int = 24) -> None:
+                 max_difficulty: int = 24, expiry_margin: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._inner = inner or httpx2.HTTPTransport()
         self._attempts = max_attempts
         self._max_difficulty = max_difficulty
+        self._solutions = _Solutions(clock, expiry_margin)
+
+    @property
+    def solved(self) -> int:
+        """Challenges this transport has solved (each one is work paid)."""
+        return self._solutions.solved
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         request.read()
-        response = self._inner.handle_request(request)
-        for _ in range(self._attempts):
-            challenge = _pow_challenge(response)
-            if challenge is None or parse_challenge(challenge)[1] > self._max_difficulty:
-                return response
-            response.read()
-            response.close()
-            request = _retry_request(request, solve_challenge(challenge))
+        scope = _scope(request)
+        carried = None
+        if SOLUTION_HEADER not in request.headers:
+            carried = self._solutions.take(scope)
+            if carried is not None:
+                request = _with_solution(request, carried)
+        admitted = False
+        try:
             response = self._inner.handle_request(request)
-        return response
+            for attempt in range(self._attempts + 1):
+                challenge = _pow_challenge(response)
+                if challenge is None:
+                    break
+                carried = None
+                if attempt == self._attempts or parse_challenge(challenge)[1] > self._max_difficulty:
+                    break
+                response.read()
+                response.close()
+                carried = solve_challenge(challenge)
+                self._solutions.count()
+                request = _with_solution(request, carried)
+                response = self._inner.handle_request(request)
+            admitted = response.is_success
+            return response
+        finally:
+            if carried is not None and not admitted:
+                self._solutions.keep(scope, carried)
 
     def close(self) -> None:
         self._inner.close()

@@ -20,7 +20,8 @@ end with ``<thi`` and the next begin with ``nk>``): it holds back only what coul
 start of the answer's first tag (leading whitespace up to a bound, and a partial opening tag) or a
 partial closing tag, so its memory is bounded whatever the stream. The output does not depend on
 where the text was cut: ``feed`` of the pieces then ``finish`` gives the same string as
-``stripped`` of the whole text.
+``stripped`` of the whole text. :attr:`InlineReasoningFilter.removed` counts the characters taken
+out, by which offsets into the text that come later (completions ``logprobs.text_offset``) shift.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ _AFTER: Final = 2  # past the block, or the text does not start with one: sent a
 class InlineReasoningFilter:
     """The leading reasoning block of one choice's text, removed piece by piece (see the module)."""
 
-    __slots__ = ("_open", "_close", "_state", "_held", "_released")
+    __slots__ = ("_open", "_close", "_state", "_held", "_released", "_fed", "_sent")
 
     def __init__(self, tags: InlineReasoning) -> None:
         self._open = tags.open
@@ -85,20 +86,32 @@ class InlineReasoningFilter:
         # _INSIDE: the block's last characters, which may begin the closing tag.
         self._held = ""
         self._released = False  # leading whitespace went past MAX_HELD_SPACE and was sent
+        # Characters fed and sent until the text passes (counting stops then: nothing more is
+        # removed, and the passing path stays a bare return).
+        self._fed = 0
+        self._sent = 0
 
     @property
     def passing(self) -> bool:
         """Nothing more will be removed: the rest of the text goes out unchanged."""
         return self._state == _AFTER
 
+    @property
+    def removed(self) -> int:
+        """Characters of the text fed so far that are not sent and never will be (the block, and
+        the whitespace before it): what an offset into the text past them must be lowered by."""
+        # Before the block, what is held may still be sent; inside it, what is held is dropped.
+        return 0 if self._state == _BEFORE else self._fed - self._sent
+
     def feed(self, text: str) -> str:
         """The part of the text to send now for the next piece ``text``."""
         state = self._state
         if state == _AFTER:
             return text
-        if state == _INSIDE:
-            return self._inside(text)
-        return self._before(text)
+        out = self._inside(text) if state == _INSIDE else self._before(text)
+        self._fed += len(text)
+        self._sent += len(out)
+        return out
 
     def finish(self) -> str:
         """The text ended: what was held back and turned out not to be reasoning."""
@@ -106,7 +119,9 @@ class InlineReasoningFilter:
         state, self._state = self._state, _AFTER
         # Before: whitespace or a partial tag that never completed, which is text. Inside: the
         # block never closed, so it was all reasoning.
-        return held if state == _BEFORE else ""
+        out = held if state == _BEFORE else ""
+        self._sent += len(out)
+        return out
 
     def _before(self, text: str) -> str:
         held = self._held + text

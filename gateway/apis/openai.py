@@ -300,6 +300,8 @@ def _shape_choice(choice: dict[str, Any], shaping: Shaping, inline: InlineReason
             and (not isinstance(delta, dict) or all(v is None or k == "content" for k, v in delta.items()))
             and choice.get("finish_reason") is None
         )
+    elif inline is not None and inline.removed and _shift_offsets(choice.get("logprobs"), inline.removed):
+        changed = True  # a completions delta past the block: its offsets counted the block too
     if emptied and choice.get("logprobs") is not None:
         choice["logprobs"] = None  # sent anyway when another choice of the chunk has content
     return changed or removed, emptied
@@ -331,6 +333,23 @@ def _strip_inline(choice: dict[str, Any], delta: Any, inline: InlineReasoningFil
         return False
     holder[key] = out
     return True
+
+
+def _shift_offsets(logprobs: Any, removed: int) -> bool:
+    """Lower a completions choice's ``logprobs.text_offset`` values (character offsets into the
+    choice's whole text) by the ``removed`` characters of reasoning before them; True if any
+    changed. Chat logprobs have no offsets: nothing to do."""
+    offsets = logprobs.get("text_offset") if isinstance(logprobs, dict) else None
+    if not isinstance(offsets, list):
+        return False
+    changed = False
+    for i, value in enumerate(offsets):
+        if type(value) is int:  # not bool, not a server's odd value: those are left as they came
+            # Never below 0: an offset inside the removed block would name reasoning (the filter
+            # nulls those deltas' logprobs, so only a server counting oddly gets here).
+            offsets[i] = max(0, value - removed)
+            changed = True
+    return changed
 
 
 def _clear_logprobs(part: Any) -> bool:

@@ -128,6 +128,19 @@ async def test_completions_text_loses_the_block_streamed_or_not(
             pieces.append(chunk.choices[0].text)
         assert "".join(pieces) == answer()
         assert await last_output_tokens(gw) == 2 * CHUNKS
+        # With logprobs, each token kept past the block is at its text_offset in the text read.
+        named: list[tuple[int, str]] = []
+        pieces = []
+        streamed = await c.completions.create(model="r1", prompt="2 + 2 =", max_tokens=64, stream=True,
+                                              logprobs=1)
+        async for chunk in streamed:
+            lp = chunk.choices[0].logprobs
+            if lp is not None:
+                named += zip(lp.text_offset or [], lp.tokens or [], strict=True)
+            pieces.append(chunk.choices[0].text)
+        text = "".join(pieces)
+        assert text == answer() and named
+        assert all(text[at:at + len(token)] == token for at, token in named), (named, text)
         body = {"model": "r1", "prompt": "2 + 2 =", "stream": True, "logprobs": 2}
         assert_no_reasoning(await raw_post(gw, "/v1/completions", body, **{HEADER_INLINE_REASONING: "open"}))
 

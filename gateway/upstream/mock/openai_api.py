@@ -217,11 +217,14 @@ def completion_stream(call: Call, plan: Plan) -> list[Frame]:
     }
     frames: list[Frame] = []
     contents = [inline_pieces(c, call.inline_reasoning, plan.truncated) for c in plan.choices]
+    # text_offset counts characters from the start of the choice's whole text, not the delta's.
+    positions = [0] * len(contents)
     for step in range(max((len(t) for t in contents), default=0)):
         for i, tokens in enumerate(contents):
             if step < len(tokens):
                 token = tokens[step]
-                lp = None if top is None else _legacy_logprobs((token,), top, start=step)
+                lp = None if top is None else _legacy_logprobs((token,), top, start=step, offset=positions[i])
+                positions[i] += len(token)
                 frames.append(
                     (
                         sse_data(

@@ -284,10 +284,15 @@ def test_stream_fast_path_is_unchanged_without_the_setting_or_strip_reasoning() 
 
 
 def completion_events(pieces: list[str]) -> list[bytes]:
+    """One delta per piece, each with legacy logprobs naming it as one token at its offset into the
+    choice's whole text (``text_offset``, as vLLM and OpenAI send them)."""
     base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "qwq"}
+    starts = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
     events = [b"data: " + json.dumps({**base, "choices": [
-        {"index": 0, "text": p, "logprobs": {"tokens": [p], "token_logprobs": [-0.1]}, "finish_reason": None}]
-    }).encode() for p in pieces]
+        {"index": 0, "text": p, "finish_reason": None,
+         "logprobs": {"tokens": [p], "token_logprobs": [-0.1], "top_logprobs": [{p: -0.1}],
+                      "text_offset": [at]}}]
+    }).encode() for p, at in zip(pieces, starts, strict=True)]
     events.append(b"data: " + json.dumps({**base, "choices": [
         {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]}).encode())
     return [*events, b"data: [DONE]"]
@@ -308,3 +313,51 @@ def test_completions_stream_split_at_every_offset(tags: InlineReasoning) -> None
         assert all(c["logprobs"]["tokens"] == [c["text"]] for c in choices if c["logprobs"])
         assert not leaks(b"".join(sent).decode()), i
         assert choices[-1]["finish_reason"] == "stop" and sent[-1] == b"data: [DONE]"
+
+
+def completions_offsets(tags: InlineReasoning, pieces: list[str]) -> tuple[str, list[tuple[int, str]]]:
+    """The text a client reads from a completions stream of ``pieces`` stripped by ``tags``, and
+    every (text_offset, token) its logprobs still carry."""
+    view = stream_view("completions")
+    handler = OpenAIAdapter(tags).stream_handler(ROUTES["completions"], view, Usage(), STRIP)
+    sent = relay(handler, completion_events(pieces))[:-1]
+    choices = [json.loads(event_data(s))["choices"][0] for s in sent]
+    named = [(at, token) for c in choices if c["logprobs"]
+             for at, token in zip(c["logprobs"]["text_offset"], c["logprobs"]["tokens"], strict=True)]
+    return "".join(c["text"] for c in choices), named
+
+
+@pytest.mark.parametrize("tags", [THINK, TEMPLATE], ids=["open", "template"])
+@pytest.mark.parametrize("text", SAMPLES)
+def test_completions_text_offsets_point_into_the_stripped_text(tags: InlineReasoning, text: str) -> None:
+    """Wherever the text is cut, each token a later delta keeps is found at its text_offset in what
+    the client reads: the offsets no longer count the removed block."""
+    expected = tags.stripped(text)
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            # Three pieces, the last one whole: it lies past the block for most cuts.
+            pieces = [p for p in (text[:i], text[i:j], text[j:]) if p]
+            read, named = completions_offsets(tags, pieces)
+            assert read == expected, (i, j)
+            for at, token in named:
+                assert read[at:at + len(token)] == token, (i, j, at, token)
+            before = tags.filter()
+            before.feed("".join(pieces[:-1]))
+            if len(pieces) > 1 and before.passing:  # the last piece went out as it came
+                assert named[-1] == (len(read) - len(pieces[-1]), pieces[-1]), (i, j)
+
+
+def test_completions_offsets_past_the_block_are_lowered_by_what_was_removed() -> None:
+    block = f"<think>{SECRET}</think>"
+    read, named = completions_offsets(THINK, ["  ", block, "The", " answer"])
+    assert read == "The answer"
+    assert named == [(0, "The"), (3, " answer")]  # were len(block) + 2 and + 5
+    # One character at a time: every delta past the block keeps its logprobs, shifted.
+    read, named = completions_offsets(THINK, list(SAMPLES[1]))
+    assert read == ANSWER and named == list(enumerate(ANSWER))
+    f = THINK.filter()
+    assert (f.feed("  <think>x</th"), f.removed) == ("", 14)  # the held tail counts: it goes too
+    assert (f.feed("ink>y"), f.removed, f.passing) == ("y", 18, True)
+    g = THINK.filter()
+    assert (g.feed(" <th"), g.removed) == ("", 0)  # may still be text
+    assert (g.feed("e answer"), g.removed) == (" <the answer", 0)
