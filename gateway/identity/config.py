@@ -44,7 +44,7 @@ class JwtIssuerConfig:
     # Put in front of the account claim: issuers (and the keys file) are separate namespaces, so
     # one identity provider cannot assert another's accounts (see _check_namespaces).
     account_prefix: str = ""
-    jwks_cache_ttl: float = 600.0  # refresh known-good keys this often (in the background)
+    jwks_cache_ttl: float = 600.0  # refresh the key set this often (on a timer, ±10 %, traffic or not)
     jwks_refresh_cooldown: float = 30.0  # at most one fetch per cooldown, whatever the traffic
     jwks_max_stale: float = 86400.0  # keep serving last good keys this long when fetches fail
     jwks_timeout: float = 5.0

@@ -21,10 +21,11 @@ and a negative cache would not change that for an attacker, who can mint endless
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +36,7 @@ from jwt.types import Options
 
 from gateway.context import Principal
 from gateway.identity.config import ClaimMapping, JwtConfig, JwtIssuerConfig
-from gateway.identity.jwks import JwksFile, JwksUrl, KeySource
+from gateway.identity.jwks import JwksFile, JwksRefresher, JwksUrl, KeySource
 
 
 class InvalidToken(Exception):
@@ -89,11 +90,15 @@ class JwtVerifier:
 
     ``sources`` overrides the key source per issuer (tests); by default each issuer gets a
     :class:`JwksFile` or :class:`JwksUrl`. ``clock`` is wall time (token times are wall times).
+    :meth:`start` loads the key sets and starts the one timer that keeps them all fresh
+    (:class:`JwksRefresher`, driven by ``sleep`` and ``rand``); :meth:`close` stops it.
     """
 
     def __init__(self, config: JwtConfig, *, sources: Mapping[str, KeySource] | None = None,
                  session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] | None = None) -> None:
         self._config = config
         self._clock = clock
         self._issuers: dict[str, _Issuer] = {}
@@ -101,6 +106,7 @@ class JwtVerifier:
             source = (sources or {}).get(issuer.issuer) or _source_for(issuer, session)
             self._issuers[issuer.issuer] = _issuer(issuer, source)
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
+        self.refresher = JwksRefresher((i.source for i in self._issuers.values()), sleep=sleep, rand=rand)
 
     def source(self, issuer: str) -> KeySource:
         return self._issuers[issuer].source
@@ -109,10 +115,10 @@ class JwtVerifier:
         """Each issuer's key source, by issuer (for /admin/status and metrics)."""
         return {name: issuer.source for name, issuer in self._issuers.items()}
 
-    def prefetch(self) -> None:
-        """Start loading every issuer's keys in the background (see KeySource.prefetch)."""
-        for issuer in self._issuers.values():
-            issuer.source.prefetch()
+    def start(self) -> None:
+        """Start loading every issuer's keys in the background, and the timer that refreshes
+        them (see :meth:`JwksRefresher.start`)."""
+        self.refresher.start()
 
     async def authenticate(self, token: str) -> Principal:
         if len(token) > self._config.max_token_bytes:
@@ -203,6 +209,7 @@ class JwtVerifier:
         )
 
     async def close(self) -> None:
+        await self.refresher.stop()  # first: it must not start a fetch on a closing source
         for issuer in self._issuers.values():
             await issuer.source.close()
 

@@ -15,7 +15,8 @@ from gateway.stages.identity import IdentityStage
 
 class IdentityService:
     """Owns what the identity stage needs; ``start`` loads the keys (failing fast on a bad
-    file) and starts watching it, ``close`` stops everything, ``status`` is for /admin/status."""
+    file) and starts watching it, starts fetching the JWT issuers' key sets and the one timer
+    that keeps them fresh, ``close`` stops everything, ``status`` is for /admin/status."""
 
     def __init__(self, config: IdentityConfig, session: aiohttp.ClientSession | None = None) -> None:
         self.config = config
@@ -27,9 +28,9 @@ class IdentityService:
         if self.keys is not None:
             await self.keys.start()
         if self.jwt is not None:
-            # Not awaited: an identity provider that is down must not stop the gateway starting
-            # (API keys still work, and JWTs are fetched again on demand).
-            self.jwt.prefetch()
+            # Nothing awaited: an identity provider that is down must not stop the gateway
+            # starting (API keys still work; the refresh timer retries, and tokens on demand).
+            self.jwt.start()
 
     async def reload(self) -> None:
         if self.keys is not None:

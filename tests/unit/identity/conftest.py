@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.unit.identity.tokens import FakeClock
+from tests.unit.identity.tokens import FakeClock, JwksServer, public_jwk
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +30,13 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+async def jwks_server(aiohttp_server: Any, rsa_key: rsa.RSAPrivateKey) -> tuple[JwksServer, TestServer]:
+    """A local JWKS endpoint at ``/jwks.json`` serving ``rsa_key`` as ``k1``."""
+    state = JwksServer([public_jwk(rsa_key, "k1")])
+    app = web.Application()
+    app.router.add_get("/jwks.json", state.handle)
+    server = await aiohttp_server(app)
+    return state, server

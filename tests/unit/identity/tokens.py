@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -10,6 +11,7 @@ import time
 from typing import Any
 
 import jwt
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -31,6 +33,65 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeSleep:
+    """``asyncio.sleep`` on a :class:`FakeClock`: a sleeper wakes only when :meth:`advance`
+    moves the clock to its deadline, so a background timer runs through hours in no time."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []  # every delay asked for, in order
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.clock() + delay, future))
+        self._changed.set()
+        try:
+            await future
+        finally:
+            self._sleepers = [s for s in self._sleepers if s[1] is not future]
+
+    async def asleep(self, count: int = 1) -> None:
+        """Wait (real time, bounded) until ``count`` tasks sleep: whatever they were doing in
+        between, real I/O included, is done."""
+        async with asyncio.timeout(5):
+            while len([s for s in self._sleepers if not s[1].done()]) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def advance(self, seconds: float, sleepers: int = 1) -> None:
+        """Move the clock ``seconds`` ahead, waking each sleeper at its deadline in turn and
+        letting it run until ``sleepers`` tasks sleep again."""
+        target = self.clock() + seconds
+        while True:
+            await self.asleep(sleepers)
+            deadline, future = min((s for s in self._sleepers if not s[1].done()), key=lambda s: s[0])
+            if deadline > target:
+                break
+            self.clock.now = max(self.clock.now, deadline)
+            future.set_result(None)
+            await asyncio.sleep(0)  # let it start running before we count sleepers again
+        self.clock.now = target
+
+
+class JwksServer:
+    """An identity provider's JWKS endpoint (serve it with ``jwks_server``); ``fail`` makes it
+    answer 503, as one that is down behind its load balancer does."""
+
+    def __init__(self, keys: list[dict[str, Any]]) -> None:
+        self.keys = keys
+        self.hits = 0
+        self.fail = False
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.fail:
+            return web.Response(status=503)
+        return web.json_response({"keys": self.keys})
 
 
 def public_jwk(key: Any, kid: str, alg: str | None = None) -> dict[str, Any]:
