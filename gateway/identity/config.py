@@ -182,6 +182,13 @@ def _parse_issuer(node: Node, base_dir: Path | None) -> JwtIssuerConfig | None:
         account_prefix=node.get("account_prefix", str, "", what="a text put in front of the account") or "",
         token_types=_token_types(node),
     )
+    if parsed.jwks_max_stale <= parsed.jwks_cache_ttl * 1.1:
+        # The timer refreshes every ttl ±10%: a key set allowed to go stale sooner would fail
+        # closed between two refreshes with nothing wrong at the identity provider.
+        longest_gap = parsed.jwks_cache_ttl * 1.1
+        node.error(f"expected jwks_max_stale longer than jwks_cache_ttl + 10% ({longest_gap:g}s), "
+                   f"got {parsed.jwks_max_stale:g}s",
+                   "jwks_max_stale" if node.has("jwks_max_stale") else "jwks_cache_ttl")
     return parsed if issuer and audience and algorithms else None  # errors already reported
 
 

@@ -261,6 +261,17 @@ def test_bad_token_types_are_refused_with_their_place(line: str, error: str) -> 
     assert error in text and text.count("\n") == 0, text  # one error, where the bad value is
 
 
+@pytest.mark.parametrize("lines, error", [
+    ("jwks_max_stale: 10m", "gw.yaml:8:9: identity.jwt.issuers[0].jwks_max_stale: expected jwks_max_stale "
+                            "longer than jwks_cache_ttl + 10% (660s), got 600s"),
+    ("jwks_cache_ttl: 1d", "gw.yaml:8:9: identity.jwt.issuers[0].jwks_cache_ttl: expected jwks_max_stale "
+                           "longer than jwks_cache_ttl + 10% (95040s), got 86400s"),
+])
+def test_a_key_set_that_would_go_stale_between_refreshes_is_refused(lines: str, error: str) -> None:
+    assert errors_of(_issuers(lines)) == error
+    assert errors_of(_issuers("jwks_cache_ttl: 10m\njwks_max_stale: 661s")) == ""
+
+
 async def test_token_types_from_config_reach_the_stage(tmp_path: Path, rsa_key: Any) -> None:
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [public_jwk(rsa_key, "k1")]}))
     text = GOOD.replace("  keys_file: keys.yaml\n", "").replace(
