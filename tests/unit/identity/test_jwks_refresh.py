@@ -6,12 +6,13 @@ jittered, and stopping leaves nothing running. Time is a FakeClock moved by Fake
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,21 @@ def middle() -> float:
 def url_source(server: TestServer, clock: FakeClock, **kwargs: Any) -> JwksUrl:
     options: dict[str, Any] = {"ttl": TTL, "cooldown": COOLDOWN, "max_stale": MAX_STALE} | kwargs
     return JwksUrl(str(server.make_url("/jwks.json")), ALLOWED, clock=clock, **options)
+
+
+@contextlib.asynccontextmanager
+async def refreshing(source: KeySource, clock: FakeClock, rand: Callable[[], float] = middle,
+                     settle: bool = True) -> AsyncIterator[FakeSleep]:
+    """A refresher of ``source`` running for the block; ``settle``: its start-up fetch done first."""
+    sleep = FakeSleep(clock)
+    refresher = JwksRefresher([source], sleep=sleep, rand=rand)
+    refresher.start()
+    try:
+        if settle:
+            await sleep.asleep()
+        yield sleep
+    finally:
+        await refresher.stop()
 
 
 def verifier(source: KeySource, sleep: FakeSleep, rand: Callable[[], float] = middle) -> JwtVerifier:
@@ -139,19 +155,13 @@ async def test_an_outage_ages_the_keys_counts_failures_and_they_work_until_max_s
 async def test_retries_back_off_from_the_cooldown_to_the_ttl_and_success_resumes_the_ttl(
         rsa_key: Any, clock: FakeClock) -> None:
     provider = Provider(public_jwk(rsa_key, "k1"), clock)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=middle)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(provider, clock) as sleep:
         provider.down = True
         await sleep.advance(600 + 30 + 60 + 120 + 240 + 480 + 600 + 600)
         provider.down = False
         await sleep.advance(600 + 600)
         assert intervals(provider.asked_at) == [600, 30, 60, 120, 240, 480, 600, 600, 600, 600]
         assert (provider.failures, provider.failing, provider.ok) == (8, 0, True)
-    finally:
-        await refresher.stop()
 
 
 @pytest.mark.parametrize("ttl, cooldown, expected", [
@@ -161,11 +171,7 @@ async def test_retries_back_off_from_the_cooldown_to_the_ttl_and_success_resumes
 async def test_refresh_intervals_are_jittered_within_ten_percent_never_under_the_cooldown(
         rsa_key: Any, clock: FakeClock, ttl: float, cooldown: float, expected: tuple[float, float]) -> None:
     provider = Provider(public_jwk(rsa_key, "k1"), clock, ttl=ttl, cooldown=cooldown)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=random.Random(7).random)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(provider, clock, random.Random(7).random) as sleep:
         await sleep.advance(100 * expected[1])
         found = intervals(provider.asked_at)
         assert len(found) >= 99
@@ -173,18 +179,13 @@ async def test_refresh_intervals_are_jittered_within_ten_percent_never_under_the
         assert all(low <= i <= high for i in found)
         if ttl > cooldown:  # spread over the range, not bunched: replicas drift apart
             assert max(found) - min(found) > 0.8 * (high - low)
-    finally:
-        await refresher.stop()
 
 
 async def test_jittered_retries_stay_between_the_cooldown_and_the_jittered_ttl(
         rsa_key: Any, clock: FakeClock) -> None:
     provider = Provider(public_jwk(rsa_key, "k1"), clock)
     provider.down = True
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=random.Random(11).random)
-    refresher.start()
-    try:
+    async with refreshing(provider, clock, random.Random(11).random, settle=False) as sleep:
         await sleep.advance(20 * TTL)
         found = intervals(provider.asked_at)
         assert len(found) >= 19 and all(COOLDOWN <= i <= 1.1 * TTL for i in found)
@@ -192,8 +193,6 @@ async def test_jittered_retries_stay_between_the_cooldown_and_the_jittered_ttl(
         capped = found[6:]  # from the sixth retry on: 30 s · 2⁶ is past the ttl
         assert all(0.9 * TTL <= i <= 1.1 * TTL for i in capped)
         assert max(capped) - min(capped) > 0.1 * TTL  # jittered at the cap too, not all on it
-    finally:
-        await refresher.stop()
 
 
 async def test_verifying_a_token_never_starts_a_refresh(rsa_key: Any, clock: FakeClock) -> None:
@@ -208,11 +207,7 @@ async def test_verifying_a_token_never_starts_a_refresh(rsa_key: Any, clock: Fak
 async def test_the_timer_joins_a_fetch_in_flight_instead_of_starting_another(
         rsa_key: Any, other_rsa_key: Any, clock: FakeClock) -> None:
     provider = Provider(public_jwk(rsa_key, "k1"), clock)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=middle)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(provider, clock) as sleep:
         await sleep.advance(590)
         provider.doc["keys"].append(public_jwk(other_rsa_key, "k2"))
         provider.gate = asyncio.Event()  # the provider is slow to answer
@@ -230,18 +225,12 @@ async def test_the_timer_joins_a_fetch_in_flight_instead_of_starting_another(
         assert len(provider.asked_at) == 2  # start-up, and the one fetch both shared
         await sleep.advance(600)  # counted from the end of that fetch, at +600
         assert intervals(provider.asked_at) == [590, 610]
-    finally:
-        await refresher.stop()
 
 
 async def test_a_tokens_successful_fetch_resets_the_timer_and_a_failed_one_does_not(
         rsa_key: Any, other_rsa_key: Any, clock: FakeClock) -> None:
     provider = Provider(public_jwk(rsa_key, "k1"), clock)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=middle)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(provider, clock) as sleep:
         await sleep.advance(300)
         provider.doc["keys"].append(public_jwk(other_rsa_key, "k2"))
         assert await provider.get("k2") is not None  # fetched for the token at +300
@@ -255,8 +244,6 @@ async def test_a_tokens_successful_fetch_resets_the_timer_and_a_failed_one_does_
         await sleep.advance(300)  # ...the timer still refreshes at +1500 as planned
         assert intervals(provider.asked_at) == [300, 600, 300, 300]
         assert provider.ok and provider.freshness().age == 0.0
-    finally:
-        await refresher.stop()
 
 
 async def test_a_jwks_file_is_checked_on_the_timer_and_read_only_when_it_changed(
@@ -270,11 +257,7 @@ async def test_a_jwks_file_is_checked_on_the_timer_and_read_only_when_it_changed
 
     publish(public_jwk(rsa_key, "k1"), age=3600)
     source = JwksFile(path, ALLOWED, clock=clock, ttl=TTL, cooldown=COOLDOWN, max_stale=MAX_STALE)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([source], sleep=sleep, rand=middle)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(source, clock) as sleep:
         await sleep.advance(3 * TTL)
         # Checked every ttl (a stat: still there, unchanged), so the set stays fresh, read once.
         assert (source.fetches, source.reads, source.failures) == (4, 1, 0)
@@ -288,8 +271,6 @@ async def test_a_jwks_file_is_checked_on_the_timer_and_read_only_when_it_changed
         path.unlink()
         await sleep.advance(TTL)
         assert source.failures == 1 and await source.get("k2") is not None  # the last good keys
-    finally:
-        await refresher.stop()
         await source.close()
 
 
@@ -303,18 +284,12 @@ async def test_a_bug_in_one_fetch_does_not_stop_the_timer(
             return await super()._fetch()
 
     provider = Buggy(public_jwk(rsa_key, "k1"), clock)
-    sleep = FakeSleep(clock)
-    refresher = JwksRefresher([provider], sleep=sleep, rand=middle)
-    refresher.start()
-    try:
-        await sleep.asleep()
+    async with refreshing(provider, clock) as sleep:
         with caplog.at_level(logging.ERROR, "gateway.identity.jwks"):
             await sleep.advance(TTL)
         assert [r.message for r in caplog.records] == [f"JWKS refresh of {provider} failed unexpectedly"]
         await sleep.advance(TTL)  # the next round as usual
         assert intervals(provider.asked_at) == [TTL, TTL] and provider.ok
-    finally:
-        await refresher.stop()
 
 
 def jwks_tasks() -> list[str]:
