@@ -16,7 +16,7 @@ from gateway.apis.base import (
     int_field,
     str_field,
 )
-from gateway.apis.sse import encode_event, event_data, event_name
+from gateway.apis.sse import encode_event, event_data, event_name, json_object
 from gateway.context import ApiFamily, RequestView, Usage
 
 _A = ApiFamily.ANTHROPIC
@@ -32,14 +32,6 @@ _THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
-
-
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _read_usage(raw: dict[str, Any], usage: Usage, final: bool) -> None:
@@ -126,12 +118,12 @@ class MessagesStream:
         else:
             name = event_name(raw)
             if name == b"message_start":
-                payload = _loads(event_data(raw))
+                payload = json_object(event_data(raw))
                 message = payload.get("message") if payload else None
                 if isinstance(message, dict) and isinstance(message.get("usage"), dict):
                     _read_usage(message["usage"], self._usage, final=False)
             elif name == b"message_delta":
-                payload = _loads(event_data(raw))
+                payload = json_object(event_data(raw))
                 if payload and isinstance(payload.get("usage"), dict):
                     _read_usage(payload["usage"], self._usage, final=True)
         if self._shaping.strip_reasoning:
@@ -152,7 +144,7 @@ class MessagesStream:
         data = event_data(raw)
         if not data.strip():
             return raw
-        payload = _loads(data)
+        payload = json_object(data)
         if payload is None:
             return None  # unreadable (cut or corrupt): it could hold thinking
         kind = payload.get("type")

@@ -11,13 +11,13 @@ from gateway.apis.base import (
     RouteSpec,
     Shaping,
     StreamHandler,
-    as_int,
     bool_field,
     int_field,
     str_field,
 )
 from gateway.apis.inline_reasoning import InlineReasoning, InlineReasoningFilter
-from gateway.apis.sse import encode_event, event_data, event_name
+from gateway.apis.openai_responses import ResponsesStream, read_usage, shape_response
+from gateway.apis.sse import encode_event, event_data, event_name, json_object
 from gateway.context import ApiFamily, RequestView, Usage
 
 _O = ApiFamily.OPENAI
@@ -45,18 +45,6 @@ _REASONING_KEYS = ("reasoning_content", "reasoning", "reasoning_details", "think
 
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
-
-
-def _read_chat_usage(raw: dict[str, Any], usage: Usage) -> None:
-    usage.input_tokens = as_int(raw.get("prompt_tokens", raw.get("input_tokens")))
-    usage.output_tokens = as_int(raw.get("completion_tokens", raw.get("output_tokens")))
-    details = raw.get("completion_tokens_details") or raw.get("output_tokens_details")
-    if isinstance(details, dict):
-        usage.reasoning_tokens = as_int(details.get("reasoning_tokens"))
-    cached = raw.get("prompt_tokens_details") or raw.get("input_tokens_details")
-    if isinstance(cached, dict):
-        usage.cache_read_tokens = as_int(cached.get("cached_tokens"))
-    usage.complete = True
 
 
 class OpenAIAdapter:
@@ -150,7 +138,7 @@ class OpenAIAdapter:
     def usage_from_body(self, route: RouteSpec, body: dict[str, Any], usage: Usage) -> None:
         raw = body.get("usage")
         if isinstance(raw, dict):
-            _read_chat_usage(raw, usage)
+            read_usage(raw, usage)
 
     def shape_body(self, route: RouteSpec, body: dict[str, Any], shaping: Shaping) -> bool:
         changed = False
@@ -161,7 +149,7 @@ class OpenAIAdapter:
                     choice, shaping, None if inline is None else inline.filter(), whole=True)[0]:
                 changed = True
         if "output" in body:  # a Responses API object
-            changed = _shape_response(body, shaping) or changed
+            changed = shape_response(body, shaping) or changed
         return changed
 
     def stream_handler(self, route: RouteSpec, view: RequestView, usage: Usage,
@@ -195,10 +183,10 @@ class ChatStream:
             if self._hide_usage and b'"usage":null' in raw:
                 raw = raw.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
             if b'"usage"' in raw:
-                chunk = _loads(event_data(raw))
+                chunk = json_object(event_data(raw))
                 usage = chunk.get("usage") if chunk else None
                 if chunk is not None and isinstance(usage, dict):
-                    _read_chat_usage(usage, self._usage)
+                    read_usage(usage, self._usage)
                     if not chunk.get("choices"):
                         # The usage chunk: hidden from a client that did not ask for it.
                         return None if self._hide_usage else raw
@@ -222,7 +210,7 @@ class ChatStream:
         data = event_data(raw)
         if not data.strip() or data == b"[DONE]":
             return raw
-        chunk = _loads(data)
+        chunk = json_object(data)
         if chunk is None:
             return None  # unreadable (cut or corrupt): it could hold what shaping strips
         choices = chunk.get("choices")
@@ -352,150 +340,5 @@ def _shift_offsets(logprobs: Any, removed: int) -> bool:
     return changed
 
 
-def _clear_logprobs(part: Any) -> bool:
-    """Empty the ``logprobs`` list of an ``output_text`` part or text event (the field is a list
-    the SDK types require, so it is emptied, not removed)."""
-    if isinstance(part, dict) and part.get("logprobs"):
-        part["logprobs"] = []
-        return True
-    return False
-
-
-def _is_reasoning(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("type") == "reasoning"
-
-
-def _shape_item(item: Any, shaping: Shaping) -> bool:
-    """Strip the logprobs of one (non-reasoning) output item's content parts."""
-    changed = False
-    content = item.get("content") if isinstance(item, dict) and shaping.strip_logprobs else None
-    for part in content if isinstance(content, list) else ():
-        changed = _clear_logprobs(part) or changed
-    return changed
-
-
-def _shape_response(response: dict[str, Any], shaping: Shaping) -> bool:
-    """Strip a Responses API object in place: reasoning items (summary, reasoning text and
-    ``encrypted_content``) and ``output_text`` logprobs. ``usage.output_tokens_details.reasoning_tokens``
-    stays: it is a count the client is billed for, not content."""
-    output = response.get("output")
-    if not isinstance(output, list):
-        return False
-    changed = False
-    if shaping.strip_reasoning:
-        kept = [item for item in output if not _is_reasoning(item)]
-        if len(kept) != len(output):
-            response["output"] = output = kept
-            changed = True
-    for item in output:
-        changed = _shape_item(item, shaping) or changed
-    return changed
-
-
 # Routes whose answers carry text that may begin with inline reasoning.
 _INLINE_ROUTES = frozenset({"chat.completions", "completions"})
-_USAGE_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
-# Parts that hold reasoning (a reasoning item's ``content`` and ``summary``).
-_REASONING_PARTS = frozenset({"reasoning_text", "summary_text"})
-
-
-class ResponsesStream:
-    """Typed ``event:`` lines of the Responses API; usage rides in ``response.completed``.
-
-    Shaping drops every event of a reasoning item (``response.reasoning_*``, its
-    ``output_item.added/done`` and any event with its ``output_index``), renumbers later
-    ``output_index`` and ``sequence_number`` values so the stream stays consistent with the final
-    ``response.output`` (which loses its reasoning items too), and empties logprobs wherever an
-    ``output_text`` carries them.
-    """
-
-    __slots__ = ("_usage", "_shaping", "_deltas", "_dropped_items", "_dropped_events")
-
-    def __init__(self, usage: Usage, shaping: Shaping) -> None:
-        self._usage = usage
-        self._shaping = shaping
-        self._deltas = 0
-        self._dropped_items: list[int] = []  # output indexes of reasoning items, in stream order
-        self._dropped_events = 0
-
-    def on_chunk(self, chunk: bytes) -> bool:
-        # Never while shaping: every event must be parsed (see _shape).
-        if self._shaping.active or b'"usage"' in chunk:
-            return False
-        self._deltas += chunk.count(b"event: response.output_text.delta\n")
-        return True
-
-    def on_event(self, raw: bytes) -> bytes | None:
-        name = event_name(raw) or b""
-        if name == b"response.output_text.delta":
-            self._deltas += 1
-        elif name in _USAGE_EVENTS:
-            payload = _loads(event_data(raw))
-            response = payload.get("response") if payload else None
-            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-                _read_chat_usage(response["usage"], self._usage)
-        if self._shaping.active:
-            return self._shape(raw, name)
-        return raw
-
-    def _shape(self, raw: bytes, name: bytes) -> bytes | None:
-        data = event_data(raw)
-        if not data.strip() or data == b"[DONE]":
-            return raw
-        payload = _loads(data)
-        if payload is None:
-            return None  # unreadable (cut or corrupt): it could hold what shaping strips
-        shaping = self._shaping
-        changed = False
-        if shaping.strip_reasoning:
-            if self._is_reasoning_event(payload, name):
-                self._dropped_events += 1
-                return None
-            changed = self._renumber(payload)
-        response = payload.get("response")
-        if isinstance(response, dict):
-            changed = _shape_response(response, shaping) or changed
-        if shaping.strip_logprobs:
-            changed = _clear_logprobs(payload) or changed
-            changed = _clear_logprobs(payload.get("part")) or changed
-        changed = _shape_item(payload.get("item"), shaping) or changed
-        if self._dropped_events and isinstance(payload.get("sequence_number"), int):
-            payload["sequence_number"] -= self._dropped_events  # no gaps that count hidden events
-            changed = True
-        return encode_event(_dumps(payload), name or None) if changed else raw
-
-    def _is_reasoning_event(self, payload: dict[str, Any], name: bytes) -> bool:
-        kind = payload.get("type")
-        kind = kind if isinstance(kind, str) else name.decode("utf-8", "replace")
-        index = payload.get("output_index")
-        if _is_reasoning(payload.get("item")):
-            if isinstance(index, int) and index not in self._dropped_items:
-                self._dropped_items.append(index)
-            return True
-        part = payload.get("part")
-        return (
-            kind.startswith("response.reasoning")  # summary / reasoning text deltas, parts and dones
-            or (isinstance(index, int) and index in self._dropped_items)
-            or (isinstance(part, dict) and part.get("type") in _REASONING_PARTS)
-        )
-
-    def _renumber(self, payload: dict[str, Any]) -> bool:
-        index = payload.get("output_index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            return False
-        shift = sum(1 for d in self._dropped_items if d < index)
-        if shift:
-            payload["output_index"] = index - shift
-        return bool(shift)
-
-    def finish(self) -> None:
-        if not self._usage.complete:
-            self._usage.output_tokens = max(self._usage.output_tokens, self._deltas)
-
-
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None

@@ -9,6 +9,10 @@ byte searches.
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 
 class SseOverflow(Exception):
     """An upstream event grew beyond the configured bound without ending."""
@@ -25,6 +29,15 @@ def event_name(raw: bytes) -> bytes | None:
         start = 0
     end = raw.find(b"\n", start)
     return raw[start + 6:end if end >= 0 else None].strip()
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """An event's data as a JSON object; None when it is not one (cut, corrupt, or another type)."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def event_data(raw: bytes) -> bytes:

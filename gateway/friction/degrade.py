@@ -6,7 +6,7 @@ field the route uses; chat completions without one get ``max_tokens``), thinking
 lowered to ``low``), logprobs/top_logprobs/logit_bias removed. Response side: ``ctx.shaping``
 strips logprobs and reasoning/thinking content, whole bodies and streams, keeping streams valid for
 the SDKs' accumulators (indexes renumbered) and usage counts intact; the OpenAI adapter also stops
-asking the Responses API for encrypted reasoning and summaries (gateway/apis/openai.py,
+asking the Responses API for encrypted reasoning and summaries (gateway/apis/openai.py, openai_responses.py,
 gateway/apis/anthropic.py; what is stripped is listed in docs/distillation.md).
 Stripping thinking from Anthropic responses means a client cannot send those blocks back in a
 later tool-use turn: degraded accounts lose extended thinking with tools (documented).

@@ -14,7 +14,8 @@ from openai._streaming import SSEDecoder
 
 from gateway.apis.anthropic import MessagesStream
 from gateway.apis.base import StreamHandler
-from gateway.apis.openai import ChatStream, ResponsesStream
+from gateway.apis.openai import ChatStream
+from gateway.apis.openai_responses import ResponsesStream
 from gateway.apis.sse import SseSplitter
 from gateway.context import NO_SHAPING, Shaping, Usage
 from gateway.stages.forward import Forwarder

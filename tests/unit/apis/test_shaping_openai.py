@@ -15,7 +15,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.apis.openai import ChatStream, OpenAIAdapter, ResponsesStream
+from gateway.apis.openai import ChatStream, OpenAIAdapter
+from gateway.apis.openai_responses import ResponsesStream
 from gateway.apis.sse import event_data
 from gateway.context import ApiFamily, RequestView, Shaping, Usage
 from tests.unit.apis.test_shaping_payloads import (
