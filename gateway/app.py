@@ -19,7 +19,8 @@ from gateway.context import ApiFamily
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RoutePlan, Stage, new_request_id
 from gateway.settings import Settings, UpstreamSettings
-from gateway.stages.forward import Forwarder, OpenStreams, WaitingRequests
+from gateway.stages.draining import OpenStreams, WaitingRequests
+from gateway.stages.forward import Forwarder
 from gateway.upstream.base import Upstream, create_upstream
 from gateway.wiring import Features, build_features
 

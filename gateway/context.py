@@ -204,6 +204,10 @@ class RequestContext:
     upstream_status: int | None = None
     upstream_started: float | None = None
     upstream_ttfb: float | None = None
+    # The gateway knows the model consumed nothing: the request was never written upstream, or a
+    # stopping gateway abandoned it and told the client to retry (the retry pays). Settling
+    # (gateway.settling.consumed_usage) then charges nothing whatever the reservations were.
+    nothing_consumed: bool = False
     finished: float | None = None
     client_disconnected: bool = False
     # Free-form per-stage notes that reach the audit record (never prompt text). Values are what

@@ -7,12 +7,15 @@ OpenAI body ``{"error": {"message", "type", "param", "code"}}`` or the Anthropic
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from gateway.apis.base import RouteSpec
+from gateway.apis.sse import encode_event
 from gateway.context import ApiFamily, Decision
 
 # neutral kind → (OpenAI type, OpenAI code, Anthropic type)
@@ -68,12 +71,34 @@ def error_response(api: ApiFamily, decision: Decision, request_id: str,
                         content_type="application/json")
 
 
-def sse_error_event(api: ApiFamily, decision: Decision) -> bytes:
-    """An error as one SSE event, to end a stream that already started."""
-    payload = orjson.dumps(error_payload(api, decision))
-    if api is ApiFamily.ANTHROPIC:
-        return b"event: error\ndata: " + payload + b"\n\n"
-    return b"data: " + payload + b"\n\n"
+# The last sequence number in relayed Responses events (upstream JSON may have spaces).
+_SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+
+
+def stream_error_event(route: RouteSpec, decision: Decision, sent: bytes = b"") -> bytes:
+    """``decision`` as the event that ends a stream already started (blank line included), in the
+    grammar of ``route``'s API; ``sent`` is the last bytes relayed before it."""
+    if route.name != "responses":
+        payload = orjson.dumps(error_payload(route.api, decision))
+        if route.api is ApiFamily.ANTHROPIC:
+            return b"event: error\ndata: " + payload + b"\n\n"
+        return b"data: " + payload + b"\n\n"  # chat: the openai SDK raises on an "error" key
+    # The Responses API's ``error`` event. Its fields as documented at the top level (the SDK's
+    # ResponseErrorEvent), numbered after the last event relayed, and the error object nested as
+    # the live API sends it too: an "error" key is what makes the openai SDK raise APIError rather
+    # than yield an event a client loop may ignore before it finds its stream ended.
+    error = error_payload(route.api, decision)["error"]
+    last = sent.rfind(b'"sequence_number"')
+    found = _SEQUENCE_NUMBER.match(sent, last) if last >= 0 else None
+    event = {
+        "type": "error",
+        "code": error["code"],
+        "message": error["message"],
+        "param": error["param"],
+        "sequence_number": int(found.group(1)) + 1 if found else 0,
+        "error": error,
+    }
+    return encode_event(orjson.dumps(event), b"error") + b"\n\n"
 
 
 def invalid_request(message: str) -> Decision:

@@ -41,7 +41,7 @@ from aiohttp.web_request import BaseRequest
 from gateway.admin import create_admin_app
 from gateway.app import RUNTIME, Runtime, create_app
 from gateway.settings import Settings
-from gateway.stages.forward import OpenStreams, WaitingRequests
+from gateway.stages.draining import OpenStreams, WaitingRequests
 
 log = logging.getLogger(__name__)
 

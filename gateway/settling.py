@@ -21,9 +21,9 @@ class Settling(Protocol):
 def consumed_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
     """The (input, output) tokens a request consumed, which every reservation (quotas,
     ``cap_tokens``) settles to. What the upstream reported when it reported usage. Otherwise
-    nothing when the model was never reached or refused (``upstream_started`` is None: not
-    forwarded, or the forwarder found it never left the gateway; an upstream error status) or when
-    the stopping gateway abandoned it and told the client to retry (the retry pays). Otherwise the
+    nothing when the model was never reached or refused (not forwarded; an upstream error status)
+    or when the gateway knows nothing was consumed (``ctx.nothing_consumed``: never written
+    upstream, or abandoned at shutdown with a "retry" answer). Otherwise the
     input is assumed consumed as estimated, and output is what was produced, so a stream cut short
     pays for the part that was streamed."""
     usage = ctx.usage
@@ -31,7 +31,7 @@ def consumed_usage(ctx: RequestContext, input_reserved: int) -> tuple[int, int]:
         return 0, 0
     if not (usage.complete or usage.input_tokens > 0 or usage.output_tokens > 0):
         failed = ctx.upstream_status is not None and ctx.upstream_status >= 400
-        if ctx.upstream_started is None or failed or "shutdown" in ctx.audit:
+        if ctx.upstream_started is None or failed or ctx.nothing_consumed:
             return 0, 0
     input_tokens = usage.input_tokens if usage.complete or usage.input_tokens else input_reserved
     return input_tokens, usage.output_tokens

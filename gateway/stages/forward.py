@@ -19,16 +19,16 @@ them alike:
 
 A stream that cannot go on ends with an error event in its API's grammar, which the official SDKs
 raise as an API error (a stream that just stops is a parse or connection error to them): when the
-upstream fails after the first byte, and when the gateway stops (:class:`OpenStreams`). A request
-still waiting on its upstream when the gateway stops, whose client has had nothing of its response
-yet, is answered a retryable 503 instead (:class:`WaitingRequests`).
+upstream fails after the first byte (``errors.stream_error_event``), and when the gateway stops
+(gateway/stages/draining.py ``OpenStreams``). A request still waiting on its upstream when the
+gateway stops, whose client has had nothing of its response yet, is answered a retryable 503
+instead (``WaitingRequests``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
@@ -40,10 +40,11 @@ from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.apis.base import ApiAdapter, RouteSpec, StreamHandler
-from gateway.apis.sse import SseOverflow, SseSplitter, encode_event
+from gateway.apis.sse import SseOverflow, SseSplitter
 from gateway.context import Decision, RequestContext
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
+from gateway.stages.draining import SHUTTING_DOWN, GatewayShutdown, OpenStreams, WaitingRequests
 from gateway.upstream.base import Upstream, UpstreamConnectError, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -102,133 +103,6 @@ class _WriteDeadlines:
             self._handle = loop.call_later(self._tick, self._check) if self._open else None
 
 
-class GatewayShutdown(Exception):
-    """The gateway is stopping and the grace ran out: the stream ends now (see :class:`OpenStreams`)."""
-
-
-# Retry-After: another replica serves the retry (the SDKs reconnect, and the balancer stopped
-# sending here during the drain), so a second is enough; it only applies to the 503 answer, a
-# stream's error event carries no headers.
-SHUTTING_DOWN = Decision(status=503, error_type="unavailable",
-                         message="The gateway is shutting down; retry the request.", retryable=True,
-                         headers={"Retry-After": "1"})
-
-
-class OpenStreams:
-    """The streams being relayed, so that a stopping gateway can end those still running when its
-    grace runs out with an error event in their API's grammar (``SHUTTING_DOWN``: retryable, the
-    gateway's doing), instead of only cutting their connections.
-
-    Ending a stream fails its upstream body with :class:`GatewayShutdown`, as the pool's read
-    timeout fails a silent one: the relay wakes from its read, and ends the response through the
-    path of an upstream failure. A relay blocked on a client that reads nothing is not woken; the
-    server aborts its connection once its short notice is over. A stream starting after that
-    (its upstream answered during the notice) is ended at once. Costs a set insertion and removal
-    per stream."""
-
-    __slots__ = ("_open", "_ended")
-
-    def __init__(self) -> None:
-        self._open: set[aiohttp.StreamReader] = set()
-        self._ended = False
-
-    def add(self, body: aiohttp.StreamReader) -> None:
-        self._open.add(body)
-        if self._ended:
-            _end(body)
-
-    def discard(self, body: aiohttp.StreamReader) -> None:
-        self._open.discard(body)
-
-    def end_all(self) -> int:
-        """End every stream being relayed, and those to come; returns how many were running."""
-        self._ended = True
-        for body in self._open:
-            _end(body)
-        return len(self._open)
-
-
-def _end(body: aiohttp.StreamReader) -> None:
-    if body.exception() is None:  # else it already fails, and its relay ends with that error
-        body.set_exception(GatewayShutdown())
-
-
-class WaitingRequests:
-    """The requests whose client has had nothing of their response yet while the forwarder waits
-    on their upstream (for the response head, or for a whole body it buffers, or in the tarpit's
-    delay), so that a stopping gateway whose grace runs out answers them ``SHUTTING_DOWN``, a
-    retryable 503 in their API's shape, instead of resetting their connections: an SDK would
-    retry a reset too, but other clients, and the logs, would see a crash.
-
-    Ending them cancels each one's handler task, as a client disconnect does (aiohttp's
-    handler_cancellation): leaving the upstream's context closes the upstream connection, so the
-    model stops generating. The forwarder then recognises the cancellation as the gateway's own
-    (:meth:`cut`) and answers instead of giving up. A request reaching the forwarder afterwards
-    (during the notice) is answered at once, without asking its upstream. A request leaves the
-    set when its stream starts (:class:`OpenStreams` ends it then). Costs a set insertion and
-    removal per request."""
-
-    __slots__ = ("_waiting", "_cut", "_ended")
-
-    def __init__(self) -> None:
-        self._waiting: set[asyncio.Task[Any]] = set()
-        self._cut: set[asyncio.Task[Any]] = set()  # filled only at the cut
-        self._ended = False
-
-    def add(self, task: asyncio.Task[Any]) -> bool:
-        """Register ``task`` as waiting; False when the gateway already ended the waits (the
-        request is to be answered at once)."""
-        if self._ended:
-            return False
-        self._waiting.add(task)
-        return True
-
-    def discard(self, task: asyncio.Task[Any]) -> None:
-        self._waiting.discard(task)
-
-    def cut(self, task: asyncio.Task[Any]) -> bool:
-        """For ``task``, being cancelled: whether :meth:`end_all` alone cancelled it. Its
-        cancellation request is then withdrawn and the request is to be answered; False when the
-        task was not cut, or when another cancellation stands besides (its client went away too),
-        which must go on."""
-        return task in self._cut and task.uncancel() == 0
-
-    def end_all(self) -> int:
-        """Cancel every wait, and refuse those to come; returns how many were waiting."""
-        self._ended = True
-        for task in self._waiting:
-            if task.cancel():
-                self._cut.add(task)
-        return len(self._cut)
-
-
-# The last sequence number in relayed Responses events (upstream JSON may have spaces).
-_SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
-
-
-def stream_error_event(route: RouteSpec, decision: Decision, sent: bytes = b"") -> bytes:
-    """``decision`` as the event that ends a stream already started (blank line included), in the
-    grammar of ``route``'s API; ``sent`` is the last bytes relayed before it."""
-    if route.name != "responses":
-        return errors.sse_error_event(route.api, decision)
-    # The Responses API's ``error`` event. Its fields as documented at the top level (the SDK's
-    # ResponseErrorEvent), numbered after the last event relayed, and the error object nested as
-    # the live API sends it too: an "error" key is what makes the openai SDK raise APIError rather
-    # than yield an event a client loop may ignore before it finds its stream ended.
-    error = errors.error_payload(route.api, decision)["error"]
-    last = sent.rfind(b'"sequence_number"')
-    found = _SEQUENCE_NUMBER.match(sent, last) if last >= 0 else None
-    event = {
-        "type": "error",
-        "code": error["code"],
-        "message": error["message"],
-        "param": error["param"],
-        "sequence_number": int(found.group(1)) + 1 if found else 0,
-        "error": error,
-    }
-    return encode_event(orjson.dumps(event), b"error") + b"\n\n"
-
-
 class UpstreamFailure(Exception):
     """The upstream could not be used; carries the Decision to answer with."""
 
@@ -265,8 +139,9 @@ def _undecodable(encoding: str) -> UpstreamFailure | None:
 
 def _shut_out(ctx: RequestContext) -> UpstreamFailure:
     """``SHUTTING_DOWN`` for a request the stopping gateway abandons before its client had any of
-    its response; recorded for the audit trail and for settling (QuotaStage refunds it)."""
+    its response; recorded for the audit trail, and settled as consuming nothing (the retry pays)."""
     ctx.audit["shutdown"] = "upstream_cancelled" if ctx.upstream_started is not None else "not_forwarded"
+    ctx.nothing_consumed = True
     return UpstreamFailure(SHUTTING_DOWN, "shutdown")
 
 
@@ -353,7 +228,7 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             failure = _failure(exc)
             if isinstance(exc, _NEVER_SENT):
-                ctx.upstream_started = None  # the model never saw it: settling charges nothing
+                ctx.nothing_consumed = True
             self._metrics.upstream_errors.labels(failure.kind).inc()
             raise failure from exc
         except asyncio.CancelledError:
@@ -522,7 +397,7 @@ class Forwarder:
                 failure = _failure(exc)
                 self._metrics.upstream_errors.labels(failure.kind).inc()
                 ctx.audit["stream_error"] = failure.kind
-                last += stream_error_event(route, failure.decision, writes.sent)
+                last += errors.stream_error_event(route, failure.decision, writes.sent)
             except GatewayShutdown:
                 # The grace of a stopping gateway ran out (OpenStreams.end_all): the same ending,
                 # retryable. Recorded as the cut it is, like a client gone away (status 499,
@@ -530,7 +405,7 @@ class Forwarder:
                 # said why.
                 ctx.client_disconnected = True
                 ctx.audit["stream_error"] = "shutdown"
-                last += stream_error_event(route, SHUTTING_DOWN, writes.sent)
+                last += errors.stream_error_event(route, SHUTTING_DOWN, writes.sent)
             writes.since = asyncio.get_running_loop().time()  # the end waits on the client too
             await response.write_eof(last)
             writes.since = 0.0

@@ -25,7 +25,7 @@ import pytest
 from openai.types.responses import ResponseErrorEvent
 
 from gateway.server import CUT_NOTICE, SAME_SIGNAL_WINDOW, StopSignals
-from gateway.stages.forward import SHUTTING_DOWN
+from gateway.stages.draining import SHUTTING_DOWN
 from gateway.upstream.mock.options import HEADER_FIRST_BYTE_DELAY_MS
 from gateway.upstream.mock_server import MockServer
 from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway, write_keys_file

@@ -14,7 +14,8 @@ from gateway.apis.openai import ROUTES as OPENAI_ROUTES
 from gateway.apis.openai import ChatStream
 from gateway.apis.sse import SseOverflow, SseSplitter, event_data, event_name
 from gateway.context import NO_SHAPING, Shaping, Usage
-from gateway.stages.forward import SHUTTING_DOWN, stream_error_event
+from gateway.errors import stream_error_event
+from gateway.stages.draining import SHUTTING_DOWN
 
 
 def chat_chunk(

@@ -1,11 +1,11 @@
-"""The cut of requests waiting on their upstream (gateway.stages.forward.WaitingRequests), on real
+"""The cut of requests waiting on their upstream (gateway.stages.draining.WaitingRequests), on real
 asyncio tasks: only the gateway's own cancellation turns into an answer."""
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway.stages.forward import WaitingRequests
+from gateway.stages.draining import WaitingRequests
 
 
 async def wait_on_upstream(waiting: WaitingRequests, upstream: asyncio.Event) -> str:
