@@ -260,7 +260,7 @@ class Forwarder:
                 # (OpenStreams), no longer a 503.
                 self._waiting.discard(task)
                 return await self._relay_stream(request, ctx, route, up)
-            return await self._relay_body(ctx, route, up)
+            return await self._relay_body(ctx, route, up, encoding is not None)
 
     def _response_headers(self, ctx: RequestContext, up: UpstreamResponse) -> CIMultiDict[str]:
         headers = client_response_headers(up.headers)
@@ -274,11 +274,11 @@ class Forwarder:
         return headers
 
     async def _relay_body(
-        self, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse
+        self, ctx: RequestContext, route: RouteSpec, up: UpstreamResponse, compressed: bool
     ) -> web.Response:
         # A declared length bounds the body as read, unless it was compressed: then it bounds
         # only the compressed bytes, and the decoded ones are counted as they come.
-        if up.content_length is not None and "Content-Encoding" not in up.headers:
+        if up.content_length is not None and not compressed:
             if up.content_length > self._max_response and up.status not in _NO_BODY:
                 raise self._too_large()
             data = await up.read()  # bounded by the declared length (the parser enforces it)
