@@ -148,6 +148,14 @@ class _Solutions:
             # An expired one is dropped: the gateway would only answer it with a new challenge.
             return kept.solution if kept.expires - self._margin > self._clock() else None
 
+    def attach(self, request: httpx2.Request) -> tuple[httpx2.Request, tuple[str, str, int | None, str],
+                                                        str | None]:
+        """``request`` with the remembered solution on it when one suits it (and the client sent
+        none of its own), its scope, and that solution (None: nothing attached)."""
+        scope = _scope(request)
+        carried = None if SOLUTION_HEADER in request.headers else self.take(scope)
+        return (request if carried is None else _with_solution(request, carried)), scope, carried
+
     def keep(self, scope: tuple[str, str, int | None, str], solution: str) -> None:
         """Remember ``solution`` (not spent by the gateway, as far as the answer tells)."""
         expires = _expires(solution)
@@ -182,12 +190,8 @@ class PowTransport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         await request.aread()  # the body must be replayable
-        scope = _scope(request)
-        carried = None  # the solution this transport put on the request, while it may be unspent
-        if SOLUTION_HEADER not in request.headers:
-            carried = self._solutions.take(scope)
-            if carried is not None:
-                request = _with_solution(request, carried)
+        # carried: the solution this transport put on the request, while it may be unspent
+        request, scope, carried = self._solutions.attach(request)
         admitted = False
         try:
             response = await self._inner.handle_async_request(request)
@@ -232,12 +236,8 @@ class PowSyncTransport(httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         request.read()
-        scope = _scope(request)
-        carried = None
-        if SOLUTION_HEADER not in request.headers:
-            carried = self._solutions.take(scope)
-            if carried is not None:
-                request = _with_solution(request, carried)
+        # carried: the solution this transport put on the request, while it may be unspent
+        request, scope, carried = self._solutions.attach(request)
         admitted = False
         try:
             response = self._inner.handle_request(request)
