@@ -121,11 +121,7 @@ async def test_lookups_failing_on_a_database_damaged_in_place_are_counted_logged
     geo = MaxMindGeoProvider(dbs, monotonic=clock)
     await geo.start()
     try:
-        assert dbs.country_db is not None
-        # Written into the mapped file itself (not replaced by rename): the open reader sees it.
-        with open(dbs.country_db, "r+b") as file:
-            file.seek(data_section_start(dbs.country_db))
-            file.write(b"\xff" * 8)
+        damage_in_place(dbs)
         with caplog.at_level(logging.ERROR, logger="gateway.geo.maxmind"):
             for _ in range(50):
                 assert geo.lookup(CN).country is None  # unknown: the policy decides, as documented
@@ -157,6 +153,17 @@ async def test_lookups_failing_on_a_database_damaged_in_place_are_counted_logged
         await geo.close()
 
 
+def damage_in_place(dbs: GeoIpConfig) -> Path:
+    """Damage the country database inside the mapped file itself (not replaced by rename): the
+    open reader sees it. Returns its path."""
+    path = dbs.country_db
+    assert path is not None
+    with open(path, "r+b") as file:
+        file.seek(data_section_start(path))
+        file.write(b"\xff" * 8)
+    return path
+
+
 def scrape(geo: MaxMindGeoProvider) -> str:
     registry = CollectorRegistry()
     registry.register(ComponentCollector(geo=geo.databases))
@@ -168,13 +175,10 @@ async def test_a_good_replacement_clears_the_failing_state(dbs: GeoIpConfig) -> 
     geo = MaxMindGeoProvider(dbs, monotonic=clock)
     await geo.start()
     try:
-        assert dbs.country_db is not None
-        with open(dbs.country_db, "r+b") as file:
-            file.seek(data_section_start(dbs.country_db))
-            file.write(b"\xff" * 8)
+        path = damage_in_place(dbs)
         geo.lookup(CN)
         assert geo.failing() == ("country",)
-        write_country_db(dbs.country_db, {"1.0.0.0/24": "CN"})
+        write_country_db(path, {"1.0.0.0/24": "CN"})
         await geo.reload()
         assert geo.failing() == () and geo.lookup(CN).country == "CN"
     finally:
