@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.support.gateway import CLIENT_KEY, write_keys_file
+from tests.support.processes import wait_ready
 from tests.support.redis_servers import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,22 +54,6 @@ async def chat(url: str) -> int:
         url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
     ) as r:
         return r.status
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {proc.returncode}")
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("gateway did not become ready")
 
 
 def test_invalid_config_is_refused_with_file_line_and_expectation(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import collections
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.gateway import CLIENT_KEY, write_keys_file
+from tests.support.processes import wait_ready
 from tests.support.redis_servers import RedisServer, free_port, start_server
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -103,29 +103,13 @@ def gateways(shared_redis: RedisServer, tmp_path: Path) -> Iterator[list[Gateway
             gw.stop()
 
 
-async def wait_ready(session: aiohttp.ClientSession, gw: GatewayProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if gw.proc.poll() is not None:
-            pytest.fail(f"gateway exited with {gw.proc.returncode}:\n{gw.log.read_text()}")
-        try:
-            async with session.get(f"{gw.url}/readyz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"gateway {gw.url} not ready after {timeout}s:\n{gw.log.read_text()}")
-        await asyncio.sleep(0.05)
-
-
 async def test_shared_redis_admits_exactly_the_limit(
     gateways: list[GatewayProcess], shared_redis: RedisServer
 ) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=20)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(wait_ready(session, gw) for gw in gateways))
+        await asyncio.gather(*(wait_ready(gw.url, gw.proc, output=gw.log.read_text) for gw in gateways))
         start = asyncio.Event()
 
         async def one(i: int) -> tuple[int, int]:

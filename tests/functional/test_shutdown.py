@@ -28,6 +28,7 @@ from gateway.server import CUT_NOTICE, SAME_SIGNAL_WINDOW, StopSignals
 from gateway.stages.draining import SHUTTING_DOWN
 from gateway.upstream.mock.options import HEADER_FIRST_BYTE_DELAY_MS
 from gateway.upstream.mock_server import MockServer
+from tests.support import processes
 from tests.support.gateway import CLIENT_KEY, RunningGateway, gateway_yaml, run_gateway, write_keys_file
 from tests.support.redis_servers import RedisServer, free_port
 
@@ -93,19 +94,7 @@ async def running(tmp: Path, shutdown: str, extra: str = "", workers: int = 1,
 
 
 async def wait_ready(gw: Gateway, timeout: float = 30.0, url: str | None = None) -> None:
-    url = url or gw.url
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert gw.proc.poll() is None, f"gateway exited with {gw.proc.returncode}:\n{gw.stderr()}"
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"gateway did not become ready at {url}:\n{gw.stderr()}")
+    await processes.wait_ready(url or gw.url, gw.proc, timeout, gw.stderr)
 
 
 def chat_body(stream: bool = False) -> dict[str, Any]:
